@@ -1,0 +1,283 @@
+"""The `carryover` command line: one dispatch table of typer commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, UpgradeConfig, dump_config, load_config
+
+app = typer.Typer(help="carryover: upgrade the embedding model behind an image gallery on Ray.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Image shards: prepare Parquet shards from datasets.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="upgrade YAML config")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="override a config key, e.g. --set new_model.train.epochs=3 (repeatable)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _errors(fn):
+    """Map known failures to one clear line and a meaningful exit code (2 = bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from pipeline.gallery.store import GalleryError
+        from pipeline.io.uri import StorageError
+        from pipeline.models.store import ModelLoadError
+
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, FileNotFoundError, ModelLoadError) as e:
+            err.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        except (GalleryError, StorageError) as e:
+            err.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(1) from None
+        except Exception as e:
+            if type(e).__name__ == "TrackingError":
+                err.print(f"[bold red]tracking error:[/] {e}")
+                raise typer.Exit(1) from None
+            raise
+
+    return wrapper
+
+
+def _cfg(config: Path | None, sets: list[str] | None, gallery: str | None = None) -> UpgradeConfig:
+    cfg = load_config(config, sets)
+    if gallery:
+        cfg.gallery = gallery
+    return cfg
+
+
+def _ctx(cfg: UpgradeConfig, quiet: bool = False):
+    from pipeline.graph.steps import Context
+
+    return Context(cfg, quiet=quiet)
+
+
+@data_app.command("prepare")
+@_errors
+def data_prepare(
+    source: Annotated[str, typer.Option(
+        help="digits | synthetic | PATH.npz (images, labels) | DIR of class sub-folders")],
+    out: Annotated[str, typer.Option(help="output URI (local path or s3://bucket/prefix)")],
+    shards: Annotated[int, typer.Option(min=1, help="number of Parquet shards")] = 4,
+    synthetic_n: Annotated[int, typer.Option(min=1, help="rows for --source synthetic")] = 2000,
+    limit: Annotated[int | None, typer.Option(min=1, help="keep at most this many rows")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write Parquet image shards (key, PNG image, label, split) from a dataset."""
+    from pipeline.data.prepare import prepare
+
+    cfg = _cfg(config, set_)
+    res = prepare(source, out, shards, cfg.storage, cfg.data, synthetic_n=synthetic_n,
+                  limit=limit)
+    console.print(f"wrote {res.rows} rows in {len(res.files)} shards to {res.out_uri} "
+                  f"({res.seconds:.1f}s)")
+
+
+@app.command()
+@_errors
+def train(
+    which: Annotated[str, typer.Option(help="old | new: which model of the config")] = "new",
+    alias: Annotated[list[str] | None, typer.Option(help="registry alias(es) to set")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Train an embedding model on Ray Train and register it in MLflow."""
+    from pipeline.graph import steps
+
+    cfg = _cfg(config, set_)
+    model = {"old": cfg.old_model, "new": cfg.new_model}.get(which)
+    if model is None:
+        raise ConfigError(f"--which must be 'old' or 'new', got {which!r}")
+    r = steps.train_step(_ctx(cfg), model, None, tuple(alias or ()))
+    console.print_json(json.dumps(r.__dict__))
+
+
+@app.command()
+@_errors
+def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Embed every image with the old model into gallery version <old_model.name>."""
+    from pipeline.graph import steps
+
+    cfg = _cfg(config, set_)
+    ctx = _ctx(cfg, quiet)
+    r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    if ctx.gallery.current() is None:
+        steps.promote_step(ctx, r.version)
+    console.print_json(json.dumps(r.__dict__, default=str))
+
+
+@app.command()
+@_errors
+def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Full backfill: re-embed every image with the new model into version <new_model.name>."""
+    from pipeline.graph import steps
+
+    cfg = _cfg(config, set_)
+    r = steps.embed_version_step(_ctx(cfg, quiet), cfg.new_model, "full", None)
+    console.print_json(json.dumps(r.__dict__, default=str))
+
+
+@app.command()
+@_errors
+def evaluate(
+    versions: Annotated[str | None, typer.Option(help="comma-separated versions (default all)")]
+    = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Top-1/top-5/mAP of gallery versions on the labelled validation split."""
+    from pipeline.graph import steps
+
+    cfg = _cfg(config, set_)
+    ctx = _ctx(cfg)
+    names = versions.split(",") if versions else ctx.gallery.versions()
+    res = steps.evaluate_versions(ctx, names)
+    t = Table(title="retrieval on the validation split (query = gallery, self excluded)")
+    for c in ("version", "queries", "top-1", "top-5", "mAP"):
+        t.add_column(c, justify="right")
+    for v, m in res.items():
+        t.add_row(v, str(m["queries"]), f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['map']:.2f}")
+    console.print(t)
+
+
+@app.command()
+@_errors
+def promote(version: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve VERSION: move CURRENT and the MLflow `serving` alias together."""
+    from pipeline.graph import steps
+
+    state = steps.promote_step(_ctx(_cfg(config, set_)), version)
+    console.print(f"serving {state['version']} (previous: {state['history'][:1] or '-'})")
+
+
+@app.command()
+@_errors
+def rollback(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Restore the previously served version (CURRENT and the `serving` alias)."""
+    from pipeline.graph import steps
+
+    state = steps.rollback_step(_ctx(_cfg(config, set_, gallery)))
+    console.print(f"rolled back {state['rolled_back_from']} → serving {state['version']}")
+
+
+@app.command()
+@_errors
+def versions(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """List the gallery's complete versions and which one is serving."""
+    from pipeline.gallery.store import Gallery
+
+    cfg = _cfg(config, set_, gallery)
+    g = Gallery(cfg.gallery_uri, cfg.storage)
+    cur = g.current()
+    t = Table(title=f"gallery {g.uri}")
+    for c in ("version", "serving", "model", "method", "rows", "rejected", "shards", "index"):
+        t.add_column(c)
+    for v in g.versions():
+        m = g.manifest(v)
+        t.add_row(v, "*" if v == cur else "", str(m.get("model")), str(m.get("method")),
+                  str(m["rows"]), str(m["rejected"]), str(len(m["shards"])),
+                  str(m.get("index", {}).get("kind")))
+    console.print(t)
+
+
+@app.command()
+@_errors
+def search(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    key: Annotated[str | None, typer.Option(help="query by a gallery row's key")] = None,
+    image: Annotated[Path | None, typer.Option(help="query by an image file")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="neighbours to return")] = 10,
+    version: Annotated[str | None, typer.Option(help="search this version, not the serving one")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Nearest neighbours from the serving version, by key or by image file."""
+    from pipeline.graph.search import search_gallery
+
+    if (key is None) == (image is None):
+        raise ConfigError("give exactly one of --key or --image")
+    cfg = _cfg(config, set_, gallery)
+    res = search_gallery(_ctx(cfg), key=key, image=image, k=k, version=version)
+    if as_json:
+        console.print_json(json.dumps(res))
+        return
+    t = Table(title=f"top {k} in {res['version']} for {key or image}")
+    for c in ("rank", "key", "score"):
+        t.add_column(c)
+    for i, (kk, s) in enumerate(zip(res["keys"], res["scores"], strict=True), 1):
+        t.add_row(str(i), str(kk), f"{s:.4f}")
+    console.print(t)
+
+
+@app.command("config")
+@_errors
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (all defaults filled in, secrets masked)."""
+    import yaml
+
+    console.print(yaml.safe_dump(dump_config(_cfg(config, set_)), sort_keys=False))
+
+
+@app.command()
+@_errors
+def upgrade(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+            report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None
+            ) -> None:
+    """Full-backfill upgrade: train old/new, ingest, backfill, evaluate, promote, summarise."""
+    from pipeline.flows import print_summary, run_upgrade, write_report
+
+    cfg = _cfg(config, set_)
+    rep = run_upgrade(cfg, quiet=quiet, console=console)
+    print_summary(rep, console)
+    if report:
+        write_report(rep, report)
+
+
+@app.command()
+@_errors
+def demo(
+    workdir: Annotated[str, typer.Option(help="where images, gallery, models, MLflow live")]
+    = ".carryover-demo",
+    set_: SetOpt = None, quiet: QuietOpt = False,
+) -> None:
+    """The embedded demo: digits → v1 (classes 0-4) → v2 (all) → backfill → promote."""
+    from pipeline.flows import demo_config, print_summary, run_upgrade, write_report
+
+    cfg = demo_config(workdir, set_)
+    rep = run_upgrade(cfg, quiet=quiet, console=console, prepare_source="digits")
+    print_summary(rep, console)
+    write_report(rep, Path(workdir) / "report.json")
+    console.print(f"report: {Path(workdir) / 'report.json'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Typed configuration for carryover: every default is written once, here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key and the reason."""
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Model):
+    """Options for s3:// URIs (ignored for local paths). Credentials default to the environment."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    anon: bool = False
+    retries: int = Field(5, ge=0, description="attempts for transient storage errors")
+
+    def resolved(self) -> StorageConfig:
+        """Fill unset fields from AWS_* environment variables (never written back to logs)."""
+        env = os.environ
+        return self.model_copy(
+            update={
+                "endpoint_url": self.endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
+                "access_key_id": self.access_key_id
+                or (SecretStr(env["AWS_ACCESS_KEY_ID"]) if env.get("AWS_ACCESS_KEY_ID") else None),
+                "secret_access_key": self.secret_access_key
+                or (
+                    SecretStr(env["AWS_SECRET_ACCESS_KEY"])
+                    if env.get("AWS_SECRET_ACCESS_KEY")
+                    else None
+                ),
+            }
+        )
+
+
+class PreprocessConfig(_Model):
+    """How encoded images become model input: size, channels and normalisation."""
+
+    input_size: int = Field(16, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    mean: list[float] = [0.5]
+    std: list[float] = [0.5]
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class ArchitectureConfig(_Model):
+    """A small ResNet-style backbone written in plain torch."""
+
+    widths: list[int] = [16, 32, 64]
+    blocks_per_stage: int = Field(1, ge=1, le=8)
+    embedding_dim: int = Field(64, ge=2, le=4096)
+    num_classes: int = Field(10, ge=2)
+
+
+class TrainConfig(_Model):
+    """Ray Train settings for one model."""
+
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    classes: list[int] | None = Field(
+        None, description="train only on these labels (FCT's old model sees half the classes)"
+    )
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class ModelConfig(_Model):
+    """One embedding model: trained here (uri unset) or brought from elsewhere (uri set)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    uri: str | None = Field(
+        None,
+        description="unset: train it; a TorchScript file; models:/NAME@ALIAS; a carryover model dir",
+    )
+    allow_pickle: bool = Field(
+        False, description="allow loading pickled mlflow.pytorch models (unsafe for untrusted ones)"
+    )
+    architecture: ArchitectureConfig = ArchitectureConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class TrackingConfig(_Model):
+    """MLflow: a local SQLite file by default, or an `mlflow server` URL."""
+
+    uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
+    experiment: str = "carryover"
+    artifact_location: str | None = Field(
+        None, description="artifact root for a new experiment (default: <workdir>/mlartifacts)"
+    )
+
+
+class RayConfig(_Model):
+    """Where to run: a local Ray (address unset) or a cluster address."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+
+
+class EmbedConfig(_Model):
+    """Ray Data embedding stage."""
+
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    # Fractional CPUs: whole-CPU actors can deadlock a Ray Data pipeline on 2 cores.
+    actor_num_cpus: float = Field(0.5, gt=0)
+    decode_num_cpus: float = Field(0.5, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    max_decoded_pixels: int = Field(
+        64_000_000, ge=1, description="reject images larger than this (decompression bombs)"
+    )
+
+
+class IndexConfig(_Model):
+    """faiss index per gallery version."""
+
+    metric: Literal["cosine", "l2"] = "cosine"
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    flat_max_rows: int = Field(200_000, ge=1, description="auto: flat index up to this size")
+
+
+class EvalConfig(_Model):
+    """Retrieval evaluation on the labelled validation split (FCT protocol)."""
+
+    max_queries: int = Field(10_000, ge=10, description="cap on validation rows (seeded sample)")
+    metric: Literal["cosine", "l2"] = "cosine"
+    min_top1_drop_tolerance: float = Field(
+        2.0, ge=0, description="validation: allowed top-1 shortfall vs the estimate, in points"
+    )
+
+
+class DataConfig(_Model):
+    """Image shards prepared for the demo and benchmarks."""
+
+    val_fraction: float = Field(0.3, gt=0, lt=1)
+    seed: int = 0
+
+
+class UpgradeConfig(_Model):
+    """Everything one gallery upgrade needs; load with `load_config`."""
+
+    gallery_name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    workdir: str = ".carryover"
+    gallery: str | None = Field(None, description="gallery URI (default: <workdir>/gallery)")
+    images: str | None = Field(None, description="image shards URI (default: <workdir>/images)")
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    old_model: ModelConfig = ModelConfig(
+        name="v1",
+        architecture=ArchitectureConfig(widths=[8, 16, 32], embedding_dim=32),
+        train=TrainConfig(classes=[0, 1, 2, 3, 4]),
+    )
+    new_model: ModelConfig = ModelConfig(name="v2")
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+    @property
+    def gallery_uri(self) -> str:
+        return self.gallery or str(Path(self.workdir) / "gallery")
+
+    @property
+    def images_uri(self) -> str:
+        return self.images or str(Path(self.workdir) / "images")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.tracking.artifact_location or str(Path(self.workdir).resolve() / "mlartifacts")
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. new_model.train.epochs=3")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> UpgradeConfig:
+    """Validate a plain dict over the defaults; errors name each offending key path."""
+    # Merge onto the full defaults so a partial section (old_model: {train: ...}) keeps the
+    # section's own defaults (its name, architecture, class subset) instead of dropping them.
+    try:
+        return UpgradeConfig.model_validate(_deep_merge(UpgradeConfig().model_dump(), data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> UpgradeConfig:
+    """Load YAML (optional) and apply `key=value` overrides, then validate."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"malformed YAML in {p}: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for ov in overrides or []:
+        apply_override(data, ov)
+    if overrides:
+        origin += " + overrides"
+    return config_from_dict(data, origin)
+
+
+def dump_config(cfg: UpgradeConfig) -> dict[str, Any]:
+    """A JSON-safe dict of the config with secrets masked (safe for logs and MLflow params)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,55 @@
+"""Plain callables over batches: decode with shard ids, embed with a torch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.config import PreprocessConfig
+from pipeline.models.store import ModelBlob, build_model, check_output_dim
+
+
+def decode_stage(
+    batch: dict[str, np.ndarray],
+    pre: PreprocessConfig,
+    max_pixels: int,
+    shard_of_path: dict[str, int],
+) -> dict[str, np.ndarray]:
+    """Decode images; tag each row with its gallery shard id (from the file it came from)."""
+    from pipeline.data.decode import decode_batch
+
+    out = decode_batch({"key": batch["key"], "image": batch["image"]}, pre, max_pixels)
+    paths = batch["path"]
+    # Blocks come from one file each, so the lookup is usually a single dict hit.
+    uniq, inv = np.unique(paths, return_inverse=True)
+    ids = np.array([shard_of_path[p] for p in uniq], dtype=np.int64)[inv]
+    return {"key": out["key"], "pixels": out["pixels"], "error": out["error"], "shard": ids}
+
+
+class EmbedStage:
+    """Ray Data actor: builds the model once, then maps decoded pixels to embeddings."""
+
+    def __init__(self, blob: ModelBlob, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.model = build_model(blob)
+        check_output_dim(self.model, blob)
+        p = blob.preprocess
+        self.shape = (-1, p.channels, p.input_size, p.input_size)
+        self.dim = blob.embedding_dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        emb = np.zeros((len(ok), self.dim), dtype=np.float32)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).view(self.shape)
+            with torch.inference_mode():
+                out = self.model(x).float().numpy()
+            bad = ~np.isfinite(out).all(axis=1)
+            emb[ok] = np.where(bad[:, None], 0.0, out)
+            if bad.any():  # a non-finite embedding is a rejected row, not a stored one
+                err = batch["error"].astype(object).copy()
+                idx = np.flatnonzero(ok)[bad]
+                err[idx] = "model produced a non-finite embedding"
+                batch = {**batch, "error": err}
+        return {"key": batch["key"], "embedding": emb, "error": batch["error"],
+                "shard": batch["shard"]}

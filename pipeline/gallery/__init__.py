@@ -1,0 +1,1 @@
+"""carryover: gallery."""

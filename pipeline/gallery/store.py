@@ -1,0 +1,188 @@
+"""Versioned embedding store: shard files, per-shard commit records, manifest, CURRENT pointer."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import StorageConfig
+from pipeline.io import uri as uri_io
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class GalleryError(RuntimeError):
+    """The gallery is missing, incomplete or inconsistent; the message says where."""
+
+
+def embedding_schema(dim: int, with_side_info: int = 0) -> pa.Schema:
+    """Schema of a gallery shard: key, fixed-size float32 embedding, how it was produced."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+    if with_side_info:
+        fields.append(pa.field("side_info", pa.list_(pa.float32(), with_side_info)))
+    return pa.schema(fields)
+
+
+REJECT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("reason", pa.string())])
+
+
+def shard_file(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}.parquet"
+
+
+def embeddings_to_arrow(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float32 → Arrow fixed-size list without copying the values."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+
+
+def arrow_to_embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Arrow fixed-size list column → (n, d) float32 (zero-copy per chunk where possible)."""
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 0:
+            return np.zeros((0, col.type.list_size), np.float32)
+        col = pa.concat_arrays(col.chunks) if col.num_chunks > 1 else col.chunk(0)
+    d = col.type.list_size
+    flat = col.flatten() if col.offset else col.values
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+@dataclass
+class Gallery:
+    """A gallery rooted at a URI (local or s3://)."""
+
+    uri: str
+    storage: StorageConfig | None = None
+
+    def path(self, *parts: str) -> str:
+        return uri_io.join(self.uri, *parts)
+
+    def version_uri(self, version: str) -> str:
+        return self.path("versions", version)
+
+    def shard_uri(self, version: str, shard_id: int) -> str:
+        return self.path("versions", version, shard_file(shard_id))
+
+    def rejects_uri(self, version: str, shard_id: int) -> str:
+        return self.path("versions", version, "rejects", shard_file(shard_id))
+
+    def record_uri(self, version: str, shard_id: int) -> str:
+        return self.path("versions", version, "_shards", f"shard-{shard_id:05d}.json")
+
+    def index_uri(self, version: str) -> str:
+        return self.path("versions", version, "index")
+
+    # -- versions ---------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Complete versions (those whose manifest exists), oldest first."""
+        out = []
+        for v in uri_io.list_dir(self.path("versions"), self.storage):
+            if uri_io.exists(self.path("versions", v, MANIFEST), self.storage):
+                out.append(v)
+        return sorted(out, key=lambda v: self.manifest(v).get("created_at", 0))
+
+    def has_version(self, version: str) -> bool:
+        return uri_io.exists(self.path("versions", version, MANIFEST), self.storage)
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        try:
+            return uri_io.read_json(self.path("versions", version, MANIFEST), self.storage)
+        except FileNotFoundError:
+            raise GalleryError(f"{self.uri}: version {version!r} has no manifest") from None
+
+    # -- shards -----------------------------------------------------------------------------
+    def committed_shards(self, version: str) -> dict[int, dict[str, Any]]:
+        """Per-shard completion records of a version in progress (shard id → record)."""
+        base = self.path("versions", version, "_shards")
+        out = {}
+        for name in uri_io.list_dir(base, self.storage):
+            if name.endswith(".json") and not name.startswith("."):
+                rec = uri_io.read_json(uri_io.join(base, name), self.storage)
+                out[int(rec["shard_id"])] = rec
+        return out
+
+    def commit_shard(self, version: str, record: dict[str, Any]) -> None:
+        """Record a shard as done: its file is complete, so its record may appear."""
+        uri_io.write_json(self.record_uri(version, int(record["shard_id"])), record, self.storage)
+
+    def file_checksum(self, file_uri: str) -> str:
+        return "sha256:" + hashlib.sha256(uri_io.read_bytes(file_uri, self.storage)).hexdigest()
+
+    def finalize(self, version: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest last, from the commit records: the version becomes visible."""
+        records = self.committed_shards(version)
+        shards = [records[k] for k in sorted(records)]
+        manifest = {
+            "version": version,
+            "created_at": time.time(),
+            "rows": sum(r["rows"] for r in shards),
+            "rejected": sum(r.get("rejected", 0) for r in shards),
+            "shards": shards,
+            **meta,
+        }
+        uri_io.write_json(self.path("versions", version, MANIFEST), manifest, self.storage)
+        return manifest
+
+    def iter_embeddings(
+        self,
+        version: str,
+        columns: tuple[str, ...] = ("key", "embedding"),
+        batch_size: int = 65536,
+        records: list[dict[str, Any]] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream every row of a version shard by shard (its manifest's, or the given records)."""
+        if records is None:
+            records = self.manifest(version)["shards"]
+        for rec in records:
+            yield from uri_io.iter_parquet_batches(
+                self.path("versions", version, rec["path"]), self.storage, list(columns), batch_size
+            )
+
+    # -- serving pointer --------------------------------------------------------------------
+    def current_state(self) -> dict[str, Any] | None:
+        try:
+            return uri_io.read_json(self.path(CURRENT), self.storage)
+        except FileNotFoundError:
+            return None
+
+    def current(self) -> str | None:
+        state = self.current_state()
+        return state["version"] if state else None
+
+    def promote(self, version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Point CURRENT at a complete version in one atomic object write."""
+        if not self.has_version(version):
+            raise GalleryError(f"{self.uri}: cannot promote {version!r}: it has no manifest")
+        prev = self.current_state()
+        history = ([prev["version"]] + prev.get("history", [])) if prev else []
+        if history and history[0] == version:
+            history = history[1:]
+        state = {"version": version, "history": history[:50], "promoted_at": time.time(),
+                 **(extra or {})}
+        uri_io.write_json(self.path(CURRENT), state, self.storage)
+        return state
+
+    def rollback(self) -> dict[str, Any]:
+        """Point CURRENT back at the previously served version."""
+        state = self.current_state()
+        if not state or not state.get("history"):
+            raise GalleryError(f"{self.uri}: nothing to roll back to (no earlier promoted version)")
+        target, rest = state["history"][0], state["history"][1:]
+        if not self.has_version(target):
+            raise GalleryError(f"{self.uri}: previous version {target!r} is gone")
+        new = {"version": target, "history": rest, "promoted_at": time.time(),
+               "rolled_back_from": state["version"]}
+        uri_io.write_json(self.path(CURRENT), new, self.storage)
+        return new

@@ -1,0 +1,61 @@
+"""Serving-side search: neighbours of a key or an image file from a gallery version's index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.gallery.store import GalleryError
+from pipeline.graph.steps import Context, load_index, version_embeddings
+
+
+def _model_for_version(ctx: Context, version: str) -> ModelConfig:
+    """The model that produced a version: from the config if named there, else the registry."""
+    m = ctx.gallery.manifest(version)
+    for model in (ctx.cfg.old_model, ctx.cfg.new_model):
+        if model.name == m.get("model"):
+            return model
+    rv = m.get("registry_version")
+    if rv is None:
+        raise ConfigError(f"version {version!r} was made by model {m.get('model')!r}, which is "
+                          "neither old_model nor new_model in the config and is not registered")
+    return ModelConfig(name=str(m.get("model")), uri=f"models:/{ctx.registry_name()}/{rv}")
+
+
+def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
+    """Embed one image file with the model that produced `version`."""
+    from pipeline.data.decode import decode_images
+    from pipeline.models.store import build_model, resolve_blob
+
+    if not image.is_file():
+        raise FileNotFoundError(f"no such image file: {image}")
+    model = _model_for_version(ctx, version)
+    blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
+    dec = decode_images([image.read_bytes()], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
+    if not dec.ok[0]:
+        raise ValueError(f"{image}: {dec.errors[0]}")
+    with torch.inference_mode():
+        return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
+
+
+def search_gallery(ctx: Context, key: str | None = None, image: Path | None = None, k: int = 10,
+                   version: str | None = None) -> dict[str, Any]:
+    """Top-k neighbours; a key query excludes the row itself from its own results."""
+    version, idx = load_index(ctx, version)
+    if key is not None:
+        found, q = version_embeddings(ctx.gallery, version, pa.array([key]))
+        if not len(found):
+            raise GalleryError(f"key {key!r} is not in version {version!r}")
+        scores, keys = idx.search(q, k + 1)
+        pairs = [(kk, s) for kk, s in zip(keys[0], scores[0], strict=True) if kk != key][:k]
+    else:
+        q = embed_image_file(ctx, version, Path(image))
+        scores, keys = idx.search(q, k)
+        pairs = list(zip(keys[0], scores[0], strict=True))
+    return {"version": version, "keys": [p[0] for p in pairs],
+            "scores": [float(p[1]) for p in pairs]}

@@ -1,0 +1,261 @@
+"""The upgrade's steps as plain functions with typed results; CLI, jobs and the graph call them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import ModelConfig, UpgradeConfig
+from pipeline.gallery.index import GalleryIndex, build_index
+from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
+from pipeline.io import uri as uri_io
+from pipeline.runtime import Timer, ensure_ray
+
+
+@dataclass
+class Context:
+    """What every step needs: the config, the gallery, and (lazily) tracking."""
+
+    cfg: UpgradeConfig
+    quiet: bool = False
+    _tracker: Any = None
+
+    @property
+    def gallery(self) -> Gallery:
+        return Gallery(self.cfg.gallery_uri, self.cfg.storage)
+
+    @property
+    def tracker(self) -> Any:
+        if self._tracker is None:
+            from pipeline.tracking import Tracker
+
+            self._tracker = Tracker(self.cfg.tracking_uri, self.cfg.tracking.experiment,
+                                    self.cfg.artifact_location)
+        return self._tracker
+
+    def registry_name(self, kind: str = "embedder") -> str:
+        return f"{self.cfg.gallery_name}-{kind}"
+
+    def model_dir(self, model: ModelConfig) -> Path:
+        return Path(self.cfg.workdir) / "models" / model.name
+
+    def tags(self, **extra: Any) -> dict[str, str]:
+        return {"carryover.gallery": self.cfg.gallery_name,
+                **{f"carryover.{k}": str(v) for k, v in extra.items()}}
+
+
+def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
+    """Gallery shard id → image shard file: the sorted order of the image files."""
+    files = uri_io.parquet_files(cfg.images_uri, cfg.storage)
+    if not files:
+        raise FileNotFoundError(f"no Parquet image shards under {cfg.images_uri}")
+    return dict(enumerate(files))
+
+
+@dataclass
+class ModelStepResult:
+    """A model made available to the upgrade: trained here or brought in."""
+
+    name: str
+    registry_name: str | None
+    registry_version: int | None
+    trained: bool
+    cached: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_step(ctx: Context, model: ModelConfig, parent_run_id: str | None,
+               aliases: tuple[str, ...] = ()) -> ModelStepResult:
+    """Train (or reuse) a model on Ray Train and register it in MLflow with aliases."""
+    from pipeline.train.embedder import train_embedder
+
+    t0 = time.perf_counter()
+    if model.uri is not None:  # brought from elsewhere: nothing to train
+        return ModelStepResult(model.name, None, None, False, True, 0.0)
+    ensure_ray(ctx.cfg.ray)
+    name = ctx.registry_name()
+    with ctx.tracker.run(f"train-{model.name}", ctx.tags(step="train", model=model.name),
+                         parent_run_id) as run:
+        tr = train_embedder(model, ctx.cfg.images_uri, ctx.model_dir(model), ctx.cfg.storage,
+                            Path(ctx.cfg.workdir) / "ray_results",
+                            ctx.cfg.embed.max_decoded_pixels)
+        run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
+        run.log_metrics(tr.metrics())
+        existing = ctx.tracker.find_model_version(name, "carryover.config_hash", tr.config_hash)
+        if existing is None:
+            version = ctx.tracker.register_model(
+                name, str(ctx.model_dir(model)), run.run_id,
+                tags=ctx.tags(model=model.name, config_hash=tr.config_hash,
+                              trained_classes=model.train.classes or "all"),
+                aliases=list(aliases))
+        else:
+            version = existing.version
+            for a in aliases:
+                ctx.tracker.set_alias(name, a, version)
+        run.set_tags({"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)})
+    return ModelStepResult(model.name, name, version, True, tr.cached,
+                           round(time.perf_counter() - t0, 2), tr.metrics())
+
+
+def registry_version_of(ctx: Context, model: ModelConfig) -> int | None:
+    """The registry version holding this trained model, if any."""
+    info = ctx.tracker.find_model_version(ctx.registry_name(), "carryover.model", model.name)
+    return info.version if info else None
+
+
+@dataclass
+class VersionStepResult:
+    """A gallery version produced by embedding every image with one model."""
+
+    version: str
+    method: str
+    rows: int
+    rejected: int
+    shards: int
+    seconds: float
+    rows_per_second: float
+    index: dict[str, Any]
+    run_id: str | None
+    skipped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def embed_version_step(ctx: Context, model: ModelConfig, method: str,
+                       parent_run_id: str | None) -> VersionStepResult:
+    """Embed all images with `model` into gallery version `model.name` (ingest or full backfill).
+
+    Resumable: committed shards are kept; a version with a manifest is left as it is.
+    """
+    from pipeline.embed.runner import embed_images_to_version
+    from pipeline.models.store import resolve_blob
+
+    g, version = ctx.gallery, model.name
+    if g.has_version(version):
+        m = g.manifest(version)
+        return VersionStepResult(version, m.get("method", method), m["rows"], m["rejected"],
+                                 len(m["shards"]), 0.0, 0.0, m.get("index", {}),
+                                 m.get("run_id"), skipped=True)
+    ensure_ray(ctx.cfg.ray)
+    timer = Timer()
+    source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
+    with ctx.tracker.run(f"{method}-{version}", ctx.tags(step=method, to_version=version),
+                         parent_run_id) as run:
+        with timer("resolve_model"):
+            blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
+        files = image_shards(ctx.cfg)
+        meta = {sid: {"method": method, "model": model.name, "source_version": None,
+                      "run_id": run.run_id} for sid in files}
+        with timer("embed"):
+            res = embed_images_to_version(files, g, version, blob, ctx.cfg.embed, meta, source,
+                                          ctx.cfg.storage, quiet=ctx.quiet)
+        with timer("index"):
+            records = list(g.committed_shards(version).values())
+            index = index_version(ctx, version, records, blob.embedding_dim)
+        manifest = g.finalize(version, {
+            "gallery": ctx.cfg.gallery_name, "method": method, "model": model.name,
+            "registry_version": registry_version_of(ctx, model),
+            "embedding_dim": blob.embedding_dim, "index": index, "run_id": run.run_id})
+        run.log_metrics({**res.metrics(), **timer.metrics()})
+        run.log_dict(manifest, "manifest.json")
+        run.set_tags({"carryover.shards": ",".join(str(r["shard_id"]) for r in records)})
+    return VersionStepResult(version, method, manifest["rows"], manifest["rejected"],
+                             len(manifest["shards"]), res.seconds, res.rows_per_second, index,
+                             run.run_id, timings=timer.seconds)
+
+
+def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim: int) -> dict:
+    """Build and save the faiss index of a version from its shard files, streaming."""
+    g = ctx.gallery
+    total = sum(r["rows"] for r in records)
+
+    def batches():
+        for b in g.iter_embeddings(version, records=sorted(records, key=lambda r: r["shard_id"])):
+            yield (b.column("key").to_numpy(zero_copy_only=False),
+                   arrow_to_embeddings(b.column("embedding")))
+
+    idx = build_index(batches(), dim, ctx.cfg.index, total_rows=total)
+    idx.save(g.index_uri(version), ctx.cfg.storage)
+    return idx.info()
+
+
+def validation_labels(cfg: UpgradeConfig) -> pa.Table:
+    """Keys and labels of the labelled validation split (seeded sample up to max_queries)."""
+    parts = []
+    for f in image_shards(cfg).values():
+        for b in uri_io.iter_parquet_batches(f, cfg.storage, ["key", "label", "split"]):
+            t = pa.Table.from_batches([b])
+            mask = pc.and_(pc.equal(t["split"], "val"), pc.is_valid(t["label"]))
+            parts.append(t.filter(mask).select(["key", "label"]))
+    val = pa.concat_tables(parts) if parts else pa.table({"key": [], "label": []})
+    if val.num_rows > cfg.evaluate.max_queries:
+        rng = np.random.default_rng(cfg.data.seed)
+        val = val.take(np.sort(rng.choice(val.num_rows, cfg.evaluate.max_queries, replace=False)))
+    return val
+
+
+def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of the given keys in a version (streamed; returns keys found and vectors)."""
+    ks, vs = [], []
+    for b in g.iter_embeddings(version):
+        t = pa.Table.from_batches([b])
+        t = t.filter(pc.is_in(t["key"], value_set=keys))
+        if t.num_rows:
+            ks.append(t["key"].to_numpy(zero_copy_only=False))
+            vs.append(arrow_to_embeddings(t["embedding"]))
+    if not ks:
+        raise GalleryError(f"version {version!r} holds none of the validation keys")
+    return np.concatenate(ks), np.concatenate(vs)
+
+
+def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, float]]:
+    """Top-1/top-5/mAP of each version on the validation split (query = gallery, self excluded)."""
+    from pipeline.evaluate.metrics import retrieval_metrics
+
+    val = validation_labels(ctx.cfg)
+    if val.num_rows < 2:
+        raise ValueError(f"{ctx.cfg.images_uri}: fewer than 2 labelled validation rows")
+    label_of = dict(zip(val["key"].to_pylist(), val["label"].to_pylist(), strict=True))
+    out = {}
+    for v in versions:
+        keys, emb = version_embeddings(ctx.gallery, v, val["key"])
+        labels = np.array([label_of[k] for k in keys])
+        m = retrieval_metrics(emb, emb, labels, labels, metric=ctx.cfg.evaluate.metric,
+                              exclude_self=True)
+        out[v] = {"top1": m["top1"], "top5": m["top5"], "map": m["map"], "queries": len(keys)}
+    return out
+
+
+def promote_step(ctx: Context, version: str) -> dict[str, Any]:
+    """Move CURRENT and the registry's `serving` alias together."""
+    g = ctx.gallery
+    m = g.manifest(version)
+    state = g.promote(version, {"model": m.get("model"), "registry_version": m.get("registry_version")})
+    if m.get("registry_version") is not None:
+        ctx.tracker.set_alias(ctx.registry_name(), "serving", int(m["registry_version"]))
+    return state
+
+
+def rollback_step(ctx: Context) -> dict[str, Any]:
+    """Restore the previous version and point `serving` back at its model."""
+    g = ctx.gallery
+    state = g.rollback()
+    m = g.manifest(state["version"])
+    if m.get("registry_version") is not None:
+        ctx.tracker.set_alias(ctx.registry_name(), "serving", int(m["registry_version"]))
+    return state
+
+
+def load_index(ctx: Context, version: str | None = None) -> tuple[str, GalleryIndex]:
+    """The faiss index of a version (default: the serving one)."""
+    g = ctx.gallery
+    version = version or g.current()
+    if version is None:
+        raise GalleryError(f"{g.uri}: no serving version (nothing promoted yet)")
+    return version, GalleryIndex.load(g.index_uri(version), ctx.cfg.storage)

@@ -1,0 +1,182 @@
+"""Save and load embedders without unpickling: safetensors + JSON, TorchScript, MLflow URIs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig, StorageConfig
+from pipeline.io import uri as uri_io
+from pipeline.models.backbone import EmbeddingNet
+
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+FORMAT = "carryover-model/1"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded or does not match its config; the message says which."""
+
+
+@dataclass
+class ModelBlob:
+    """A model as bytes: what travels to Ray workers so they need no shared filesystem."""
+
+    kind: str  # "carryover" | "torchscript" | "pickle"
+    name: str
+    preprocess: PreprocessConfig
+    embedding_dim: int
+    files: dict[str, bytes] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model_dir(model: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write `weights.safetensors` and `model.json` (architecture, preprocess, provenance)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    (out / WEIGHTS_FILE).write_bytes(save(state))
+    (out / MODEL_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
+    return out
+
+
+def embedder_meta(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """The model.json content for an EmbeddingNet trained from `cfg`."""
+    return {
+        "kind": "embedder",
+        "name": cfg.name,
+        "architecture": cfg.architecture.model_dump(),
+        "preprocess": cfg.preprocess.model_dump(),
+        **extra,
+    }
+
+
+def _blob_from_dir(d: Path, cfg: ModelConfig) -> ModelBlob:
+    meta = json.loads((d / MODEL_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ModelLoadError(f"{d / MODEL_FILE}: unknown model format {meta.get('format')!r}")
+    pre = PreprocessConfig.model_validate(meta.get("preprocess", cfg.preprocess.model_dump()))
+    arch = ArchitectureConfig.model_validate(meta["architecture"])
+    return ModelBlob(
+        kind="carryover",
+        name=meta.get("name", cfg.name),
+        preprocess=pre,
+        embedding_dim=arch.embedding_dim,
+        files={WEIGHTS_FILE: (d / WEIGHTS_FILE).read_bytes()},
+        meta=meta,
+    )
+
+
+def _is_torchscript(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
+    if (d / MODEL_FILE).exists():
+        return _blob_from_dir(d, cfg)
+    candidates = sorted(p for p in d.rglob("*") if p.suffix in (".pt", ".pth", ".ts"))
+    for p in candidates:
+        data = p.read_bytes()
+        if _is_torchscript(data):
+            return _torchscript_blob(data, cfg)
+    if candidates and cfg.allow_pickle:
+        return ModelBlob(
+            "pickle", cfg.name, cfg.preprocess, cfg.architecture.embedding_dim,
+            {"model.pth": candidates[0].read_bytes()},
+        )
+    raise ModelLoadError(
+        f"{uri}: no carryover model.json or TorchScript file in the MLflow model; a pickled "
+        "torch model is refused unless the config sets allow_pickle: true for it"
+    )
+
+
+def _torchscript_blob(data: bytes, cfg: ModelConfig) -> ModelBlob:
+    return ModelBlob("torchscript", cfg.name, cfg.preprocess, cfg.architecture.embedding_dim,
+                     {"model.ts": data})
+
+
+def resolve_blob(
+    cfg: ModelConfig,
+    trained_dir: str | Path | None = None,
+    storage: StorageConfig | None = None,
+    tracking_uri: str | None = None,
+) -> ModelBlob:
+    """Turn a model config into bytes: a trained dir, a TorchScript file, or models:/ URI."""
+    if cfg.uri is None:
+        if trained_dir is None or not (Path(trained_dir) / MODEL_FILE).exists():
+            raise ModelLoadError(f"model {cfg.name!r} has no uri and has not been trained yet")
+        return _blob_from_dir(Path(trained_dir), cfg)
+    if cfg.uri.startswith("models:/"):
+        from pipeline.tracking import download_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(download_model(tracking_uri, cfg.uri, tmp))
+            return _blob_from_mlflow_dir(d, cfg, cfg.uri)
+    if not uri_io.is_s3(cfg.uri) and Path(cfg.uri).is_dir():
+        if not (Path(cfg.uri) / MODEL_FILE).exists():
+            raise ModelLoadError(f"{cfg.uri}: directory has no {MODEL_FILE}")
+        return _blob_from_dir(Path(cfg.uri), cfg)
+    data = uri_io.read_bytes(cfg.uri, storage)
+    if not _is_torchscript(data):
+        raise ModelLoadError(f"{cfg.uri}: not a TorchScript archive (save with torch.jit.save)")
+    return _torchscript_blob(data, cfg)
+
+
+def build_model(blob: ModelBlob) -> nn.Module:
+    """Instantiate the embedder from a blob, in eval mode, on CPU."""
+    if blob.kind == "carryover":
+        arch = ArchitectureConfig.model_validate(blob.meta["architecture"])
+        model: nn.Module = EmbeddingNet(arch, in_channels=blob.preprocess.channels)
+        model.load_state_dict(load(blob.files[WEIGHTS_FILE]))
+    elif blob.kind == "torchscript":
+        model = torch.jit.load(io.BytesIO(blob.files["model.ts"]), map_location="cpu")
+    elif blob.kind == "pickle":
+        # Only reached when the user opted in with allow_pickle for this model.
+        model = torch.load(io.BytesIO(blob.files["model.pth"]), map_location="cpu",
+                           weights_only=False)
+    else:
+        raise ModelLoadError(f"unknown model kind {blob.kind!r}")
+    return model.eval()
+
+
+def check_output_dim(model: nn.Module, blob: ModelBlob) -> None:
+    """Run one dummy batch: the output must be (n, embedding_dim) as the config says."""
+    p = blob.preprocess
+    x = torch.zeros(2, p.channels, p.input_size, p.input_size)
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    except Exception as e:  # a user model may reject the configured input size
+        raise ModelLoadError(
+            f"model {blob.name!r} failed on input of shape {tuple(x.shape)} "
+            f"(preprocess.input_size/channels): {e}"
+        ) from e
+    if out.ndim != 2 or out.shape[1] != blob.embedding_dim:
+        raise ModelLoadError(
+            f"model {blob.name!r} outputs shape {tuple(out.shape)}, but the config says "
+            f"architecture.embedding_dim={blob.embedding_dim}"
+        )
+
+
+def load_trained(d: str | Path) -> tuple[EmbeddingNet, dict[str, Any]]:
+    """Load a carryover EmbeddingNet (with its classifier) from a model dir."""
+    d = Path(d)
+    meta = json.loads((d / MODEL_FILE).read_text())
+    arch = ArchitectureConfig.model_validate(meta["architecture"])
+    pre = PreprocessConfig.model_validate(meta["preprocess"])
+    model = EmbeddingNet(arch, in_channels=pre.channels)
+    model.load_state_dict(load((d / WEIGHTS_FILE).read_bytes()))
+    return model.eval(), meta

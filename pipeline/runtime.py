@@ -1,0 +1,55 @@
+"""Ray runtime: connect to a cluster address or start a local Ray, quietly and once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from pipeline.config import RayConfig
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Initialise Ray if needed: `cfg.address` (or RAY_ADDRESS) or a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    # Ray Data's own progress bars would fight with ours; warnings only from Ray's loggers.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Worker logs are noisy (Ray Train's controller polling); errors still reach the driver as
+    # exceptions. CARRYOVER_RAY_LOGS=1 forwards them for debugging.
+    kwargs: dict = {"logging_level": logging.WARNING,
+                    "log_to_driver": os.environ.get("CARRYOVER_RAY_LOGS") == "1"}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@dataclass
+class Timer:
+    """Accumulates named durations (read / compute / write ...) for a stage's report."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}_seconds": round(v, 3) for k, v in self.seconds.items()}

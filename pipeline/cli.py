@@ -14,17 +14,29 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, UpgradeConfig, dump_config, load_config
 
-app = typer.Typer(help="carryover: upgrade the embedding model behind an image gallery on Ray.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Image shards: prepare Parquet shards from datasets.",
-                       no_args_is_help=True)
+app = typer.Typer(
+    help="carryover: upgrade the embedding model behind an image gallery on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="Image shards: prepare Parquet shards from datasets.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
-console = Console()
-err = Console(stderr=True)
+# Off a terminal (CI logs, `ray job logs`) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="upgrade YAML config")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="override a config key, e.g. --set new_model.train.epochs=3 (repeatable)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="override a config key, e.g. --set new_model.train.epochs=3 (repeatable)",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 
@@ -70,8 +82,12 @@ def _ctx(cfg: UpgradeConfig, quiet: bool = False):
 @data_app.command("prepare")
 @_errors
 def data_prepare(
-    source: Annotated[str, typer.Option(
-        help="digits | synthetic | PATH.npz (images, labels) | DIR of class sub-folders")],
+    source: Annotated[
+        str,
+        typer.Option(
+            help="digits | synthetic | PATH.npz (images, labels) | DIR of class sub-folders"
+        ),
+    ],
     out: Annotated[str, typer.Option(help="output URI (local path or s3://bucket/prefix)")],
     shards: Annotated[int, typer.Option(min=1, help="number of Parquet shards")] = 4,
     synthetic_n: Annotated[int, typer.Option(min=1, help="rows for --source synthetic")] = 2000,
@@ -83,10 +99,10 @@ def data_prepare(
     from pipeline.data.prepare import prepare
 
     cfg = _cfg(config, set_)
-    res = prepare(source, out, shards, cfg.storage, cfg.data, synthetic_n=synthetic_n,
-                  limit=limit)
-    console.print(f"wrote {res.rows} rows in {len(res.files)} shards to {res.out_uri} "
-                  f"({res.seconds:.1f}s)")
+    res = prepare(source, out, shards, cfg.storage, cfg.data, synthetic_n=synthetic_n, limit=limit)
+    console.print(
+        f"wrote {res.rows} rows in {len(res.files)} shards to {res.out_uri} ({res.seconds:.1f}s)"
+    )
 
 
 @app.command()
@@ -94,7 +110,8 @@ def data_prepare(
 def train(
     which: Annotated[str, typer.Option(help="old | new: which model of the config")] = "new",
     alias: Annotated[list[str] | None, typer.Option(help="registry alias(es) to set")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Train an embedding model on Ray Train and register it in MLflow."""
     from pipeline.graph import steps
@@ -135,9 +152,11 @@ def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fa
 @app.command()
 @_errors
 def evaluate(
-    versions: Annotated[str | None, typer.Option(help="comma-separated versions (default all)")]
-    = None,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    versions: Annotated[
+        str | None, typer.Option(help="comma-separated versions (default all)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Top-1/top-5/mAP of gallery versions on the labelled validation split."""
     from pipeline.graph import steps
@@ -168,7 +187,8 @@ def promote(version: str, config: ConfigOpt = None, set_: SetOpt = None) -> None
 @_errors
 def rollback(
     gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Restore the previously served version (CURRENT and the `serving` alias)."""
     from pipeline.graph import steps
@@ -181,7 +201,8 @@ def rollback(
 @_errors
 def versions(
     gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """List the gallery's complete versions and which one is serving."""
     from pipeline.gallery.store import Gallery
@@ -194,9 +215,16 @@ def versions(
         t.add_column(c)
     for v in g.versions():
         m = g.manifest(v)
-        t.add_row(v, "*" if v == cur else "", str(m.get("model")), str(m.get("method")),
-                  str(m["rows"]), str(m["rejected"]), str(len(m["shards"])),
-                  str(m.get("index", {}).get("kind")))
+        t.add_row(
+            v,
+            "*" if v == cur else "",
+            str(m.get("model")),
+            str(m.get("method")),
+            str(m["rows"]),
+            str(m["rejected"]),
+            str(len(m["shards"])),
+            str(m.get("index", {}).get("kind")),
+        )
     console.print(t)
 
 
@@ -207,10 +235,12 @@ def search(
     key: Annotated[str | None, typer.Option(help="query by a gallery row's key")] = None,
     image: Annotated[Path | None, typer.Option(help="query by an image file")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="neighbours to return")] = 10,
-    version: Annotated[str | None, typer.Option(help="search this version, not the serving one")]
-    = None,
+    version: Annotated[
+        str | None, typer.Option(help="search this version, not the serving one")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Nearest neighbours from the serving version, by key or by image file."""
     from pipeline.graph.search import search_gallery
@@ -241,9 +271,12 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @_errors
-def upgrade(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
-            report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None
-            ) -> None:
+def upgrade(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+) -> None:
     """Full-backfill upgrade: train old/new, ingest, backfill, evaluate, promote, summarise."""
     from pipeline.flows import print_summary, run_upgrade, write_report
 
@@ -257,9 +290,11 @@ def upgrade(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fal
 @app.command()
 @_errors
 def demo(
-    workdir: Annotated[str, typer.Option(help="where images, gallery, models, MLflow live")]
-    = ".carryover-demo",
-    set_: SetOpt = None, quiet: QuietOpt = False,
+    workdir: Annotated[
+        str, typer.Option(help="where images, gallery, models, MLflow live")
+    ] = ".carryover-demo",
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """The embedded demo: digits → v1 (classes 0-4) → v2 (all) → backfill → promote."""
     from pipeline.flows import demo_config, print_summary, run_upgrade, write_report

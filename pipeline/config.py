@@ -96,7 +96,7 @@ class ModelConfig(_Model):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     uri: str | None = Field(
         None,
-        description="unset: train it; a TorchScript file; models:/NAME@ALIAS; a carryover model dir",
+        description="unset: train it; TorchScript file; models:/NAME@ALIAS; carryover model dir",
     )
     allow_pickle: bool = Field(
         False, description="allow loading pickled mlflow.pytorch models (unsafe for untrusted ones)"
@@ -215,7 +215,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. new_model.train.epochs=3")
+        raise ConfigError(
+            f"override {override!r}: expected KEY=VALUE, e.g. new_model.train.epochs=3"
+        )
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -232,7 +234,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -246,7 +250,9 @@ def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> UpgradeCon
         raise ConfigError(_format_validation_error(e, origin)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> UpgradeConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> UpgradeConfig:
     """Load YAML (optional) and apply `key=value` overrides, then validate."""
     data: dict[str, Any] = {}
     origin = "defaults"

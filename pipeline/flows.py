@@ -46,15 +46,20 @@ def ensure_images(cfg: UpgradeConfig, source: str = "digits", shards: int = 4) -
     """Prepare image shards if the images URI holds none yet (the demo's first step)."""
     from pipeline.data.prepare import prepare
 
-    if uri_io.exists(cfg.images_uri, cfg.storage) and uri_io.parquet_files(cfg.images_uri,
-                                                                           cfg.storage):
+    if uri_io.exists(cfg.images_uri, cfg.storage) and uri_io.parquet_files(
+        cfg.images_uri, cfg.storage
+    ):
         return {"prepared": False}
     res = prepare(source, cfg.images_uri, shards, cfg.storage, cfg.data)
     return {"prepared": True, "rows": res.rows, "shards": len(res.files)}
 
 
-def run_upgrade(cfg: UpgradeConfig, quiet: bool = False, console: Console | None = None,
-                prepare_source: str | None = None) -> UpgradeReport:
+def run_upgrade(
+    cfg: UpgradeConfig,
+    quiet: bool = False,
+    console: Console | None = None,
+    prepare_source: str | None = None,
+) -> UpgradeReport:
     """Train v1 → ingest v1 → train v2 → full backfill into v2 → evaluate → promote v2."""
     ctx = steps.Context(cfg, quiet=quiet)
     console = console or Console()
@@ -70,8 +75,9 @@ def run_upgrade(cfg: UpgradeConfig, quiet: bool = False, console: Console | None
 
     if prepare_source:
         timed("prepare images", ensure_images, cfg, prepare_source)
-    with ctx.tracker.run("upgrade", ctx.tags(step="upgrade", from_version=old.name,
-                                             to_version=new.name)) as parent:
+    with ctx.tracker.run(
+        "upgrade", ctx.tags(step="upgrade", from_version=old.name, to_version=new.name)
+    ) as parent:
         pid = parent.run_id
         m_old = timed(f"train {old.name}", steps.train_step, ctx, old, pid)
         v_old = timed(f"ingest {old.name}", steps.embed_version_step, ctx, old, "embed", pid)
@@ -85,10 +91,15 @@ def run_upgrade(cfg: UpgradeConfig, quiet: bool = False, console: Console | None
             parent.log_metrics({f"{v}_{k}": float(x) for k, x in m.items()})
         parent.log_metrics({f"{k.replace(' ', '_')}_seconds": s for k, s in timings.items()})
     report = UpgradeReport(
-        gallery=cfg.gallery_uri, serving=ctx.gallery.current(), parent_run_id=pid,
+        gallery=cfg.gallery_uri,
+        serving=ctx.gallery.current(),
+        parent_run_id=pid,
         versions={v.version: {**asdict(v), **evals.get(v.version, {})} for v in (v_old, v_new)},
-        models={m.name: asdict(m) for m in (m_old, m_new)}, timings=timings,
-        tracking_uri=cfg.tracking_uri, ui_hint=_ui_hint(cfg.tracking_uri))
+        models={m.name: asdict(m) for m in (m_old, m_new)},
+        timings=timings,
+        tracking_uri=cfg.tracking_uri,
+        ui_hint=_ui_hint(cfg.tracking_uri),
+    )
     return report
 
 
@@ -101,15 +112,34 @@ def _ui_hint(tracking_uri: str) -> str:
 def summary_table(report: UpgradeReport) -> Table:
     """The closing summary: one row per version."""
     t = Table(title=f"carryover upgrade — gallery {report.gallery} (serving: {report.serving})")
-    for col in ("version", "method", "rows", "rejected", "shards", "rows/s", "top-1", "top-5",
-                "mAP", "MLflow run"):
-        t.add_column(col, justify="right" if col not in ("version", "method", "MLflow run") else
-                     "left")
+    for col in (
+        "version",
+        "method",
+        "rows",
+        "rejected",
+        "shards",
+        "rows/s",
+        "top-1",
+        "top-5",
+        "mAP",
+        "MLflow run",
+    ):
+        t.add_column(
+            col, justify="right" if col not in ("version", "method", "MLflow run") else "left"
+        )
     for v, d in report.versions.items():
-        t.add_row(v + (" *" if v == report.serving else ""), d["method"], str(d["rows"]),
-                  str(d["rejected"]), str(d["shards"]), f"{d['rows_per_second']:.0f}",
-                  f"{d.get('top1', float('nan')):.1f}", f"{d.get('top5', float('nan')):.1f}",
-                  f"{d.get('map', float('nan')):.1f}", str(d.get("run_id") or "-"))
+        t.add_row(
+            v + (" *" if v == report.serving else ""),
+            d["method"],
+            str(d["rows"]),
+            str(d["rejected"]),
+            str(d["shards"]),
+            f"{d['rows_per_second']:.0f}",
+            f"{d.get('top1', float('nan')):.1f}",
+            f"{d.get('top5', float('nan')):.1f}",
+            f"{d.get('map', float('nan')):.1f}",
+            str(d.get("run_id") or "-"),
+        )
     return t
 
 
@@ -123,7 +153,7 @@ def print_summary(report: UpgradeReport, console: Console) -> None:
     tt.add_row("[bold]total[/]", f"{sum(report.timings.values()):.1f}")
     console.print(tt)
     console.print(f"MLflow parent run: {report.parent_run_id}  tracking: {report.tracking_uri}")
-    console.print(f"MLflow UI: {report.ui_hint}")
+    console.print(report.ui_hint)
 
 
 def write_report(report: UpgradeReport, path: str | Path) -> None:

@@ -23,8 +23,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Worker logs are noisy (Ray Train's controller polling); errors still reach the driver as
     # exceptions. CARRYOVER_RAY_LOGS=1 forwards them for debugging.
-    kwargs: dict = {"logging_level": logging.WARNING,
-                    "log_to_driver": os.environ.get("CARRYOVER_RAY_LOGS") == "1"}
+    kwargs: dict = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": os.environ.get("CARRYOVER_RAY_LOGS") == "1",
+    }
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)

@@ -1,3 +1,3 @@
-"""Test-suite wide fixtures (registered as plugins so every test directory sees them)."""
+"""Shared fixtures: a real moto S3 endpoint, a real mlflow server, a local Ray."""
 
-pytest_plugins = ["tests.fixtures.mlflow_server"]
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.s3", "tests.fixtures.ray_local"]

@@ -40,9 +40,18 @@ class EmbedResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("shards_written", "shards_skipped", "rows_in",
-                                               "rows_written", "rows_rejected", "seconds",
-                                               "rows_per_second")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "shards_written",
+                "shards_skipped",
+                "rows_in",
+                "rows_written",
+                "rows_rejected",
+                "seconds",
+                "rows_per_second",
+            )
+        }
 
 
 class _ShardSink:
@@ -52,8 +61,17 @@ class _ShardSink:
     then is its file closed (made visible) and its commit record written.
     """
 
-    def __init__(self, gallery: Gallery, version: str, dim: int, expected: dict[int, int],
-                 meta: dict[int, dict[str, Any]], source: str, progress: Progress, task: Any):
+    def __init__(
+        self,
+        gallery: Gallery,
+        version: str,
+        dim: int,
+        expected: dict[int, int],
+        meta: dict[int, dict[str, Any]],
+        source: str,
+        progress: Progress,
+        task: Any,
+    ):
         self.g, self.version, self.dim, self.source = gallery, version, dim, source
         self.expected, self.meta = expected, meta
         self.writers: dict[int, uri_io.ParquetStreamWriter] = {}
@@ -67,7 +85,8 @@ class _ShardSink:
         if sid not in self.writers:
             self.t0[sid] = time.perf_counter()
             self.writers[sid] = uri_io.ParquetStreamWriter(
-                self.g.shard_uri(self.version, sid), embedding_schema(self.dim), self.g.storage)
+                self.g.shard_uri(self.version, sid), embedding_schema(self.dim), self.g.storage
+            )
         return self.writers[sid]
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -79,13 +98,20 @@ class _ShardSink:
             bad = m & ~ok
             if ok.any():
                 keys = batch["key"][ok]
-                self._writer(sid).write(pa.record_batch(
-                    [pa.array(keys, pa.string()), embeddings_to_arrow(batch["embedding"][ok]),
-                     pa.array(np.full(len(keys), self.source, dtype=object), pa.string())],
-                    schema=embedding_schema(self.dim)))
+                self._writer(sid).write(
+                    pa.record_batch(
+                        [
+                            pa.array(keys, pa.string()),
+                            embeddings_to_arrow(batch["embedding"][ok]),
+                            pa.array(np.full(len(keys), self.source, dtype=object), pa.string()),
+                        ],
+                        schema=embedding_schema(self.dim),
+                    )
+                )
             if bad.any():
                 self.rejects.setdefault(sid, []).extend(
-                    zip(batch["key"][bad].tolist(), batch["error"][bad].tolist(), strict=True))
+                    zip(batch["key"][bad].tolist(), batch["error"][bad].tolist(), strict=True)
+                )
             self.seen[sid] += int(m.sum())
             self.progress.advance(self.task, int(m.sum()))
             if self.seen[sid] == self.expected[sid]:
@@ -97,14 +123,22 @@ class _ShardSink:
         rej = self.rejects.pop(sid, [])
         if rej:
             keys, reasons = zip(*rej, strict=True)
-            uri_io.write_table(pa.table({"key": list(keys), "reason": list(reasons)},
-                                        schema=REJECT_SCHEMA),
-                               self.g.rejects_uri(self.version, sid), self.g.storage)
-        rec = {"shard_id": sid, "path": shard_file(sid), "rows": w.rows, "rejected": len(rej),
-               "rows_in": self.expected[sid],
-               "checksum": self.g.file_checksum(self.g.shard_uri(self.version, sid)),
-               "seconds": round(time.perf_counter() - self.t0[sid], 3),
-               "committed_at": time.time(), **self.meta[sid]}
+            uri_io.write_table(
+                pa.table({"key": list(keys), "reason": list(reasons)}, schema=REJECT_SCHEMA),
+                self.g.rejects_uri(self.version, sid),
+                self.g.storage,
+            )
+        rec = {
+            "shard_id": sid,
+            "path": shard_file(sid),
+            "rows": w.rows,
+            "rejected": len(rej),
+            "rows_in": self.expected[sid],
+            "checksum": self.g.file_checksum(self.g.shard_uri(self.version, sid)),
+            "seconds": round(time.perf_counter() - self.t0[sid], 3),
+            "committed_at": time.time(),
+            **self.meta[sid],
+        }
         self.g.commit_shard(self.version, rec)
         self.records.append(rec)
         del self.writers[sid]
@@ -136,21 +170,34 @@ def embed_images_to_version(
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
     expected = {sid: uri_io.parquet_num_rows(f, storage) for sid, f in todo.items()}
     rows_in = sum(expected.values())
-    progress = Progress(TextColumn(f"embed {version}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} rows"), TimeRemainingColumn(),
-                        disable=quiet, transient=False)
+    progress = Progress(
+        TextColumn(f"embed {version}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
     task = progress.add_task("embed", total=rows_in)
-    sink = _ShardSink(gallery, version, blob.embedding_dim, expected,
-                      {sid: {**shard_meta.get(sid, {}), "image_file": todo[sid]} for sid in todo},
-                      source, progress, task)
+    sink = _ShardSink(
+        gallery,
+        version,
+        blob.embedding_dim,
+        expected,
+        {sid: {**shard_meta.get(sid, {}), "image_file": todo[sid]} for sid in todo},
+        source,
+        progress,
+        task,
+    )
     for sid in [s for s, n in expected.items() if n == 0]:
         sink._commit(sid)  # an empty input shard is complete from the start
     live = {sid: f for sid, f in todo.items() if expected[sid] > 0}
     if live:
         paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
         fs = uri_io.resolve(next(iter(live.values())), storage).fs
-        ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["key", "image"],
-                                   include_paths=True)
+        ds = ray.data.read_parquet(
+            list(paths), filesystem=fs, columns=["key", "image"], include_paths=True
+        )
         ds = _pipeline(ds, blob, embed_cfg, paths)
         try:
             with progress:
@@ -166,10 +213,18 @@ def embed_images_to_version(
     written = sum(r["rows"] for r in sink.records)
     rejected = sum(r["rejected"] for r in sink.records)
     return EmbedResult(
-        images_uri=str(next(iter(image_files.values()), "")), gallery_uri=gallery.uri,
-        version=version, shards_written=len(sink.records), shards_skipped=len(done),
-        rows_in=rows_in, rows_written=written, rows_rejected=rejected, seconds=round(secs, 2),
-        rows_per_second=round(rows_in / secs, 1) if secs else 0.0, records=sink.records)
+        images_uri=str(next(iter(image_files.values()), "")),
+        gallery_uri=gallery.uri,
+        version=version,
+        shards_written=len(sink.records),
+        shards_skipped=len(done),
+        rows_in=rows_in,
+        rows_written=written,
+        rows_rejected=rejected,
+        seconds=round(secs, 2),
+        rows_per_second=round(rows_in / secs, 1) if secs else 0.0,
+        records=sink.records,
+    )
 
 
 def _pipeline(ds: Any, blob: ModelBlob, cfg: EmbedConfig, shard_of_path: dict[str, int]) -> Any:
@@ -178,11 +233,20 @@ def _pipeline(ds: Any, blob: ModelBlob, cfg: EmbedConfig, shard_of_path: dict[st
 
     pre: PreprocessConfig = blob.preprocess
     ds = ds.map_batches(
-        decode_stage, fn_kwargs={"pre": pre, "max_pixels": cfg.max_decoded_pixels,
-                                 "shard_of_path": shard_of_path},
-        batch_size=cfg.batch_size, num_cpus=cfg.decode_num_cpus)
+        decode_stage,
+        fn_kwargs={
+            "pre": pre,
+            "max_pixels": cfg.max_decoded_pixels,
+            "shard_of_path": shard_of_path,
+        },
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.decode_num_cpus,
+    )
     return ds.map_batches(
-        EmbedStage, fn_constructor_kwargs={"blob": blob, "threads": cfg.torch_threads},
-        batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus,
+        EmbedStage,
+        fn_constructor_kwargs={"blob": blob, "threads": cfg.torch_threads},
+        batch_size=cfg.batch_size,
+        num_cpus=cfg.actor_num_cpus,
         # Ray Data restarts dead pool actors and retries their tasks by default (max_restarts=-1).
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+    )

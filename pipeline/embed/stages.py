@@ -51,5 +51,9 @@ class EmbedStage:
                 idx = np.flatnonzero(ok)[bad]
                 err[idx] = "model produced a non-finite embedding"
                 batch = {**batch, "error": err}
-        return {"key": batch["key"], "embedding": emb, "error": batch["error"],
-                "shard": batch["shard"]}
+        return {
+            "key": batch["key"],
+            "embedding": emb,
+            "error": batch["error"],
+            "shard": batch["shard"],
+        }

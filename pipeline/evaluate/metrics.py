@@ -1,8 +1,9 @@
-"""Retrieval metrics with FCT's protocol (CMC top-k, mAP over the full ranking) and backfilling curves."""
+"""Retrieval metrics, FCT protocol: CMC top-k, mAP over the full ranking, backfilling curves."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,7 @@ import torch
 
 ArrayLike = np.ndarray | torch.Tensor
 Metric = Literal["cosine", "l2"]
+_MAX_THREADS = 8
 
 
 def _embeddings(x: ArrayLike, name: str) -> torch.Tensor:
@@ -101,15 +103,21 @@ def _metrics(
     else:
         g_sq = (g * g).sum(1)
     nq = q.shape[0]
-    firsts, aps, nrels = [], [], []
-    for lo in range(0, nq, chunk):
-        hi = min(lo + chunk, nq)
+
+    def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self_idx = np.arange(lo, hi) if exclude_self else None
         dist = _distances(q[lo:hi], g, g_sq).numpy()
-        f, ap, nr = _chunk_stats(dist, ql[lo:hi], gl, self_idx)
-        firsts.append(f)
-        aps.append(ap)
-        nrels.append(nr)
+        return _chunk_stats(dist, ql[lo:hi], gl, self_idx)
+
+    # numpy's sort runs on one core but releases the GIL: threads over slices of a chunk use
+    # every core while the slices together still hold only ~chunk x ng values at a time.
+    # torch's thread count follows OMP_NUM_THREADS, which Ray sets to a task's CPUs.
+    workers = max(1, min(_MAX_THREADS, torch.get_num_threads()))
+    step = max(1, -(-chunk // workers))
+    bounds = [(lo, min(lo + step, nq)) for lo in range(0, nq, step)]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda b: run(*b), bounds))
+    firsts, aps, nrels = zip(*parts, strict=True)
     first, ap, n_rel = np.concatenate(firsts), np.concatenate(aps), np.concatenate(nrels)
     has = n_rel > 0
     out = {f"top{k}": 100.0 * float(np.mean(first < k)) for k in topk}
@@ -146,7 +154,7 @@ def retrieval_metrics(
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"queries have dim {q.shape[1]} but gallery has dim {g.shape[1]}")
     if q.shape[0] == 0 or g.shape[0] == 0:
-        raise ValueError(f"need at least one query and one gallery row, got {q.shape[0]}, {g.shape[0]}")
+        raise ValueError(f"need queries and gallery rows, got {q.shape[0]} and {g.shape[0]}")
     ql, gl = _labels(q_labels, g_labels)
     if len(ql) != q.shape[0] or len(gl) != g.shape[0]:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""faiss index per gallery version: streaming build, search returning keys, save/load under a URI."""
+"""faiss index per gallery version: streaming build, search returning keys, save and load."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import IndexConfig, StorageConfig
-from pipeline.io.uri import delete, join, read_bytes, read_json, read_table, write_bytes
-from pipeline.io.uri import write_json, write_table
+from pipeline.io.uri import (
+    delete,
+    join,
+    read_bytes,
+    read_json,
+    read_table,
+    write_bytes,
+    write_json,
+    write_table,
+)
 
 INDEX_FILE = "index.faiss"
 KEYS_FILE = "index_keys.parquet"

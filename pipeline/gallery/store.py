@@ -169,8 +169,12 @@ class Gallery:
         history = ([prev["version"]] + prev.get("history", [])) if prev else []
         if history and history[0] == version:
             history = history[1:]
-        state = {"version": version, "history": history[:50], "promoted_at": time.time(),
-                 **(extra or {})}
+        state = {
+            "version": version,
+            "history": history[:50],
+            "promoted_at": time.time(),
+            **(extra or {}),
+        }
         uri_io.write_json(self.path(CURRENT), state, self.storage)
         return state
 
@@ -182,7 +186,11 @@ class Gallery:
         target, rest = state["history"][0], state["history"][1:]
         if not self.has_version(target):
             raise GalleryError(f"{self.uri}: previous version {target!r} is gone")
-        new = {"version": target, "history": rest, "promoted_at": time.time(),
-               "rolled_back_from": state["version"]}
+        new = {
+            "version": target,
+            "history": rest,
+            "promoted_at": time.time(),
+            "rolled_back_from": state["version"],
+        }
         uri_io.write_json(self.path(CURRENT), new, self.storage)
         return new

@@ -22,8 +22,10 @@ def _model_for_version(ctx: Context, version: str) -> ModelConfig:
             return model
     rv = m.get("registry_version")
     if rv is None:
-        raise ConfigError(f"version {version!r} was made by model {m.get('model')!r}, which is "
-                          "neither old_model nor new_model in the config and is not registered")
+        raise ConfigError(
+            f"version {version!r} was made by model {m.get('model')!r}, which is "
+            "neither old_model nor new_model in the config and is not registered"
+        )
     return ModelConfig(name=str(m.get("model")), uri=f"models:/{ctx.registry_name()}/{rv}")
 
 
@@ -43,8 +45,13 @@ def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
         return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
 
 
-def search_gallery(ctx: Context, key: str | None = None, image: Path | None = None, k: int = 10,
-                   version: str | None = None) -> dict[str, Any]:
+def search_gallery(
+    ctx: Context,
+    key: str | None = None,
+    image: Path | None = None,
+    k: int = 10,
+    version: str | None = None,
+) -> dict[str, Any]:
     """Top-k neighbours; a key query excludes the row itself from its own results."""
     version, idx = load_index(ctx, version)
     if key is not None:
@@ -57,5 +64,8 @@ def search_gallery(ctx: Context, key: str | None = None, image: Path | None = No
         q = embed_image_file(ctx, version, Path(image))
         scores, keys = idx.search(q, k)
         pairs = list(zip(keys[0], scores[0], strict=True))
-    return {"version": version, "keys": [p[0] for p in pairs],
-            "scores": [float(p[1]) for p in pairs]}
+    return {
+        "version": version,
+        "keys": [p[0] for p in pairs],
+        "scores": [float(p[1]) for p in pairs],
+    }

@@ -35,8 +35,9 @@ class Context:
         if self._tracker is None:
             from pipeline.tracking import Tracker
 
-            self._tracker = Tracker(self.cfg.tracking_uri, self.cfg.tracking.experiment,
-                                    self.cfg.artifact_location)
+            self._tracker = Tracker(
+                self.cfg.tracking_uri, self.cfg.tracking.experiment, self.cfg.artifact_location
+            )
         return self._tracker
 
     def registry_name(self, kind: str = "embedder") -> str:
@@ -46,8 +47,10 @@ class Context:
         return Path(self.cfg.workdir) / "models" / model.name
 
     def tags(self, **extra: Any) -> dict[str, str]:
-        return {"carryover.gallery": self.cfg.gallery_name,
-                **{f"carryover.{k}": str(v) for k, v in extra.items()}}
+        return {
+            "carryover.gallery": self.cfg.gallery_name,
+            **{f"carryover.{k}": str(v) for k, v in extra.items()},
+        }
 
 
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
@@ -71,8 +74,9 @@ class ModelStepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_step(ctx: Context, model: ModelConfig, parent_run_id: str | None,
-               aliases: tuple[str, ...] = ()) -> ModelStepResult:
+def train_step(
+    ctx: Context, model: ModelConfig, parent_run_id: str | None, aliases: tuple[str, ...] = ()
+) -> ModelStepResult:
     """Train (or reuse) a model on Ray Train and register it in MLflow with aliases."""
     from pipeline.train.embedder import train_embedder
 
@@ -81,32 +85,57 @@ def train_step(ctx: Context, model: ModelConfig, parent_run_id: str | None,
         return ModelStepResult(model.name, None, None, False, True, 0.0)
     ensure_ray(ctx.cfg.ray)
     name = ctx.registry_name()
-    with ctx.tracker.run(f"train-{model.name}", ctx.tags(step="train", model=model.name),
-                         parent_run_id) as run:
-        tr = train_embedder(model, ctx.cfg.images_uri, ctx.model_dir(model), ctx.cfg.storage,
-                            Path(ctx.cfg.workdir) / "ray_results",
-                            ctx.cfg.embed.max_decoded_pixels)
+    with ctx.tracker.run(
+        f"train-{model.name}", ctx.tags(step="train", model=model.name), parent_run_id
+    ) as run:
+        tr = train_embedder(
+            model,
+            ctx.cfg.images_uri,
+            ctx.model_dir(model),
+            ctx.cfg.storage,
+            Path(ctx.cfg.workdir) / "ray_results",
+            ctx.cfg.embed.max_decoded_pixels,
+        )
         run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
         run.log_metrics(tr.metrics())
-        existing = ctx.tracker.find_model_version(name, "carryover.config_hash", tr.config_hash)
+        existing = find_model_version(ctx, "carryover.config_hash", tr.config_hash)
         if existing is None:
             version = ctx.tracker.register_model(
-                name, str(ctx.model_dir(model)), run.run_id,
-                tags=ctx.tags(model=model.name, config_hash=tr.config_hash,
-                              trained_classes=model.train.classes or "all"),
-                aliases=list(aliases))
+                name,
+                str(ctx.model_dir(model)),
+                run.run_id,
+                tags=ctx.tags(
+                    model=model.name,
+                    config_hash=tr.config_hash,
+                    trained_classes=model.train.classes or "all",
+                ),
+                aliases=list(aliases),
+            )
         else:
             version = existing.version
             for a in aliases:
                 ctx.tracker.set_alias(name, a, version)
-        run.set_tags({"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)})
-    return ModelStepResult(model.name, name, version, True, tr.cached,
-                           round(time.perf_counter() - t0, 2), tr.metrics())
+        run.set_tags(
+            {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
+        )
+    return ModelStepResult(
+        model.name, name, version, True, tr.cached, round(time.perf_counter() - t0, 2), tr.metrics()
+    )
+
+
+def find_model_version(ctx: Context, tag: str, value: str) -> Any:
+    """The newest registered embedder version whose tag equals value, if any."""
+    for info in ctx.tracker.latest_versions(ctx.registry_name(), limit=1000):
+        if info.tags.get(tag) == value:
+            return info
+    return None
 
 
 def registry_version_of(ctx: Context, model: ModelConfig) -> int | None:
-    """The registry version holding this trained model, if any."""
-    info = ctx.tracker.find_model_version(ctx.registry_name(), "carryover.model", model.name)
+    """The registry version holding this model (trained here), if any."""
+    if model.uri is not None and model.uri.startswith("models:/"):
+        return ctx.tracker.resolve(model.uri).version
+    info = find_model_version(ctx, "carryover.model", model.name)
     return info.version if info else None
 
 
@@ -127,8 +156,9 @@ class VersionStepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def embed_version_step(ctx: Context, model: ModelConfig, method: str,
-                       parent_run_id: str | None) -> VersionStepResult:
+def embed_version_step(
+    ctx: Context, model: ModelConfig, method: str, parent_run_id: str | None
+) -> VersionStepResult:
     """Embed all images with `model` into gallery version `model.name` (ingest or full backfill).
 
     Resumable: committed shards are kept; a version with a manifest is left as it is.
@@ -139,35 +169,78 @@ def embed_version_step(ctx: Context, model: ModelConfig, method: str,
     g, version = ctx.gallery, model.name
     if g.has_version(version):
         m = g.manifest(version)
-        return VersionStepResult(version, m.get("method", method), m["rows"], m["rejected"],
-                                 len(m["shards"]), 0.0, 0.0, m.get("index", {}),
-                                 m.get("run_id"), skipped=True)
+        return VersionStepResult(
+            version,
+            m.get("method", method),
+            m["rows"],
+            m["rejected"],
+            len(m["shards"]),
+            0.0,
+            0.0,
+            m.get("index", {}),
+            m.get("run_id"),
+            skipped=True,
+        )
     ensure_ray(ctx.cfg.ray)
     timer = Timer()
     source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
-    with ctx.tracker.run(f"{method}-{version}", ctx.tags(step=method, to_version=version),
-                         parent_run_id) as run:
+    with ctx.tracker.run(
+        f"{method}-{version}", ctx.tags(step=method, to_version=version), parent_run_id
+    ) as run:
         with timer("resolve_model"):
             blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
         files = image_shards(ctx.cfg)
-        meta = {sid: {"method": method, "model": model.name, "source_version": None,
-                      "run_id": run.run_id} for sid in files}
+        meta = {
+            sid: {
+                "method": method,
+                "model": model.name,
+                "source_version": None,
+                "run_id": run.run_id,
+            }
+            for sid in files
+        }
         with timer("embed"):
-            res = embed_images_to_version(files, g, version, blob, ctx.cfg.embed, meta, source,
-                                          ctx.cfg.storage, quiet=ctx.quiet)
+            res = embed_images_to_version(
+                files,
+                g,
+                version,
+                blob,
+                ctx.cfg.embed,
+                meta,
+                source,
+                ctx.cfg.storage,
+                quiet=ctx.quiet,
+            )
         with timer("index"):
             records = list(g.committed_shards(version).values())
             index = index_version(ctx, version, records, blob.embedding_dim)
-        manifest = g.finalize(version, {
-            "gallery": ctx.cfg.gallery_name, "method": method, "model": model.name,
-            "registry_version": registry_version_of(ctx, model),
-            "embedding_dim": blob.embedding_dim, "index": index, "run_id": run.run_id})
+        manifest = g.finalize(
+            version,
+            {
+                "gallery": ctx.cfg.gallery_name,
+                "method": method,
+                "model": model.name,
+                "registry_version": registry_version_of(ctx, model),
+                "embedding_dim": blob.embedding_dim,
+                "index": index,
+                "run_id": run.run_id,
+            },
+        )
         run.log_metrics({**res.metrics(), **timer.metrics()})
         run.log_dict(manifest, "manifest.json")
         run.set_tags({"carryover.shards": ",".join(str(r["shard_id"]) for r in records)})
-    return VersionStepResult(version, method, manifest["rows"], manifest["rejected"],
-                             len(manifest["shards"]), res.seconds, res.rows_per_second, index,
-                             run.run_id, timings=timer.seconds)
+    return VersionStepResult(
+        version,
+        method,
+        manifest["rows"],
+        manifest["rejected"],
+        len(manifest["shards"]),
+        res.seconds,
+        res.rows_per_second,
+        index,
+        run.run_id,
+        timings=timer.seconds,
+    )
 
 
 def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim: int) -> dict:
@@ -177,8 +250,10 @@ def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim
 
     def batches():
         for b in g.iter_embeddings(version, records=sorted(records, key=lambda r: r["shard_id"])):
-            yield (b.column("key").to_numpy(zero_copy_only=False),
-                   arrow_to_embeddings(b.column("embedding")))
+            yield (
+                b.column("key").to_numpy(zero_copy_only=False),
+                arrow_to_embeddings(b.column("embedding")),
+            )
 
     idx = build_index(batches(), dim, ctx.cfg.index, total_rows=total)
     idx.save(g.index_uri(version), ctx.cfg.storage)
@@ -226,8 +301,9 @@ def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, 
     for v in versions:
         keys, emb = version_embeddings(ctx.gallery, v, val["key"])
         labels = np.array([label_of[k] for k in keys])
-        m = retrieval_metrics(emb, emb, labels, labels, metric=ctx.cfg.evaluate.metric,
-                              exclude_self=True)
+        m = retrieval_metrics(
+            emb, emb, labels, labels, metric=ctx.cfg.evaluate.metric, exclude_self=True
+        )
         out[v] = {"top1": m["top1"], "top5": m["top5"], "map": m["map"], "queries": len(keys)}
     return out
 
@@ -236,7 +312,9 @@ def promote_step(ctx: Context, version: str) -> dict[str, Any]:
     """Move CURRENT and the registry's `serving` alias together."""
     g = ctx.gallery
     m = g.manifest(version)
-    state = g.promote(version, {"model": m.get("model"), "registry_version": m.get("registry_version")})
+    state = g.promote(
+        version, {"model": m.get("model"), "registry_version": m.get("registry_version")}
+    )
     if m.get("registry_version") is not None:
         ctx.tracker.set_alias(ctx.registry_name(), "serving", int(m["registry_version"]))
     return state

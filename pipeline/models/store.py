@@ -94,7 +94,10 @@ def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
             return _torchscript_blob(data, cfg)
     if candidates and cfg.allow_pickle:
         return ModelBlob(
-            "pickle", cfg.name, cfg.preprocess, cfg.architecture.embedding_dim,
+            "pickle",
+            cfg.name,
+            cfg.preprocess,
+            cfg.architecture.embedding_dim,
             {"model.pth": candidates[0].read_bytes()},
         )
     raise ModelLoadError(
@@ -104,8 +107,9 @@ def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
 
 
 def _torchscript_blob(data: bytes, cfg: ModelConfig) -> ModelBlob:
-    return ModelBlob("torchscript", cfg.name, cfg.preprocess, cfg.architecture.embedding_dim,
-                     {"model.ts": data})
+    return ModelBlob(
+        "torchscript", cfg.name, cfg.preprocess, cfg.architecture.embedding_dim, {"model.ts": data}
+    )
 
 
 def resolve_blob(
@@ -145,8 +149,9 @@ def build_model(blob: ModelBlob) -> nn.Module:
         model = torch.jit.load(io.BytesIO(blob.files["model.ts"]), map_location="cpu")
     elif blob.kind == "pickle":
         # Only reached when the user opted in with allow_pickle for this model.
-        model = torch.load(io.BytesIO(blob.files["model.pth"]), map_location="cpu",
-                           weights_only=False)
+        model = torch.load(
+            io.BytesIO(blob.files["model.pth"]), map_location="cpu", weights_only=False
+        )
     else:
         raise ModelLoadError(f"unknown model kind {blob.kind!r}")
     return model.eval()

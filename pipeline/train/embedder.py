@@ -137,8 +137,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         sched.step()
-        metrics = {"epoch": epoch, "loss": tot_loss / max(seen, 1),
-                   "accuracy": correct / max(seen, 1), "rows": seen}
+        metrics = {
+            "epoch": epoch,
+            "loss": tot_loss / max(seen, 1),
+            "accuracy": correct / max(seen, 1),
+            "rows": seen,
+        }
         with tempfile.TemporaryDirectory() as d:
             if ctx.get_world_rank() == 0:
                 _save_ckpt(net, opt, epoch, d)
@@ -186,17 +190,24 @@ def train_embedder(
     ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
     ds = ds.map_batches(
         training_batch,
-        fn_kwargs={"pre": cfg.preprocess, "max_pixels": max_pixels, "split": "train",
-                   "classes": tc.classes},
+        fn_kwargs={
+            "pre": cfg.preprocess,
+            "max_pixels": max_pixels,
+            "split": "train",
+            "classes": tc.classes,
+        },
         batch_size=1024,
         num_cpus=0.5,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"model": cfg.model_dump(mode="json"),
-                           "threads": max(1, int(tc.cpus_per_worker))},
+        train_loop_config={
+            "model": cfg.model_dump(mode="json"),
+            "threads": max(1, int(tc.cpus_per_worker)),
+        },
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker},
         ),
         run_config=RunConfig(
@@ -212,19 +223,24 @@ def train_embedder(
         raise RuntimeError(f"training {cfg.name!r} produced no checkpoint (no training rows?)")
     m = result.metrics or {}
     tr = TrainResult(
-        model_name=cfg.name, model_dir=str(out_dir), images_uri=images_uri, epochs=tc.epochs,
-        train_rows=int(m.get("rows", 0)), final_loss=float(m.get("loss", float("nan"))),
+        model_name=cfg.name,
+        model_dir=str(out_dir),
+        images_uri=images_uri,
+        epochs=tc.epochs,
+        train_rows=int(m.get("rows", 0)),
+        final_loss=float(m.get("loss", float("nan"))),
         final_accuracy=float(m.get("accuracy", float("nan"))),
-        seconds=round(time.perf_counter() - t0, 2), num_workers=tc.num_workers,
-        use_gpu=tc.use_gpu, config_hash=h,
+        seconds=round(time.perf_counter() - t0, 2),
+        num_workers=tc.num_workers,
+        use_gpu=tc.use_gpu,
+        config_hash=h,
     )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
         tmp.mkdir(parents=True)
         shutil.copy(Path(d) / "weights.safetensors", tmp / "weights.safetensors")
-    meta = embedder_meta(cfg, config_hash=h, train_result=asdict(tr),
-                         trained_classes=tc.classes)
+    meta = embedder_meta(cfg, config_hash=h, train_result=asdict(tr), trained_classes=tc.classes)
     (tmp / MODEL_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # the model dir appears whole or not at all

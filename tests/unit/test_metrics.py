@@ -86,8 +86,15 @@ def test_torch_and_numpy_inputs_agree():
     x = rng.normal(size=(30, 4)).astype(np.float32)
     labels = rng.integers(0, 3, size=30)
     a = retrieval_metrics(x, x, labels, labels, "cosine", exclude_self=True)
-    b = retrieval_metrics(torch.from_numpy(x), torch.from_numpy(x), torch.from_numpy(labels),
-                          torch.from_numpy(labels), "cosine", exclude_self=True, chunk=4)
+    b = retrieval_metrics(
+        torch.from_numpy(x),
+        torch.from_numpy(x),
+        torch.from_numpy(labels),
+        torch.from_numpy(labels),
+        "cosine",
+        exclude_self=True,
+        chunk=4,
+    )
     assert a == b
 
 
@@ -121,15 +128,15 @@ def test_backfill_curve_endpoints_points_and_auc(metric):
     assert curve.fractions[1] == pytest.approx(1 / 21)
     none = retrieval_metrics(g_new, g_tr, labels, labels, metric, (1,), exclude_self=True)
     full = retrieval_metrics(g_new, g_new, labels, labels, metric, (1,), exclude_self=True)
-    assert curve.top1[0] == pytest.approx(none["top1"]) and curve.map[0] == pytest.approx(none["map"])
-    assert curve.top1[-1] == pytest.approx(full["top1"]) and curve.map[-1] == pytest.approx(full["map"])
+    assert (curve.top1[0], curve.map[0]) == pytest.approx((none["top1"], none["map"]))
+    assert (curve.top1[-1], curve.map[-1]) == pytest.approx((full["top1"], full["map"]))
     assert curve.auc_top1 == pytest.approx(float(np.mean(curve.top1)))
     assert curve.auc_map == pytest.approx(float(np.mean(curve.map)))
     # Point 7 = first round(7/21 * 84) = 28 rows of the order re-embedded.
     mixed = g_tr.copy()
     mixed[order[:28]] = g_new[order[:28]]
     mid = retrieval_metrics(g_new, mixed, labels, labels, metric, (1,), exclude_self=True)
-    assert curve.top1[7] == pytest.approx(mid["top1"]) and curve.map[7] == pytest.approx(mid["map"])
+    assert (curve.top1[7], curve.map[7]) == pytest.approx((mid["top1"], mid["map"]))
 
 
 def test_backfill_curve_rejects_a_non_permutation():

@@ -6,6 +6,7 @@ import json
 import pickle
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,23 @@ def test_nested_runs_read_back(store: Tracker) -> None:
     assert child["tags"]["shard"] == "00007" and child["tags"]["method"] == "transform"
     found = store.search_runs(f"tags.mlflow.parentRunId = '{parent.run_id}'")
     assert [r["run_id"] for r in found] == [c.run_id]
+
+
+def test_child_runs_from_threads_keep_their_parent(store: Tracker) -> None:
+    # Shards run concurrently: each child must land under the right parent with its own metrics.
+    def shard(i: int, parent: str) -> str:
+        with store.run(f"shard-{i}", tags={"shard": str(i)}, parent_run_id=parent) as r:
+            r.log_metrics({"rows": float(10 * i)})
+        return r.run_id
+
+    with store.run("threaded") as parent, ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda i: shard(i, parent.run_id), range(8)))
+    children = store.search_runs(f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert sorted(r["run_id"] for r in children) == sorted(ids)
+    assert {r["tags"]["shard"]: r["metrics"]["rows"] for r in children} == {
+        str(i): 10.0 * i for i in range(8)
+    }
+    assert {r["status"] for r in children} == {"FINISHED"}
 
 
 def test_failing_run_ends_failed(store: Tracker) -> None:
@@ -160,7 +178,8 @@ def test_tracker_pickles_to_same_experiment(store: Tracker) -> None:
 
 def test_ui_hint() -> None:
     assert ui_hint("http://mlflow:5000") == "MLflow UI: open http://mlflow:5000"
-    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in ui_hint("sqlite:////x/mlflow.db")
+    hint = ui_hint("sqlite:////x/mlflow.db")
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in hint
 
 
 @pytest.mark.slow

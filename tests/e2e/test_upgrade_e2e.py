@@ -1,0 +1,162 @@
+"""End to end on real parts: moto S3 endpoint, mlflow server, local Ray (2 CPUs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.data.prepare import prepare
+from pipeline.flows import run_upgrade
+from pipeline.gallery.store import Gallery
+from pipeline.graph import steps
+from pipeline.graph.search import search_gallery
+from pipeline.io import uri
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "old_model.train.epochs=2",
+    "new_model.train.epochs=3",
+    "old_model.architecture.widths=[4,8]",
+    "new_model.architecture.widths=[8,16]",
+    "new_model.architecture.embedding_dim=32",
+    "old_model.preprocess.input_size=8",
+    "new_model.preprocess.input_size=8",
+    "embed.batch_size=128",
+]
+
+
+def test_upgrade_all_on_s3_with_mlflow_server(
+    tmp_path: Path, s3_server, mlflow_server, ray_local
+) -> None:
+    overrides = TINY + [
+        f"workdir={tmp_path}",
+        f"gallery={s3_server.uri('e2e', 'gallery')}",
+        f"images={s3_server.uri('e2e', 'images')}",
+        f"storage.endpoint_url={s3_server.endpoint_url}",
+        f"tracking.uri={mlflow_server}",
+        "gallery_name=e2e",
+    ]
+    cfg = load_config(None, overrides)
+    res = prepare("digits", cfg.images_uri, 3, cfg.storage, cfg.data, limit=600)
+    assert res.rows == 600 and len(res.files) == 3
+    report = run_upgrade(cfg, quiet=True)
+    g = Gallery(cfg.gallery_uri, cfg.storage)
+    assert g.current() == "v2"
+    assert g.versions() == ["v1", "v2"]
+    for v in ("v1", "v2"):
+        m = g.manifest(v)
+        assert m["rows"] + m["rejected"] == 600
+        assert len(m["shards"]) == 3
+        assert all(s["checksum"].startswith("sha256:") for s in m["shards"])
+        assert uri.exists(uri.join(g.index_uri(v), "index.faiss"), cfg.storage)
+    sources = set()
+    for b in g.iter_embeddings("v2", columns=("source",)):
+        sources.update(b.column("source").to_pylist())
+    assert sources == {"backfill:v2"}
+    assert report.versions["v2"]["top1"] > 0
+    # search by key from the serving version, over the S3 gallery
+    ctx = steps.Context(cfg)
+    key = next(iter(g.iter_embeddings("v2", columns=("key",)))).column("key")[0].as_py()
+    hits = search_gallery(ctx, key=key, k=5)
+    assert hits["version"] == "v2" and len(hits["keys"]) == 5 and key not in hits["keys"]
+    # registry: serving alias on v2's model, lineage runs exist on the server
+    info = ctx.tracker.get_alias("e2e-embedder", "serving")
+    assert info is not None and info.version == g.manifest("v2")["registry_version"]
+    # rollback moves both back
+    steps.rollback_step(ctx)
+    assert g.current() == "v1"
+    assert (
+        ctx.tracker.get_alias("e2e-embedder", "serving").version
+        == g.manifest("v1")["registry_version"]
+    )
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_undecodable_image_is_rejected_not_fatal(tmp_path: Path, ray_local) -> None:
+    cfg = load_config(None, TINY + [f"workdir={tmp_path}", "gallery_name=bad"])
+    prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=200)
+    # add a third shard holding good rows, a truncated PNG, junk bytes and an empty image
+    good = _png(np.full((8, 8), 128, np.uint8))
+    t = pa.table(
+        {
+            "key": ["ok-1", "trunc", "junk", "empty", "ok-2"],
+            "image": [good, good[:20], b"not an image", b"", good],
+            "label": [1, 1, 2, 3, 4],
+            "split": ["train"] * 5,
+        }
+    )
+    uri.write_table(t, uri.join(cfg.images_uri, "shard-00002.parquet"))
+    ctx = steps.Context(cfg, quiet=True)
+    steps.train_step(ctx, cfg.old_model, None)
+    r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    assert r.rows + r.rejected == 205
+    assert r.rejected == 3
+    g = ctx.gallery
+    rej = uri.read_table(g.rejects_uri("v1", 2)).to_pydict()
+    assert sorted(rej["key"]) == ["empty", "junk", "trunc"]
+    reasons = dict(zip(rej["key"], rej["reason"], strict=True))
+    assert reasons["empty"] == "empty image bytes"
+    assert reasons["junk"].startswith("cannot decode image")
+    shard2 = g.manifest("v1")["shards"][2]
+    assert shard2["rows"] == 2 and shard2["rejected"] == 3 and shard2["rows_in"] == 5
+    # rerun resumes: nothing is redone
+    r2 = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    assert r2.skipped and r2.rows == r.rows
+
+
+def test_cli_errors_name_the_offending_item(tmp_path: Path) -> None:
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("new_model: {train: {epochz: 3}}\n")
+    p = subprocess.run(exe + ["config", "-c", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and "new_model.train.epochz: unknown key" in p.stderr
+    bad.write_text("gallery: [oops\n")
+    p = subprocess.run(exe + ["config", "-c", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and "malformed YAML" in p.stderr
+    p = subprocess.run(
+        exe
+        + [
+            "data",
+            "prepare",
+            "--source",
+            str(tmp_path / "missing.npz"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "missing.npz" in p.stderr
+    p = subprocess.run(exe + ["--help"], capture_output=True, text=True)
+    assert p.returncode == 0
+    for cmd in (
+        "prepare",
+        "train",
+        "ingest",
+        "backfill",
+        "evaluate",
+        "promote",
+        "rollback",
+        "search",
+        "versions",
+        "demo",
+        "upgrade",
+    ):
+        assert cmd in p.stdout
+    p = subprocess.run(exe + ["search", "--help"], capture_output=True, text=True)
+    assert "--key" in p.stdout and "--image" in p.stdout and json is not None

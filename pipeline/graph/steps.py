@@ -285,7 +285,7 @@ def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.nda
             ks.append(t["key"].to_numpy(zero_copy_only=False))
             vs.append(arrow_to_embeddings(t["embedding"]))
     if not ks:
-        raise GalleryError(f"version {version!r} holds none of the validation keys")
+        return np.zeros(0, dtype=object), np.zeros((0, 0), np.float32)
     return np.concatenate(ks), np.concatenate(vs)
 
 
@@ -300,6 +300,8 @@ def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, 
     out = {}
     for v in versions:
         keys, emb = version_embeddings(ctx.gallery, v, val["key"])
+        if len(keys) < 2:
+            raise GalleryError(f"version {v!r} holds fewer than 2 of the validation keys")
         labels = np.array([label_of[k] for k in keys])
         m = retrieval_metrics(
             emb, emb, labels, labels, metric=ctx.cfg.evaluate.metric, exclude_self=True

@@ -84,8 +84,15 @@ def _is_torchscript(data: bytes) -> bool:
         return False
 
 
+def _is_carryover_dir(d: Path) -> bool:
+    try:
+        return json.loads((d / MODEL_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
-    if (d / MODEL_FILE).exists():
+    if _is_carryover_dir(d):
         return _blob_from_dir(d, cfg)
     candidates = sorted(p for p in d.rglob("*") if p.suffix in (".pt", ".pth", ".ts"))
     for p in candidates:

@@ -160,3 +160,39 @@ def test_cli_errors_name_the_offending_item(tmp_path: Path) -> None:
         assert cmd in p.stdout
     p = subprocess.run(exe + ["search", "--help"], capture_output=True, text=True)
     assert "--key" in p.stdout and "--image" in p.stdout and json is not None
+
+
+def test_search_cli_by_key_and_image(tmp_path: Path, ray_local) -> None:
+    sets = TINY + [f"workdir={tmp_path}", "gallery_name=srch"]
+    cfg = load_config(None, sets)
+    prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=300)
+    ctx = steps.Context(cfg, quiet=True)
+    steps.train_step(ctx, cfg.old_model, None)
+    steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    steps.promote_step(ctx, "v1")
+    flags = [a for s in sets for a in ("--set", s)]
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    key = next(iter(ctx.gallery.iter_embeddings("v1", columns=("key",)))).column("key")[0]
+    p = subprocess.run(
+        exe + ["search", "--key", key.as_py(), "-k", "3", "--json", *flags],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["version"] == "v1" and len(out["keys"]) == 3
+    img = tmp_path / "q.png"
+    img.write_bytes(_png((np.eye(8) * 255).astype(np.uint8)))
+    p = subprocess.run(
+        exe + ["search", "--image", str(img), "-k", "4", "--json", *flags],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["keys"]) == 4
+    p = subprocess.run(
+        exe + ["search", "--key", "no-such-key", *flags], capture_output=True, text=True
+    )
+    assert p.returncode == 1 and "no-such-key" in p.stderr
+    p = subprocess.run(exe + ["versions", *flags], capture_output=True, text=True)
+    assert p.returncode == 0 and "v1" in p.stdout

@@ -1,0 +1,138 @@
+"""Models: safetensors round trip, TorchScript and MLflow URIs as embedders, pickles refused."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig
+from pipeline.embed.stages import EmbedStage
+from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.store import (
+    ModelLoadError,
+    build_model,
+    check_output_dim,
+    embedder_meta,
+    resolve_blob,
+    save_model_dir,
+)
+
+ARCH = ArchitectureConfig(widths=[4, 8], embedding_dim=6, num_classes=3)
+PRE = PreprocessConfig(input_size=8)
+
+
+def _net() -> EmbeddingNet:
+    torch.manual_seed(0)
+    return EmbeddingNet(ARCH, in_channels=1).eval()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_backbone_shapes() -> None:
+    emb, logits = _net().logits(_x())
+    assert emb.shape == (3, 6) and logits.shape == (3, 3)
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    net = _net()
+    cfg = ModelConfig(name="m", architecture=ARCH, preprocess=PRE)
+    save_model_dir(net, embedder_meta(cfg), tmp_path / "m")
+    assert not any(p.suffix in (".pt", ".pkl") for p in (tmp_path / "m").iterdir())
+    blob = resolve_blob(ModelConfig(name="m", uri=str(tmp_path / "m")))
+    model = build_model(blob)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(_x()), net(_x()))
+
+
+def test_torchscript_file_as_embedder(tmp_path: Path) -> None:
+    net = _net()
+    path = tmp_path / "user_model.pt"
+    torch.jit.save(torch.jit.trace(net, _x()), str(path))
+    cfg = ModelConfig(
+        name="ts", uri=str(path), preprocess=PRE, architecture=ArchitectureConfig(embedding_dim=6)
+    )
+    blob = resolve_blob(cfg)
+    assert blob.kind == "torchscript"
+    stage = EmbedStage(blob)
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "pixels": _x().reshape(3, -1).numpy(),
+        "error": np.array(["", "bad", ""], dtype=object),
+        "shard": np.zeros(3, np.int64),
+    }
+    out = stage(batch)
+    with torch.inference_mode():
+        ref = net(_x()).numpy()
+    np.testing.assert_allclose(out["embedding"][[0, 2]], ref[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert (out["embedding"][1] == 0).all()  # the rejected row is not embedded
+
+
+def test_output_size_mismatch_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(_net(), _x()), str(path))
+    blob = resolve_blob(
+        ModelConfig(
+            name="ts",
+            uri=str(path),
+            preprocess=PRE,
+            architecture=ArchitectureConfig(embedding_dim=64),
+        )
+    )
+    with pytest.raises(ModelLoadError, match=r"outputs shape \(2, 6\).*embedding_dim=64"):
+        check_output_dim(build_model(blob), blob)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.write_text, (Path("/tmp/carryover-pwned"), "pwned"))
+
+
+def test_planted_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ModelLoadError, match="not a TorchScript archive"):
+        resolve_blob(ModelConfig(name="evil", uri=str(path)))
+    assert not Path("/tmp/carryover-pwned").exists()
+
+
+def test_mlflow_uri_as_embedder(tmp_path: Path) -> None:
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "t", str(tmp_path / "art"))
+    net = _net()
+    cfg = ModelConfig(name="m", architecture=ARCH, preprocess=PRE)
+    d = save_model_dir(net, embedder_meta(cfg), tmp_path / "m")
+    with tracker.run("train") as run:
+        v = tracker.register_model("g-embedder", d, run.run_id, aliases=["candidate"])
+    blob = resolve_blob(ModelConfig(name="x", uri="models:/g-embedder@candidate"), tracking_uri=uri)
+    assert blob.kind == "carryover" and v == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(build_model(blob)(_x()), net(_x()))
+    # a TorchScript model registered by someone else works too
+    ts_dir = tmp_path / "ts"
+    ts_dir.mkdir()
+    torch.jit.save(torch.jit.trace(net, _x()), str(ts_dir / "model.pt"))
+    (ts_dir / "model.json").write_text("{}")  # not carryover's format: found by its TorchScript
+    with tracker.run("ext") as run:
+        tracker.register_model("ext-embedder", ts_dir, run.run_id, aliases=["serving"])
+    blob = resolve_blob(
+        ModelConfig(
+            name="y",
+            uri="models:/ext-embedder@serving",
+            preprocess=PRE,
+            architecture=ArchitectureConfig(embedding_dim=6),
+        ),
+        tracking_uri=uri,
+    )
+    assert blob.kind == "torchscript"
+    with torch.inference_mode():
+        torch.testing.assert_close(build_model(blob)(_x()), net(_x()))
+    with pytest.raises(Exception, match="models:/nope@serving"):
+        resolve_blob(ModelConfig(name="z", uri="models:/nope@serving"), tracking_uri=uri)

@@ -45,6 +45,9 @@ def test_upgrade_all_on_s3_with_mlflow_server(
         f"storage.endpoint_url={s3_server.endpoint_url}",
         f"tracking.uri={mlflow_server}",
         "gallery_name=e2e",
+        # DDP across two Ray Train workers (gloo on CPU); half a CPU each leaves room for data
+        "new_model.train.num_workers=2",
+        "new_model.train.cpus_per_worker=0.5",
     ]
     cfg = load_config(None, overrides)
     res = prepare("digits", cfg.images_uri, 3, cfg.storage, cfg.data, limit=600)

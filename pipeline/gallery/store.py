@@ -87,11 +87,14 @@ class Gallery:
     # -- versions ---------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Complete versions (those whose manifest exists), oldest first."""
-        out = []
+        created: dict[str, float] = {}
         for v in uri_io.list_dir(self.path("versions"), self.storage):
-            if uri_io.exists(self.path("versions", v, MANIFEST), self.storage):
-                out.append(v)
-        return sorted(out, key=lambda v: self.manifest(v).get("created_at", 0))
+            try:  # one read per version: a missing manifest means the version is unfinished
+                m = uri_io.read_json(self.path("versions", v, MANIFEST), self.storage)
+            except FileNotFoundError:
+                continue
+            created[v] = m.get("created_at", 0)
+        return sorted(created, key=lambda v: created[v])
 
     def has_version(self, version: str) -> bool:
         return uri_io.exists(self.path("versions", version, MANIFEST), self.storage)

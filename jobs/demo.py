@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.flows import demo_config, print_summary, run_upgrade, write_report
+from pipeline.flows import run_demo
 
 
 def main(workdir: str, overrides: list[str]) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
-    cfg = demo_config(workdir, overrides)
-    rep = run_upgrade(cfg, console=console, prepare_source="digits")
-    print_summary(rep, console)
-    write_report(rep, Path(workdir) / "report.json")
+    run_demo(workdir, overrides, console)
     return 0
 
 

@@ -155,22 +155,32 @@ def evaluate(
     versions: Annotated[
         str | None, typer.Option(help="comma-separated versions (default all)")
     ] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="where report.json and the plots go")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Top-1/top-5/mAP of gallery versions on the labelled validation split."""
-    from pipeline.graph import steps
+    """FCT's protocol on the validation split: old/old, new/new, BCT, transformed, adapters,
+    the compatibility matrix and backfilling curves; JSON report, PNG plots, MLflow run."""
+    from pipeline.graph.compat_steps import evaluate_compat_step
 
     cfg = _cfg(config, set_)
-    ctx = _ctx(cfg)
-    names = versions.split(",") if versions else ctx.gallery.versions()
-    res = steps.evaluate_versions(ctx, names)
-    t = Table(title="retrieval on the validation split (query = gallery, self excluded)")
-    for c in ("version", "queries", "top-1", "top-5", "mAP"):
-        t.add_column(c, justify="right")
-    for v, m in res.items():
-        t.add_row(v, str(m["queries"]), f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['map']:.2f}")
+    names = versions.split(",") if versions else None
+    report, files = evaluate_compat_step(_ctx(cfg), None, names, report_dir)
+    console.print(report.table())
+    if report.curves:
+        console.print(report.curves_table())
+    names = report.matrix_names
+    t = Table(title=f"compatibility matrix ({report.matrix_value}; rows: queries, cols: gallery)")
+    t.add_column("query \\ gallery")
+    for n in names:
+        t.add_column(n, justify="right")
+    for n, row in zip(names, report.matrix, strict=True):
+        t.add_row(n, *("—" if v is None else f"{v:.1f}" for v in row))
     console.print(t)
+    console.print(f"report: {files['report.json']}  plots: {', '.join(sorted(files))}")
+    console.print(f"MLflow run: {report.extra.get('run_id')}")
 
 
 @app.command()
@@ -296,14 +306,11 @@ def demo(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """The embedded demo: digits → v1 (classes 0-4) → v2 (all) → backfill → promote."""
-    from pipeline.flows import demo_config, print_summary, run_upgrade, write_report
+    """The embedded demo: digits → v1 (classes 0-4) + side-info → v2 (all) → FCT/FastFill
+    transformation → backfill → compatibility report → promote."""
+    from pipeline.flows import run_demo
 
-    cfg = demo_config(workdir, set_)
-    rep = run_upgrade(cfg, quiet=quiet, console=console, prepare_source="digits")
-    print_summary(rep, console)
-    write_report(rep, Path(workdir) / "report.json")
-    console.print(f"report: {Path(workdir) / 'report.json'}")
+    run_demo(workdir, set_, console, quiet)
 
 
 def main() -> None:

@@ -88,6 +88,18 @@ class TrainConfig(_Model):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    loss: Literal["independent", "bct"] = Field(
+        "independent",
+        description="independent (FCT's choice) or bct: influence loss through the frozen old "
+        "classifier (new classes get synthesised weights)",
+    )
+    bct_lambda: float = Field(1.0, ge=0, description="weight of BCT's influence loss")
+    cache_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="decode the training split once and keep it in Ray's object store when "
+        "it fits in this many bytes (else every epoch streams and decodes the shards again)",
+    )
 
 
 class ModelConfig(_Model):
@@ -104,6 +116,61 @@ class ModelConfig(_Model):
     architecture: ArchitectureConfig = ArchitectureConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
+
+
+class SideInfoConfig(ModelConfig):
+    """FCT's side-information model: a small SimCLR-style contrastive model, low output dim.
+
+    Trained on the data the old model saw (train.classes unset = the old model's classes);
+    its output is stored as `side_info` next to each old embedding at ingest.
+    """
+
+    name: str = Field("side-info", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    enabled: bool = True
+    preprocess: PreprocessConfig | None = Field(
+        None, description="unset: the old model's (both run on the same pixels at ingest)"
+    )
+    architecture: ArchitectureConfig = ArchitectureConfig(
+        widths=[16, 32, 64], embedding_dim=32, num_classes=2
+    )
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=256, lr=2e-3, weight_decay=1e-5)
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature")
+    proj_dim: int = Field(64, ge=2, description="projection head output (training only)")
+    augment_strength: float = Field(1.0, ge=0, le=2)
+
+
+class TransformationConfig(_Model):
+    """FCT transformation h(old, side) → new; with FastFill's uncertainty head by default."""
+
+    name: str = Field("fct", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    enabled: bool = True
+    side_info: bool = Field(True, description="use side-info when the old version stores it")
+    loss: Literal["fct", "fastfill"] = Field(
+        "fastfill", description="fct: L2 to the new embedding; fastfill: + uncertainty head"
+    )
+    inner_dim: int | None = Field(None, ge=2, description="mixer width (default 16 × new dim)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment_copies: int = Field(
+        0, ge=0, description="extra augmented views of each training image (FCT trains online)"
+    )
+    max_train_rows: int | None = Field(
+        200_000, ge=1, description="cap on (old, side, new) training rows (a sample suffices)"
+    )
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=256, lr=5e-4, weight_decay=3e-5)
+
+
+class AdapterConfig(_Model):
+    """Query adapters: map new-model queries into the old space (serve the old index at once)."""
+
+    kinds: list[Literal["procrustes", "low_rank", "residual_mlp"]] = [
+        "procrustes",
+        "low_rank",
+        "residual_mlp",
+    ]
+    sample_rows: int = Field(5000, ge=10, description="paired (old, new) rows to fit on")
+    rank: int | None = Field(None, ge=1, description="low_rank: default min(32, dims)")
+    hidden: int = Field(256, ge=1, description="residual_mlp hidden width")
+    epochs: int = Field(200, ge=1, description="residual_mlp training epochs")
 
 
 class TrackingConfig(_Model):
@@ -153,6 +220,13 @@ class EvalConfig(_Model):
     min_top1_drop_tolerance: float = Field(
         2.0, ge=0, description="validation: allowed top-1 shortfall vs the estimate, in points"
     )
+    orderings: list[Literal["random", "uncertainty", "oracle"]] = [
+        "random",
+        "uncertainty",
+        "oracle",
+    ]
+    curve_steps: int = Field(21, ge=1, description="backfilling curve: steps+1 points, 0..100%")
+    report_dir: str | None = Field(None, description="default: <workdir>/reports/<name>")
 
 
 class DataConfig(_Model):
@@ -179,9 +253,20 @@ class UpgradeConfig(_Model):
         train=TrainConfig(classes=[0, 1, 2, 3, 4]),
     )
     new_model: ModelConfig = ModelConfig(name="v2")
+    side_info: SideInfoConfig = SideInfoConfig()
+    transformation: TransformationConfig = TransformationConfig()
+    adapters: AdapterConfig = AdapterConfig()
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
     evaluate: EvalConfig = EvalConfig()
+
+    @property
+    def side_info_model(self) -> SideInfoConfig:
+        """The side-info model config with its preprocess resolved (default: the old model's)."""
+        sc = self.side_info
+        if sc.preprocess is not None:
+            return sc
+        return sc.model_copy(update={"preprocess": self.old_model.preprocess})
 
     @property
     def gallery_uri(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import UpgradeConfig, load_config
+from pipeline.graph import compat_steps as cs
 from pipeline.graph import steps
 from pipeline.io import uri as uri_io
 
@@ -27,6 +29,9 @@ class UpgradeReport:
     timings: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
     ui_hint: str = ""
+    transformation: dict[str, Any] = field(default_factory=dict)
+    compat: dict[str, Any] = field(default_factory=dict)
+    compat_files: dict[str, str] = field(default_factory=dict)
 
 
 def demo_config(workdir: str, overrides: list[str] | None = None) -> UpgradeConfig:
@@ -60,7 +65,8 @@ def run_upgrade(
     console: Console | None = None,
     prepare_source: str | None = None,
 ) -> UpgradeReport:
-    """Train v1 → ingest v1 → train v2 → full backfill into v2 → evaluate → promote v2."""
+    """Train v1 + side-info → ingest v1 → train v2 → train h → full backfill into v2 →
+    evaluate (versions and compatibility) → promote v2."""
     ctx = steps.Context(cfg, quiet=quiet)
     console = console or Console()
     timings: dict[str, float] = {}
@@ -80,22 +86,30 @@ def run_upgrade(
     ) as parent:
         pid = parent.run_id
         m_old = timed(f"train {old.name}", steps.train_step, ctx, old, pid)
-        v_old = timed(f"ingest {old.name}", steps.embed_version_step, ctx, old, "embed", pid)
+        m_side = timed("train side-info", cs.train_side_info_step, ctx, pid)
+        side = cs.side_blob(ctx) if m_side is not None else None
+        v_old = timed(f"ingest {old.name}", steps.embed_version_step, ctx, old, "embed", pid, side)
         if ctx.gallery.current() is None:
             steps.promote_step(ctx, old.name)
         m_new = timed(f"train {new.name}", steps.train_step, ctx, new, pid, ("candidate",))
+        trans = timed("train transformation", cs.train_transformation_step, ctx, pid)
         v_new = timed(f"backfill {new.name}", steps.embed_version_step, ctx, new, "full", pid)
         evals = timed("evaluate", steps.evaluate_versions, ctx, [old.name, new.name])
+        compat, files = timed("evaluate compatibility", cs.evaluate_compat_step, ctx, pid)
         timed(f"promote {new.name}", steps.promote_step, ctx, new.name)
         for v, m in evals.items():
             parent.log_metrics({f"{v}_{k}": float(x) for k, x in m.items()})
+        parent.log_metrics(compat.metrics())
         parent.log_metrics({f"{k.replace(' ', '_')}_seconds": s for k, s in timings.items()})
     report = UpgradeReport(
         gallery=cfg.gallery_uri,
         serving=ctx.gallery.current(),
         parent_run_id=pid,
         versions={v.version: {**asdict(v), **evals.get(v.version, {})} for v in (v_old, v_new)},
-        models={m.name: asdict(m) for m in (m_old, m_new)},
+        models={m.name: asdict(m) for m in (m_old, m_side, m_new) if m is not None},
+        transformation=trans or {},
+        compat=json.loads(compat.to_json()),
+        compat_files=files,
         timings=timings,
         tracking_uri=cfg.tracking_uri,
         ui_hint=_ui_hint(cfg.tracking_uri),
@@ -145,6 +159,17 @@ def summary_table(report: UpgradeReport) -> Table:
 
 def print_summary(report: UpgradeReport, console: Console) -> None:
     console.print(summary_table(report))
+    if report.compat:
+        from pipeline.evaluate.report import CompatReport
+
+        compat = CompatReport.from_json(json.dumps(report.compat))
+        console.print(compat.table())
+        if compat.curves:
+            console.print(compat.curves_table())
+        if report.compat_files:
+            console.print(
+                f"compatibility report: {Path(report.compat_files['report.json']).parent}"
+            )
     tt = Table(title="timings (s)")
     tt.add_column("stage")
     tt.add_column("seconds", justify="right")
@@ -157,6 +182,23 @@ def print_summary(report: UpgradeReport, console: Console) -> None:
 
 
 def write_report(report: UpgradeReport, path: str | Path) -> None:
-    import json
-
     Path(path).write_text(json.dumps(asdict(report), indent=2, default=str))
+
+
+def run_demo(workdir: str, overrides: list[str] | None, console: Console, quiet: bool = False):
+    """The embedded demo end to end; leaves report.json and the resolved config.yaml behind so
+    later commands (`carryover evaluate -c <workdir>/config.yaml`) address the same gallery."""
+    import yaml
+
+    from pipeline.config import dump_config
+
+    cfg = demo_config(workdir, overrides)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    cfg_path = Path(workdir) / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    rep = run_upgrade(cfg, quiet=quiet, console=console, prepare_source="digits")
+    print_summary(rep, console)
+    write_report(rep, Path(workdir) / "report.json")
+    console.print(f"report: {Path(workdir) / 'report.json'}  config: {cfg_path}")
+    console.print(f"next: carryover evaluate -c {cfg_path}   carryover versions -c {cfg_path}")
+    return rep

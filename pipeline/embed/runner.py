@@ -71,8 +71,10 @@ class _ShardSink:
         source: str,
         progress: Progress,
         task: Any,
+        side_dim: int = 0,
     ):
         self.g, self.version, self.dim, self.source = gallery, version, dim, source
+        self.schema = embedding_schema(dim, side_dim)
         self.expected, self.meta = expected, meta
         self.writers: dict[int, uri_io.ParquetStreamWriter] = {}
         self.rejects: dict[int, list[tuple[str, str]]] = {}
@@ -85,7 +87,7 @@ class _ShardSink:
         if sid not in self.writers:
             self.t0[sid] = time.perf_counter()
             self.writers[sid] = uri_io.ParquetStreamWriter(
-                self.g.shard_uri(self.version, sid), embedding_schema(self.dim), self.g.storage
+                self.g.shard_uri(self.version, sid), self.schema, self.g.storage
             )
         return self.writers[sid]
 
@@ -98,16 +100,14 @@ class _ShardSink:
             bad = m & ~ok
             if ok.any():
                 keys = batch["key"][ok]
-                self._writer(sid).write(
-                    pa.record_batch(
-                        [
-                            pa.array(keys, pa.string()),
-                            embeddings_to_arrow(batch["embedding"][ok]),
-                            pa.array(np.full(len(keys), self.source, dtype=object), pa.string()),
-                        ],
-                        schema=embedding_schema(self.dim),
-                    )
-                )
+                cols = [
+                    pa.array(keys, pa.string()),
+                    embeddings_to_arrow(batch["embedding"][ok]),
+                    pa.array(np.full(len(keys), self.source, dtype=object), pa.string()),
+                ]
+                if "side_info" in self.schema.names:
+                    cols.append(embeddings_to_arrow(batch["side_info"][ok]))
+                self._writer(sid).write(pa.record_batch(cols, schema=self.schema))
             if bad.any():
                 self.rejects.setdefault(sid, []).extend(
                     zip(batch["key"][bad].tolist(), batch["error"][bad].tolist(), strict=True)
@@ -158,10 +158,12 @@ def embed_images_to_version(
     source: str,
     storage: StorageConfig | None = None,
     quiet: bool = False,
+    side_blob: ModelBlob | None = None,
 ) -> EmbedResult:
     """Embed every image of the given shards (id → image file URI) into a gallery version.
 
-    Shards already committed in this version are skipped, so a rerun after a crash resumes.
+    With `side_blob`, each row also stores FCT's side-information. Shards already committed
+    in this version are skipped, so a rerun after a crash resumes.
     """
     import ray.data
 
@@ -188,6 +190,7 @@ def embed_images_to_version(
         source,
         progress,
         task,
+        side_blob.embedding_dim if side_blob else 0,
     )
     for sid in [s for s, n in expected.items() if n == 0]:
         sink._commit(sid)  # an empty input shard is complete from the start
@@ -198,7 +201,7 @@ def embed_images_to_version(
         ds = ray.data.read_parquet(
             list(paths), filesystem=fs, columns=["key", "image"], include_paths=True
         )
-        ds = _pipeline(ds, blob, embed_cfg, paths)
+        ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
         try:
             with progress:
                 for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
@@ -227,7 +230,13 @@ def embed_images_to_version(
     )
 
 
-def _pipeline(ds: Any, blob: ModelBlob, cfg: EmbedConfig, shard_of_path: dict[str, int]) -> Any:
+def _pipeline(
+    ds: Any,
+    blob: ModelBlob,
+    cfg: EmbedConfig,
+    shard_of_path: dict[str, int],
+    side_blob: ModelBlob | None = None,
+) -> Any:
     """Decode in tasks, embed in an actor pool sized below the CPU count (no 2-CPU deadlock)."""
     import ray.data
 
@@ -244,7 +253,7 @@ def _pipeline(ds: Any, blob: ModelBlob, cfg: EmbedConfig, shard_of_path: dict[st
     )
     return ds.map_batches(
         EmbedStage,
-        fn_constructor_kwargs={"blob": blob, "threads": cfg.torch_threads},
+        fn_constructor_kwargs={"blob": blob, "threads": cfg.torch_threads, "side_blob": side_blob},
         batch_size=cfg.batch_size,
         num_cpus=cfg.actor_num_cpus,
         # Ray Data restarts dead pool actors and retries their tasks by default (max_restarts=-1).

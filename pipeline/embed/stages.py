@@ -27,33 +27,44 @@ def decode_stage(
 
 
 class EmbedStage:
-    """Ray Data actor: builds the model once, then maps decoded pixels to embeddings."""
+    """Ray Data actor: builds the model once, then maps decoded pixels to embeddings.
 
-    def __init__(self, blob: ModelBlob, threads: int = 1):
+    With a side-info blob (same preprocess) it also emits FCT's `side_info` for each row.
+    """
+
+    def __init__(self, blob: ModelBlob, threads: int = 1, side_blob: ModelBlob | None = None):
         torch.set_num_threads(threads)
         self.model = build_model(blob)
         check_output_dim(self.model, blob)
         p = blob.preprocess
         self.shape = (-1, p.channels, p.input_size, p.input_size)
         self.dim = blob.embedding_dim
+        self.side = None
+        if side_blob is not None:
+            self.side = build_model(side_blob)
+            check_output_dim(self.side, side_blob)
+            self.side_dim = side_blob.embedding_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
+        side = None if self.side is None else np.zeros((len(ok), self.side_dim), np.float32)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).view(self.shape)
             with torch.inference_mode():
                 out = self.model(x).float().numpy()
+                if side is not None:
+                    side[ok] = self.side(x).float().numpy()
+                    out = np.where(np.isfinite(side[ok]).all(1, keepdims=True), out, np.nan)
             bad = ~np.isfinite(out).all(axis=1)
             emb[ok] = np.where(bad[:, None], 0.0, out)
             if bad.any():  # a non-finite embedding is a rejected row, not a stored one
                 err = batch["error"].astype(object).copy()
                 idx = np.flatnonzero(ok)[bad]
-                err[idx] = "model produced a non-finite embedding"
+                err[idx] = "model produced a non-finite embedding or side-info"
                 batch = {**batch, "error": err}
-        return {
-            "key": batch["key"],
-            "embedding": emb,
-            "error": batch["error"],
-            "shard": batch["shard"],
-        }
+        res = {"key": batch["key"], "embedding": emb, "error": batch["error"]}
+        res["shard"] = batch["shard"]
+        if side is not None:
+            res["side_info"] = side
+        return res

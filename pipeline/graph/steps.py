@@ -85,6 +85,11 @@ def train_step(
         return ModelStepResult(model.name, None, None, False, True, 0.0)
     ensure_ray(ctx.cfg.ray)
     name = ctx.registry_name()
+    bct = None
+    if model.train.loss == "bct":
+        from pipeline.graph.compat_steps import bct_classifier
+
+        bct = bct_classifier(ctx)
     with ctx.tracker.run(
         f"train-{model.name}", ctx.tags(step="train", model=model.name), parent_run_id
     ) as run:
@@ -95,26 +100,23 @@ def train_step(
             ctx.cfg.storage,
             Path(ctx.cfg.workdir) / "ray_results",
             ctx.cfg.embed.max_decoded_pixels,
+            bct,
         )
         run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
         run.log_metrics(tr.metrics())
-        existing = find_model_version(ctx, "carryover.config_hash", tr.config_hash)
-        if existing is None:
-            version = ctx.tracker.register_model(
-                name,
-                str(ctx.model_dir(model)),
-                run.run_id,
-                tags=ctx.tags(
-                    model=model.name,
-                    config_hash=tr.config_hash,
-                    trained_classes=model.train.classes or "all",
-                ),
-                aliases=list(aliases),
-            )
-        else:
-            version = existing.version
-            for a in aliases:
-                ctx.tracker.set_alias(name, a, version)
+        version = register(
+            ctx,
+            "embedder",
+            ctx.model_dir(model),
+            run,
+            tr.config_hash,
+            {
+                "model": model.name,
+                "trained_classes": model.train.classes or "all",
+                "compat_loss": model.train.loss,
+            },
+            aliases,
+        )
         run.set_tags(
             {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
         )
@@ -123,9 +125,34 @@ def train_step(
     )
 
 
-def find_model_version(ctx: Context, tag: str, value: str) -> Any:
-    """The newest registered embedder version whose tag equals value, if any."""
-    for info in ctx.tracker.latest_versions(ctx.registry_name(), limit=1000):
+def register(
+    ctx: Context,
+    kind: str,
+    model_dir: str | Path,
+    run: Any,
+    config_hash: str,
+    tags: dict[str, Any],
+    aliases: tuple[str, ...] = (),
+) -> int:
+    """Register a model dir as `<gallery>-<kind>` once per config hash; move the aliases."""
+    name = ctx.registry_name(kind)
+    existing = find_model_version(ctx, "carryover.config_hash", config_hash, kind)
+    if existing is None:
+        return ctx.tracker.register_model(
+            name,
+            str(model_dir),
+            run.run_id,
+            tags=ctx.tags(config_hash=config_hash, **tags),
+            aliases=list(aliases),
+        )
+    for a in aliases:
+        ctx.tracker.set_alias(name, a, existing.version)
+    return existing.version
+
+
+def find_model_version(ctx: Context, tag: str, value: str, kind: str = "embedder") -> Any:
+    """The newest registered version of `<gallery>-<kind>` whose tag equals value, if any."""
+    for info in ctx.tracker.latest_versions(ctx.registry_name(kind), limit=1000):
         if info.tags.get(tag) == value:
             return info
     return None
@@ -157,10 +184,15 @@ class VersionStepResult:
 
 
 def embed_version_step(
-    ctx: Context, model: ModelConfig, method: str, parent_run_id: str | None
+    ctx: Context,
+    model: ModelConfig,
+    method: str,
+    parent_run_id: str | None,
+    side_blob: Any = None,
 ) -> VersionStepResult:
     """Embed all images with `model` into gallery version `model.name` (ingest or full backfill).
 
+    With `side_blob` (ingest of the old model) each row also stores FCT's side-information.
     Resumable: committed shards are kept; a version with a manifest is left as it is.
     """
     from pipeline.embed.runner import embed_images_to_version
@@ -210,6 +242,7 @@ def embed_version_step(
                 source,
                 ctx.cfg.storage,
                 quiet=ctx.quiet,
+                side_blob=side_blob,
             )
         with timer("index"):
             records = list(g.committed_shards(version).values())
@@ -222,6 +255,8 @@ def embed_version_step(
                 "model": model.name,
                 "registry_version": registry_version_of(ctx, model),
                 "embedding_dim": blob.embedding_dim,
+                "side_info_model": side_blob.name if side_blob else None,
+                "side_info_dim": side_blob.embedding_dim if side_blob else 0,
                 "index": index,
                 "run_id": run.run_id,
             },
@@ -260,19 +295,48 @@ def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim
     return idx.info()
 
 
-def validation_labels(cfg: UpgradeConfig) -> pa.Table:
-    """Keys and labels of the labelled validation split (seeded sample up to max_queries)."""
+def split_labels(cfg: UpgradeConfig, split: str = "val", cap: int | None = None) -> pa.Table:
+    """Keys and labels of one labelled split (a seeded sample of at most `cap` rows)."""
     parts = []
     for f in image_shards(cfg).values():
         for b in uri_io.iter_parquet_batches(f, cfg.storage, ["key", "label", "split"]):
             t = pa.Table.from_batches([b])
-            mask = pc.and_(pc.equal(t["split"], "val"), pc.is_valid(t["label"]))
+            mask = pc.and_(pc.equal(t["split"], split), pc.is_valid(t["label"]))
             parts.append(t.filter(mask).select(["key", "label"]))
     val = pa.concat_tables(parts) if parts else pa.table({"key": [], "label": []})
-    if val.num_rows > cfg.evaluate.max_queries:
+    if cap is not None and val.num_rows > cap:
         rng = np.random.default_rng(cfg.data.seed)
-        val = val.take(np.sort(rng.choice(val.num_rows, cfg.evaluate.max_queries, replace=False)))
+        val = val.take(np.sort(rng.choice(val.num_rows, cap, replace=False)))
     return val
+
+
+def validation_labels(cfg: UpgradeConfig) -> pa.Table:
+    """Keys and labels of the labelled validation split (seeded sample up to max_queries)."""
+    return split_labels(cfg, "val", cfg.evaluate.max_queries)
+
+
+def version_rows(
+    g: Gallery, version: str, keys: list[str], column: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`column` of the given keys in a version, in the order of `keys` (streamed).
+
+    Returns (values (n, d) float32, found mask); rows of keys the version lacks are zeros.
+    """
+    pos = {k: i for i, k in enumerate(keys)}
+    value_set = pa.array(keys, pa.string())
+    out: np.ndarray | None = None
+    found = np.zeros(len(keys), dtype=bool)
+    for b in g.iter_embeddings(version, columns=("key", column)):
+        t = pa.Table.from_batches([b])
+        t = t.filter(pc.is_in(t["key"], value_set=value_set))
+        if not t.num_rows:
+            continue
+        vals = arrow_to_embeddings(t[column])
+        if out is None:
+            out = np.zeros((len(keys), vals.shape[1]), np.float32)
+        idx = np.array([pos[k] for k in t["key"].to_pylist()], dtype=np.int64)
+        out[idx], found[idx] = vals, True
+    return (out if out is not None else np.zeros((len(keys), 0), np.float32)), found
 
 
 def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,7 @@
-"""Ray Train (TorchTrainer) loop that trains an embedding model with a classification head."""
+"""Ray Train task that trains an embedding model: classification, optionally with BCT's loss."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +14,8 @@ from torch import nn
 from pipeline.config import ModelConfig, PreprocessConfig, StorageConfig
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
-from pipeline.models.store import FORMAT, MODEL_FILE, embedder_meta, save_model_dir
+from pipeline.models.store import embedder_meta
+from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
 
 
 @dataclass
@@ -47,14 +44,6 @@ class TrainResult:
         }
 
 
-def config_hash(cfg: ModelConfig, images_uri: str) -> str:
-    """Identity of a training run: same model config + data → same model (cache key)."""
-    payload = json.dumps(
-        {"model": cfg.model_dump(mode="json"), "images": images_uri}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def training_batch(
     batch: dict[str, np.ndarray],
     pre: PreprocessConfig,
@@ -81,76 +70,6 @@ def training_batch(
     return {"pixels": out["pixels"][ok], "label": sub["label"][ok].astype(np.int64)}
 
 
-class _TrainHead(nn.Module):
-    """Forward returns (embedding, logits) so DDP's hooks see the whole training graph."""
-
-    def __init__(self, net: EmbeddingNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.logits(x)
-
-
-def _save_ckpt(net: EmbeddingNet, opt: torch.optim.Optimizer, epoch: int, d: str) -> None:
-    save_model_dir(net, {"epoch": epoch}, d)
-    torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on each Ray Train worker: stream the dataset shard, train, report, checkpoint."""
-    import ray.train
-    import ray.train.torch
-    from safetensors.torch import load
-
-    cfg = ModelConfig.model_validate(config["model"])
-    tc, pre = cfg.train, cfg.preprocess
-    ctx = ray.train.get_context()
-    torch.manual_seed(tc.seed + ctx.get_world_rank())
-    torch.set_num_threads(max(1, int(config["threads"])))
-    net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume after a worker failure or a re-created trainer
-        with ckpt.as_directory() as d:
-            net.load_state_dict(load((Path(d) / "weights.safetensors").read_bytes()))
-            opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
-            start = json.loads((Path(d) / MODEL_FILE).read_text())["epoch"] + 1
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, last_epoch=start - 1)
-    model = ray.train.torch.prepare_model(_TrainHead(net))
-    device = ray.train.torch.get_device()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    shape = (-1, pre.channels, pre.input_size, pre.input_size)
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start, tc.epochs):
-        model.train()
-        tot_loss, correct, seen = 0.0, 0, 0
-        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
-            x, y = batch["pixels"].view(shape).float(), batch["label"].long()
-            _, logits = model(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        sched.step()
-        metrics = {
-            "epoch": epoch,
-            "loss": tot_loss / max(seen, 1),
-            "accuracy": correct / max(seen, 1),
-            "rows": seen,
-        }
-        with tempfile.TemporaryDirectory() as d:
-            if ctx.get_world_rank() == 0:
-                _save_ckpt(net, opt, epoch, d)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
-
-
 def image_dataset(
     images_uri: str,
     storage: StorageConfig | None,
@@ -167,6 +86,74 @@ def image_dataset(
     return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns)
 
 
+def image_training_dataset(
+    images_uri: str,
+    storage: StorageConfig | None,
+    pre: PreprocessConfig,
+    max_pixels: int,
+    classes: list[int] | None,
+    split: str = "train",
+    cache_max_bytes: int = 0,
+):
+    """The decoded, labelled rows of one split (and classes) of the image shards.
+
+    Streamed (decoded again every epoch), or decoded once and cached in the object store
+    when all rows' pixels fit in `cache_max_bytes`: on small data the per-epoch decode and
+    pipeline start-up cost more than the training itself.
+    """
+    ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
+    ds = ds.map_batches(
+        training_batch,
+        fn_kwargs={"pre": pre, "max_pixels": max_pixels, "split": split, "classes": classes},
+        batch_size=1024,
+        num_cpus=0.5,
+    )
+    rows = sum(
+        uri_io.parquet_num_rows(f, storage) for f in uri_io.parquet_files(images_uri, storage)
+    )
+    if rows * pre.channels * pre.input_size**2 * 4 <= cache_max_bytes:
+        ds = ds.materialize()
+    return ds
+
+
+class _TrainHead(nn.Module):
+    """Forward returns (embedding, logits) so DDP's hooks see the whole training graph."""
+
+    def __init__(self, net: EmbeddingNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.logits(x)
+
+
+def build_task(config: dict[str, Any]) -> Task:
+    """Classification training; with `bct`, BCT's influence loss through the old classifier."""
+    from pipeline.compat.losses import bct_loss
+
+    cfg = ModelConfig.model_validate(config["model"])
+    pre, tc = cfg.preprocess, cfg.train
+    net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)
+    shape = (-1, pre.channels, pre.input_size, pre.input_size)
+    ce = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    bct = config.get("bct")
+    if bct is not None:  # frozen: plain tensors, never parameters of the trained module
+        w_old = torch.tensor(np.asarray(bct["weight"], dtype=np.float32))
+        b_old = torch.tensor(np.asarray(bct["bias"], dtype=np.float32))
+
+    def step(model: nn.Module, batch: dict[str, torch.Tensor]):
+        x, y = batch["pixels"].view(shape).float(), batch["label"].long()
+        emb, logits = model(x)
+        if bct is None:
+            loss = ce(logits, y)
+        else:
+            old_logits = emb @ w_old.to(emb.device).T + b_old.to(emb.device)
+            loss = bct_loss(logits, old_logits, y, tc.bct_lambda, tc.label_smoothing)
+        return loss, len(y), {"accuracy": float((logits.argmax(1) == y).sum())}
+
+    return Task(save=net, train=_TrainHead(net), step=step)
+
+
 def train_embedder(
     cfg: ModelConfig,
     images_uri: str,
@@ -174,54 +161,25 @@ def train_embedder(
     storage: StorageConfig | None = None,
     results_dir: str | Path = ".carryover/ray_results",
     max_pixels: int = 64_000_000,
+    bct: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train `cfg` on the image shards' train split with Ray Train; cached by config hash."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Train `cfg` on the image shards' train split with Ray Train; cached by config hash.
 
-    out_dir = Path(out_dir)
-    h = config_hash(cfg, images_uri)
-    meta_path = out_dir / MODEL_FILE
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("config_hash") == h:
-        meta = json.loads(meta_path.read_text())
+    `bct` (weight, bias, from_model) turns on BCT's influence loss through that frozen,
+    synthesised old classifier.
+    """
+    h = config_hash(cfg.model_dump(mode="json"), images_uri, bct)
+    if (meta := cached_meta(out_dir, h)) is not None:
         return TrainResult(**{**meta["train_result"], "cached": True})
     tc = cfg.train
     t0 = time.perf_counter()
-    ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
-    ds = ds.map_batches(
-        training_batch,
-        fn_kwargs={
-            "pre": cfg.preprocess,
-            "max_pixels": max_pixels,
-            "split": "train",
-            "classes": tc.classes,
-        },
-        batch_size=1024,
-        num_cpus=0.5,
+    ds = image_training_dataset(
+        images_uri, storage, cfg.preprocess, max_pixels, tc.classes, "train", tc.cache_max_bytes
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "model": cfg.model_dump(mode="json"),
-            "threads": max(1, int(tc.cpus_per_worker)),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=f"train-{cfg.name}-{h}",
-            storage_path=str(Path(results_dir).resolve()),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ds},
+    config = {"model": cfg.model_dump(mode="json"), "bct": bct}
+    ckpt, m = fit(
+        "pipeline.train.embedder:build_task", config, ds, tc, f"train-{cfg.name}-{h}", results_dir
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {cfg.name!r} produced no checkpoint (no training rows?)")
-    m = result.metrics or {}
     tr = TrainResult(
         model_name=cfg.name,
         model_dir=str(out_dir),
@@ -235,13 +193,9 @@ def train_embedder(
         use_gpu=tc.use_gpu,
         config_hash=h,
     )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        tmp.mkdir(parents=True)
-        shutil.copy(Path(d) / "weights.safetensors", tmp / "weights.safetensors")
-    meta = embedder_meta(cfg, config_hash=h, train_result=asdict(tr), trained_classes=tc.classes)
-    (tmp / MODEL_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # the model dir appears whole or not at all
+    extra = {"compat_loss": tc.loss, "bct_from": bct["from_model"]} if bct else {}
+    meta = embedder_meta(
+        cfg, config_hash=h, train_result=asdict(tr), trained_classes=tc.classes, **extra
+    )
+    install_checkpoint(ckpt, out_dir, meta)
     return tr

@@ -32,6 +32,13 @@ TINY = [
     "old_model.preprocess.input_size=8",
     "new_model.preprocess.input_size=8",
     "embed.batch_size=128",
+    "side_info.architecture.widths=[4,8]",
+    "side_info.architecture.embedding_dim=8",
+    "side_info.train.epochs=2",
+    "transformation.train.epochs=4",
+    "transformation.train.lr=0.003",
+    "adapters.epochs=5",
+    "adapters.hidden=16",
 ]
 
 
@@ -67,6 +74,32 @@ def test_upgrade_all_on_s3_with_mlflow_server(
         sources.update(b.column("source").to_pylist())
     assert sources == {"backfill:v2"}
     assert report.versions["v2"]["top1"] > 0
+    # FCT side-information is stored next to every old embedding, not next to new ones
+    v1 = next(iter(g.iter_embeddings("v1", columns=("key", "side_info"))))
+    assert v1.schema.field("side_info").type.list_size == 8
+    assert g.manifest("v1")["side_info_dim"] == 8 and g.manifest("v2")["side_info_dim"] == 0
+    # compatibility report: cases, 22-point curves per ordering, plots, metrics on the server
+    compat = report.compat
+    cases = {c["name"]: c for c in compat["cases"]}
+    assert {"old/old", "new/new", "new/fct", "adapter:procrustes new→old"} <= set(cases)
+    assert cases["new/new"]["top1"] == pytest.approx(report.versions["v2"]["top1"], abs=0.01)
+    assert set(compat["curves"]) == {"random", "uncertainty", "oracle"}
+    for curve in compat["curves"].values():
+        assert len(curve["fractions"]) == 22 and curve["fractions"][-1] == 1.0
+        assert curve["top1"][-1] == pytest.approx(cases["new/new"]["top1"], abs=0.01)
+    for name in ("report.json", "backfill_curves.png", "compat_matrix.png", "cases.png"):
+        assert Path(report.compat_files[name]).read_bytes()[:4] in (b"{\n  ", b"\x89PNG")
+    tracker = steps.Context(cfg).tracker
+    (side,) = tracker.latest_versions("e2e-side-info")
+    assert side.tags["carryover.trained_classes"] == "[0, 1, 2, 3, 4]"
+    (trans,) = tracker.latest_versions("e2e-transformation")
+    assert trans.tags["carryover.from_model"] == "v1" and trans.tags["carryover.to_model"] == "v2"
+    assert trans.tags["carryover.side_info_model"] == "side-info" and "candidate" in trans.aliases
+    adapters = {v.tags["carryover.adapter"] for v in tracker.latest_versions("e2e-query-adapter")}
+    assert adapters == {"procrustes", "low_rank", "residual_mlp"}
+    ev = tracker.get_run(compat["extra"]["run_id"])
+    assert ev["metrics"]["top1_new_new"] == pytest.approx(cases["new/new"]["top1"])
+    assert "auc_top1_uncertainty" in ev["metrics"]
     # search by key from the serving version, over the S3 gallery
     ctx = steps.Context(cfg)
     key = next(iter(g.iter_embeddings("v2", columns=("key",)))).column("key")[0].as_py()

@@ -1,0 +1,153 @@
+"""Training losses for compatible embeddings: SimCLR, BCT, FCT transformation and FastFill."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
+    """SimCLR NT-Xent over two views: each row's positive is its other view, all else negatives."""
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"z1 and z2 must both be (N, d); got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)
+    sim = z @ z.T / temperature
+    # A row is trivially most similar to itself; excluding it keeps it out of the softmax.
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    idx = torch.arange(n, device=z.device)
+    targets = torch.cat([idx + n, idx])
+    return F.cross_entropy(sim, targets)
+
+
+def bct_loss(
+    new_logits: Tensor,
+    old_logits: Tensor,
+    labels: Tensor,
+    lam: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """BCT: CE of the new classifier plus lam * CE of the frozen old classifier on new embeddings.
+
+    Rows whose label the old classifier cannot score (label >= its class count) are left out of
+    the influence term; it is zero when no row remains.
+    """
+    if new_logits.ndim != 2 or old_logits.ndim != 2:
+        raise ValueError("new_logits and old_logits must be 2-D (N, classes)")
+    if not (new_logits.shape[0] == old_logits.shape[0] == labels.shape[0]):
+        raise ValueError(
+            f"batch sizes differ: new_logits {new_logits.shape[0]}, "
+            f"old_logits {old_logits.shape[0]}, labels {labels.shape[0]}"
+        )
+    labels = labels.long()
+    new_term = F.cross_entropy(new_logits, labels, label_smoothing=label_smoothing)
+    keep = labels < old_logits.shape[1]
+    if not bool(keep.any()):
+        # Multiply rather than build a fresh zero so the result stays on the autograd graph.
+        return new_term + 0.0 * old_logits.sum()
+    old_term = F.cross_entropy(old_logits[keep], labels[keep], label_smoothing=label_smoothing)
+    return new_term + lam * old_term
+
+
+def synthesize_old_classifier(
+    weight: Tensor,
+    bias: Tensor,
+    known_classes: list[int] | Tensor,
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    match_norm: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Extend the old classifier to num_classes rows, BCT-style.
+
+    Rows of known classes are copied from the old classifier (row index = class label). Every
+    other class present in labels gets the mean of the old model's features of that class and
+    bias 0. With `match_norm` those rows are rescaled to the mean norm of the known rows and
+    get the mean known bias: raw feature means are often several times longer than trained
+    classifier rows, and would then claim every input, old classes included. Classes neither
+    known nor present get a zero row with bias 0 (not -inf, which would make any cross-entropy
+    on them infinite); the caller should not train on such labels.
+    """
+    if isinstance(known_classes, Tensor):
+        known_classes = known_classes.tolist()
+    known = [int(c) for c in known_classes]
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be (classes, d), got shape {tuple(weight.shape)}")
+    if bias.ndim != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    d = weight.shape[1]
+    if features.ndim != 2 or features.shape[1] != d:
+        raise ValueError(f"features must be (n, {d}), got shape {tuple(features.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels must be ({features.shape[0]},) to match features, got {tuple(labels.shape)}"
+        )
+    for c in known:
+        if not 0 <= c < min(num_classes, weight.shape[0]):
+            raise ValueError(
+                f"known class {c} outside the old classifier ({weight.shape[0]} rows) "
+                f"or num_classes ({num_classes})"
+            )
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+
+    w = torch.zeros(num_classes, d, dtype=weight.dtype, device=weight.device)
+    b = torch.zeros(num_classes, dtype=bias.dtype, device=bias.device)
+    feats = features.to(dtype=weight.dtype, device=weight.device)
+    labels = labels.to(weight.device)
+    known_set = set(known)
+    for c in torch.unique(labels).tolist():
+        if c not in known_set:
+            w[c] = feats[labels == c].mean(dim=0)
+    synthesised = [c for c in torch.unique(labels).tolist() if c not in known_set]
+    if known:
+        idx = torch.tensor(known, dtype=torch.long, device=weight.device)
+        w[idx] = weight[idx].detach()
+        b[idx] = bias[idx].detach()
+        if match_norm and synthesised:
+            new = torch.tensor(synthesised, dtype=torch.long, device=weight.device)
+            norms = w[new].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            w[new] = w[new] / norms * w[idx].norm(dim=1).mean()
+            b[new] = b[idx].mean()
+    return w, b
+
+
+def transformation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """FCT transformation loss: mean squared error over rows and dims."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return F.mse_loss(pred, target)
+
+
+def fastfill_loss(
+    pred: Tensor,
+    log_var: Tensor,
+    target: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    label_smoothing: float = 0.1,
+) -> Tensor:
+    """FastFill: mean of 0.5 * exp(-s) * (mse + ce) + 0.5 * s with s the predicted log-variance.
+
+    logits are the frozen new classifier applied to pred; the learned s down-weights hard
+    samples, and its magnitude later ranks images for backfilling.
+    """
+    if pred.shape != target.shape or pred.ndim != 2:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match")
+    n = pred.shape[0]
+    if log_var.ndim == 2 and log_var.shape[1] == 1:
+        log_var = log_var[:, 0]
+    if log_var.shape != (n,):
+        raise ValueError(f"log_var must be ({n},) or ({n}, 1), got {tuple(log_var.shape)}")
+    if logits.ndim != 2 or logits.shape[0] != n or labels.shape != (n,):
+        raise ValueError(f"logits must be ({n}, classes) and labels ({n},)")
+    mse = ((pred - target) ** 2).mean(dim=1)
+    ce = F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    return (0.5 * torch.exp(-log_var) * (mse + ce) + 0.5 * log_var).mean()

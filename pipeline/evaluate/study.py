@@ -1,0 +1,115 @@
+"""A compatibility study on one labelled split: every method's sets, cases, matrix and curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.evaluate.report import CompatReport, build_report
+
+
+@dataclass
+class StudyInputs:
+    """Embeddings of the same labelled rows under each model, plus what maps between them.
+
+    `sets` holds embedder outputs keyed by name (at least `old` and `new`); `side` is the
+    side-information of those rows; `transformations` maps a name to (h, meta) where
+    meta["side_info_model"] says whether h takes side-info; `adapters` maps new → old space.
+    """
+
+    labels: np.ndarray
+    sets: dict[str, np.ndarray]
+    old: str
+    new: str
+    side: np.ndarray | None = None
+    transformations: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
+    adapters: dict[str, nn.Module] = field(default_factory=dict)
+    bct: list[str] = field(default_factory=list)
+
+
+def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    from pipeline.train.transformation import apply_transformation
+
+    out, uncertainty = {}, {}
+    for name, (model, meta) in inp.transformations.items():
+        side = inp.side if meta.get("side_info_model") else None
+        if meta.get("side_info_model") and side is None:
+            raise ValueError(f"transformation {name!r} needs side-info but the rows have none")
+        pred, log_var = apply_transformation(model, inp.sets[inp.old], side)
+        out[name] = pred
+        if log_var is not None:
+            uncertainty[name] = log_var
+    return out, uncertainty
+
+
+def _adapt(inp: StudyInputs) -> dict[str, np.ndarray]:
+    out = {}
+    with torch.inference_mode():
+        for kind, adapter in inp.adapters.items():
+            x = torch.from_numpy(np.ascontiguousarray(inp.sets[inp.new], dtype=np.float32))
+            out[f"adapter:{kind}"] = adapter.eval()(x).float().numpy()
+    return out
+
+
+def study_cases(inp: StudyInputs, transformed: list[str], adapted: list[str]) -> list[tuple]:
+    """FCT's cases: old/old, new/new, BCT new/old, new vs each transformed gallery, adapters."""
+    o, n = inp.old, inp.new
+    cases = [("old/old", o, o), ("new/new", n, n)]
+    if inp.sets[n].shape[1] == inp.sets[o].shape[1]:  # same space size: try it as is
+        cases.append(("new/old (BCT)" if n in inp.bct else "new/old", n, o))
+    for b in inp.bct:
+        if b != n:
+            cases += [(f"{b}/old (BCT)", b, o), (f"{b}/{b}", b, b)]
+    cases += [(f"new/{t}", n, t) for t in transformed]
+    cases += [(f"{a} new→old", a, o) for a in adapted]
+    return cases
+
+
+def compat_study(
+    inp: StudyInputs,
+    title: str,
+    metric: str = "cosine",
+    orderings: tuple[str, ...] = ("random", "uncertainty", "oracle"),
+    steps: int = 21,
+    seed: int = 0,
+    curve_on: str | None = None,
+) -> CompatReport:
+    """Evaluate every case, the matrix across all sets, and the backfilling curves.
+
+    Curves run on `curve_on` (default: the first transformation with an uncertainty head,
+    else the first one): the gallery starts fully transformed and rows switch to the new
+    model's embedding in each ordering's order; queries are new-model embeddings.
+    """
+    from pipeline.compat.orderings import backfill_order
+    from pipeline.evaluate.metrics import backfill_curve
+
+    for role in (inp.old, inp.new):
+        if role not in inp.sets:
+            raise ValueError(f"study needs embeddings of {role!r}; have {sorted(inp.sets)}")
+    transformed, uncertainty = _transform(inp)
+    adapted = _adapt(inp)
+    sets = {**inp.sets, **transformed, **adapted}
+    cases = study_cases(inp, list(transformed), list(adapted))
+    report = build_report(title, sets, inp.labels, cases, metric)
+    curve_on = curve_on or next(iter(uncertainty), next(iter(transformed), None))
+    if curve_on is not None:
+        g_t, g_n = transformed[curve_on], inp.sets[inp.new]
+        for kind in orderings:
+            if kind == "uncertainty" and curve_on not in uncertainty:
+                continue  # an FCT model without FastFill's head has no uncertainty order
+            order = backfill_order(
+                kind,
+                len(g_n),
+                seed=seed,
+                uncertainty=uncertainty.get(curve_on),
+                transformed=g_t,
+                new=g_n,
+                metric="cosine" if metric == "cosine" else "l2",
+            )
+            report.add_curve(kind, backfill_curve(g_t, g_n, g_n, inp.labels, order, metric, steps))
+        report.extra["curves_on"] = curve_on
+    return report

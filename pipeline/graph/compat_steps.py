@@ -1,0 +1,366 @@
+"""Compatibility steps: side-info model, BCT classifier, FCT/FastFill transformation, adapters."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.graph.steps import Context, ModelStepResult, register
+from pipeline.models.store import ModelBlob, ModelLoadError, resolve_blob
+from pipeline.runtime import ensure_ray
+
+
+def blob_of(ctx: Context, model: Any) -> ModelBlob:
+    """The bytes of a configured model (trained in this workdir, or its uri)."""
+    return resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
+
+
+def side_info_classes(ctx: Context) -> list[int] | None:
+    """FCT trains side-info on the data the old model saw: its classes unless set explicitly."""
+    return ctx.cfg.side_info.train.classes or ctx.cfg.old_model.train.classes
+
+
+def side_blob(ctx: Context) -> ModelBlob | None:
+    """The side-info model for ingest, or None when disabled; it must share the old preprocess."""
+    sc = ctx.cfg.side_info_model
+    if not sc.enabled:
+        return None
+    blob = blob_of(ctx, sc)
+    if blob.preprocess != ctx.cfg.old_model.preprocess:
+        raise ModelLoadError(
+            "side_info.preprocess must equal old_model.preprocess: both run on the same decoded "
+            f"pixels at ingest (got {blob.preprocess} vs {ctx.cfg.old_model.preprocess})"
+        )
+    return blob
+
+
+def train_side_info_step(ctx: Context, parent_run_id: str | None) -> ModelStepResult | None:
+    """Train (or reuse) the SimCLR side-info model on Ray Train; register `<gallery>-side-info`."""
+    from pipeline.train.side_info import train_side_info
+
+    sc = ctx.cfg.side_info_model
+    if not sc.enabled:
+        return None
+    if sc.uri is not None:
+        return ModelStepResult(sc.name, None, None, False, True, 0.0)
+    t0 = time.perf_counter()
+    ensure_ray(ctx.cfg.ray)
+    classes = side_info_classes(ctx)
+    with ctx.tracker.run(
+        f"train-{sc.name}", ctx.tags(step="train_side_info", model=sc.name), parent_run_id
+    ) as run:
+        tr = train_side_info(
+            sc,
+            classes,
+            ctx.cfg.images_uri,
+            ctx.model_dir(sc),
+            ctx.cfg.storage,
+            Path(ctx.cfg.workdir) / "ray_results",
+            ctx.cfg.embed.max_decoded_pixels,
+        )
+        run.log_params({"model": sc.model_dump(mode="json"), "images": ctx.cfg.images_uri})
+        run.log_metrics(tr.metrics())
+        tags = {"model": sc.name, "trained_classes": classes or "all"}
+        version = register(ctx, "side-info", ctx.model_dir(sc), run, tr.config_hash, tags)
+        run.set_tags({"carryover.registry_version": str(version)})
+    secs = round(time.perf_counter() - t0, 2)
+    name = ctx.registry_name("side-info")
+    return ModelStepResult(sc.name, name, version, True, tr.cached, secs, tr.metrics())
+
+
+def bct_classifier(ctx: Context) -> dict[str, Any]:
+    """BCT's frozen old classifier: the old model's rows for the classes it was trained on,
+    class means of its train-split features for every other class (synthesised weights)."""
+    import torch
+
+    from pipeline.compat.losses import synthesize_old_classifier
+    from pipeline.embed.features import collect, paired_features
+    from pipeline.models.store import load_trained
+
+    old = ctx.cfg.old_model
+    if old.uri is not None:
+        raise ModelLoadError(
+            "new_model.train.loss=bct needs the old model's classifier: train the old model "
+            "here (old_model.uri unset); a model brought as TorchScript has no classifier"
+        )
+    net, meta = load_trained(ctx.model_dir(old))
+    known = meta.get("trained_classes") or list(range(net.classifier.out_features))
+    ensure_ray(ctx.cfg.ray)
+    feats = collect(paired_features(ctx.cfg.images_uri, {"old": blob_of(ctx, old)}, ctx.cfg.embed))
+    w, b = synthesize_old_classifier(
+        net.classifier.weight.detach(),
+        net.classifier.bias.detach(),
+        known,
+        torch.from_numpy(feats["old"]),
+        torch.from_numpy(feats["label"]),
+        ctx.cfg.new_model.architecture.num_classes,
+    )
+    return {"weight": w.tolist(), "bias": b.tolist(), "from_model": old.name, "known": known}
+
+
+def new_classifier(ctx: Context) -> dict[str, list]:
+    """The new model's frozen classifier (FastFill's loss); zeros when the model has none."""
+    from pipeline.models.store import load_trained
+
+    new = ctx.cfg.new_model
+    if new.uri is None:
+        net, _ = load_trained(ctx.model_dir(new))
+        return {
+            "weight": net.classifier.weight.detach().numpy().tolist(),
+            "bias": net.classifier.bias.detach().numpy().tolist(),
+        }
+    if ctx.cfg.transformation.loss == "fastfill":
+        raise ModelLoadError(
+            "transformation.loss=fastfill needs the new model's classifier; a model brought "
+            "from elsewhere has none: set transformation.loss=fct"
+        )
+    return {"weight": [[0.0] * new.architecture.embedding_dim], "bias": [0.0]}
+
+
+def transformation_dir(ctx: Context) -> Path:
+    return Path(ctx.cfg.workdir) / "models" / ctx.cfg.transformation.name
+
+
+def train_transformation_step(
+    ctx: Context, parent_run_id: str | None, aliases: tuple[str, ...] = ("candidate",)
+) -> dict[str, Any] | None:
+    """Train h(old, side) → new on the train split's paired features; register it in MLflow."""
+    from pipeline.embed.features import paired_features
+    from pipeline.train.transformation import train_transformation
+
+    tc, cfg = ctx.cfg.transformation, ctx.cfg
+    if not tc.enabled:
+        return None
+    ensure_ray(cfg.ray)
+    t0 = time.perf_counter()
+    blobs = {"old": blob_of(ctx, cfg.old_model), "new": blob_of(ctx, cfg.new_model)}
+    side = side_blob(ctx) if tc.side_info else None
+    if side is not None:
+        blobs["side"] = side
+    identity = {
+        "old": cfg.old_model.name,
+        "new": cfg.new_model.name,
+        "side": cfg.side_info.name if side else None,
+        "images": cfg.images_uri,
+        "models": {k: b.meta.get("config_hash") or b.name for k, b in blobs.items()},
+    }
+    with ctx.tracker.run(
+        f"train-{tc.name}",
+        ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
+        parent_run_id,
+    ) as run:
+        # Materialised once: training makes many passes over a small sample of features, and
+        # a lazy pipeline would compete with the trainer for the CPUs Ray Data may use.
+        feats = paired_features(
+            cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
+        )
+        if tc.max_train_rows is not None:
+            feats = feats.limit(tc.max_train_rows)
+        feats = feats.materialize()
+        tr = train_transformation(
+            tc,
+            feats,
+            {k: b.embedding_dim for k, b in blobs.items()},
+            {"old": "old", "side": "side" if side else None, "new": "new"},
+            new_classifier(ctx),
+            transformation_dir(ctx),
+            identity,
+            Path(cfg.workdir) / "ray_results",
+        )
+        run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
+        run.log_metrics(tr.metrics())
+        tags = {
+            "model": tc.name,
+            "from_model": cfg.old_model.name,
+            "to_model": cfg.new_model.name,
+            "side_info_model": tr.side_info_model or "none",
+            "loss": tc.loss,
+        }
+        version = register(
+            ctx, "transformation", transformation_dir(ctx), run, tr.config_hash, tags, aliases
+        )
+        run.set_tags({"carryover.registry_version": str(version)})
+    out = asdict(tr)
+    out.update(registry_version=version, step_seconds=round(time.perf_counter() - t0, 2))
+    return out
+
+
+def fit_adapters_step(
+    ctx: Context,
+    new_train: np.ndarray,
+    old_train: np.ndarray,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Fit each configured query adapter (new → old) on paired rows; save and register them."""
+    import torch
+
+    from pipeline.models.compat import fit_adapter
+    from pipeline.models.store import save_model_dir
+    from pipeline.train.loop import config_hash
+
+    ac, cfg = ctx.cfg.adapters, ctx.cfg
+    n = min(len(new_train), ac.sample_rows)
+    idx = np.random.default_rng(cfg.data.seed).permutation(len(new_train))[:n]
+    out: dict[str, Any] = {}
+    for kind in ac.kinds:
+        kw: dict[str, Any] = {}
+        if kind == "low_rank":
+            kw["rank"] = ac.rank
+        elif kind == "residual_mlp":
+            kw.update(hidden=ac.hidden, epochs=ac.epochs)
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.data.seed)
+        adapter = fit_adapter(kind, new_train[idx], old_train[idx], seed=cfg.data.seed, **kw)
+        d = Path(cfg.workdir) / "models" / f"adapter-{kind}"
+        meta = {
+            "kind": "query-adapter",
+            "adapter": adapter.config(),
+            "from_model": cfg.new_model.name,
+            "to_model": cfg.old_model.name,
+            "fit_rows": n,
+        }
+        save_model_dir(adapter, meta, d)
+        out[kind] = {"adapter": adapter, "dir": str(d), "fit_seconds": time.perf_counter() - t0}
+        if parent_run_id is None:
+            continue
+        weights_sum = float(sum(t.double().abs().sum() for t in adapter.state_dict().values()))
+        with ctx.tracker.run(
+            f"adapter-{kind}", ctx.tags(step="fit_adapter", adapter=kind), parent_run_id
+        ) as run:
+            run.log_params({"adapter": adapter.config(), "fit_rows": n})
+            tags = {"adapter": kind, "from_model": meta["from_model"], "to_model": meta["to_model"]}
+            h = config_hash(meta, round(weights_sum, 6))
+            out[kind]["registry_version"] = register(ctx, "query-adapter", d, run, h, tags)
+    return out
+
+
+def _gallery_sets(
+    ctx: Context, versions: list[str], keys: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+    """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info."""
+    from pipeline.graph.steps import version_rows
+
+    g, old = ctx.gallery, ctx.cfg.old_model.name
+    sets, found = {}, np.ones(len(keys), dtype=bool)
+    for v in versions:
+        sets[v], f = version_rows(g, v, keys)
+        found &= f
+    side = None
+    if g.manifest(old).get("side_info_dim"):
+        side, f = version_rows(g, old, keys, "side_info")
+        found &= f
+    return sets, found, side
+
+
+def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """New-model embeddings of a split computed from the images (new version not built yet)."""
+    from pipeline.embed.features import collect, paired_features
+
+    feats = collect(
+        paired_features(
+            ctx.cfg.images_uri, {"new": blob_of(ctx, ctx.cfg.new_model)}, ctx.cfg.embed, split=split
+        )
+    )
+    pos = {k: i for i, k in enumerate(feats.get("key", []))}
+    found = np.array([k in pos for k in keys])
+    out = np.zeros((len(keys), blob_of(ctx, ctx.cfg.new_model).embedding_dim), np.float32)
+    out[found] = feats["new"][[pos[k] for k in keys if k in pos]]
+    return out, found
+
+
+def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None = None):
+    """Labels and per-version embeddings of one split's rows, read from the gallery."""
+    from pipeline.graph.steps import split_labels
+
+    cfg, g = ctx.cfg, ctx.gallery
+    old, new = cfg.old_model.name, cfg.new_model.name
+    if not g.has_version(old):
+        raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
+    t = split_labels(cfg, split, cap)
+    keys, labels = t["key"].to_pylist(), np.asarray(t["label"].to_pylist())
+    versions = [v for v in (versions or g.versions()) if g.has_version(v)]
+    versions = [old] + [v for v in versions if v != old]
+    sets, found, side = _gallery_sets(ctx, versions, keys)
+    if new not in sets:
+        sets[new], f = _computed_new(ctx, split, keys)
+        found &= f
+    if found.sum() < 2:
+        raise ValueError(f"fewer than 2 labelled {split!r} rows are in every version")
+    sets = {k: v[found] for k, v in sets.items()}
+    return labels[found], sets, (side[found] if side is not None else None)
+
+
+def evaluate_compat_step(
+    ctx: Context,
+    parent_run_id: str | None = None,
+    versions: list[str] | None = None,
+    report_dir: str | Path | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """FCT's protocol on the validation split: cases, matrix, backfilling curves, adapters.
+
+    Writes report.json and the plots to `report_dir` and logs them to an MLflow run.
+    """
+    from pipeline.evaluate.report import write_report
+    from pipeline.evaluate.study import StudyInputs, compat_study
+    from pipeline.train.transformation import load_transformation
+
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    ensure_ray(cfg.ray)
+    old, new = cfg.old_model.name, cfg.new_model.name
+    labels, sets, side = study_inputs(ctx, "val", cfg.evaluate.max_queries, versions)
+    inp = StudyInputs(labels=labels, sets=sets, old=old, new=new, side=side)
+    inp.bct = [v for v in sets if v not in (old, new) and _is_bct(ctx, v)]
+    if transformation_dir(ctx).exists():
+        model, meta = load_transformation(transformation_dir(ctx))
+        if meta["arch"]["side_dim"] and side is None:
+            raise ValueError(
+                f"transformation {cfg.transformation.name!r} needs side-info but "
+                f"version {old!r} was ingested without it"
+            )
+        inp.transformations[cfg.transformation.name] = (model, meta)
+    if cfg.adapters.kinds:
+        _, tr_sets, _ = study_inputs(ctx, "train", cfg.adapters.sample_rows, [old, new])
+        fitted = fit_adapters_step(ctx, tr_sets[new], tr_sets[old], parent_run_id)
+        inp.adapters = {k: v["adapter"] for k, v in fitted.items()}
+    report = compat_study(
+        inp,
+        f"{cfg.gallery_name}: {old} → {new}",
+        cfg.evaluate.metric,
+        tuple(cfg.evaluate.orderings),
+        cfg.evaluate.curve_steps,
+        cfg.data.seed,
+    )
+    report.extra.update(versions=list(sets), evaluate_seconds=round(time.perf_counter() - t0, 2))
+    out = Path(
+        report_dir or cfg.evaluate.report_dir or Path(cfg.workdir) / "reports" / f"{old}-to-{new}"
+    )
+    files = write_report(report, out)
+    with ctx.tracker.run(
+        "evaluate-compat",
+        ctx.tags(step="evaluate", from_version=old, to_version=new),
+        parent_run_id,
+    ) as run:
+        run.log_params({"evaluate": cfg.evaluate.model_dump(mode="json"), "versions": list(sets)})
+        run.log_metrics(report.metrics())
+        for f in files.values():
+            run.log_artifact(f, "compat")
+        report.extra["run_id"] = run.run_id
+    return report, files
+
+
+def _is_bct(ctx: Context, version: str) -> bool:
+    """Whether a gallery version's model was trained with BCT's influence loss (here)."""
+    from pipeline.models.store import MODEL_FILE
+
+    model = ctx.gallery.manifest(version).get("model")
+    p = Path(ctx.cfg.workdir) / "models" / str(model) / MODEL_FILE
+    try:
+        return json.loads(p.read_text()).get("compat_loss") == "bct"
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,323 @@
+"""Compatibility models: FCT/FastFill transformation, SimCLR head and new-to-old query adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ADAPTERS = ("procrustes", "low_rank", "residual_mlp")
+
+
+def _block(d_in: int, d_out: int) -> list[nn.Module]:
+    return [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+
+
+class Transformation(nn.Module):
+    """FCT transformation h(old embedding, side info) -> new embedding, optionally with FastFill
+    uncertainty: a head on the last hidden layer predicting the log-variance s of each sample.
+    """
+
+    def __init__(
+        self,
+        old_dim: int,
+        new_dim: int,
+        side_dim: int = 0,
+        inner_dim: int | None = None,
+        uncertainty: bool = False,
+    ):
+        super().__init__()
+        for name, val in (("old_dim", old_dim), ("new_dim", new_dim)):
+            if val < 1:
+                raise ValueError(f"{name} must be >= 1, got {val}")
+        if side_dim < 0:
+            raise ValueError(f"side_dim must be >= 0, got {side_dim}")
+        self.old_dim, self.new_dim, self.side_dim = int(old_dim), int(new_dim), int(side_dim)
+        self.inner_dim = int(inner_dim) if inner_dim is not None else 16 * self.new_dim
+        self.uncertainty = bool(uncertainty)
+        self.old_branch = nn.Sequential(
+            *_block(old_dim, 2 * old_dim), *_block(2 * old_dim, 2 * new_dim)
+        )
+        self.side_branch: nn.Sequential | None = None
+        if side_dim > 0:
+            self.side_branch = nn.Sequential(
+                *_block(side_dim, 2 * side_dim), *_block(2 * side_dim, 2 * new_dim)
+            )
+        mixed = 4 * new_dim if side_dim > 0 else 2 * new_dim
+        self.mixer = nn.Sequential(
+            *_block(mixed, self.inner_dim), *_block(self.inner_dim, self.inner_dim)
+        )
+        self.head = nn.Linear(self.inner_dim, new_dim)
+        self.log_var_head = nn.Linear(self.inner_dim, 1) if self.uncertainty else None
+
+    def forward(self, old: Tensor, side: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(predicted new embedding (n, new_dim), log-variance (n,) or None)."""
+        if old.ndim != 2 or old.shape[1] != self.old_dim:
+            raise ValueError(f"old must be (n, {self.old_dim}), got {tuple(old.shape)}")
+        h = self.old_branch(old)
+        if self.side_branch is not None:
+            if side is None:
+                raise ValueError(f"this transformation needs side info of dim {self.side_dim}")
+            if side.shape != (old.shape[0], self.side_dim):
+                raise ValueError(
+                    f"side must be ({old.shape[0]}, {self.side_dim}), got {tuple(side.shape)}"
+                )
+            h = torch.cat([h, self.side_branch(side)], dim=1)
+        elif side is not None:
+            raise ValueError("side info given but the transformation was built with side_dim=0")
+        h = self.mixer(h)
+        log_var = self.log_var_head(h)[:, 0] if self.log_var_head is not None else None
+        return self.head(h), log_var
+
+    def config(self) -> dict[str, Any]:
+        """Constructor kwargs, JSON-safe: Transformation(**cfg) rebuilds the architecture."""
+        return {
+            "old_dim": self.old_dim,
+            "new_dim": self.new_dim,
+            "side_dim": self.side_dim,
+            "inner_dim": self.inner_dim,
+            "uncertainty": self.uncertainty,
+        }
+
+
+class SimCLRHead(nn.Module):
+    """Backbone plus SimCLR projection MLP: the loss uses the projection, retrieval the features."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int | None = None,
+        hidden_dim: int | None = None,
+        proj_dim: int = 128,
+    ):
+        super().__init__()
+        if feature_dim is None:
+            feature_dim = getattr(backbone, "embedding_dim", None)
+            if feature_dim is None:
+                raise ValueError("feature_dim not given and backbone has no embedding_dim")
+        hidden_dim = hidden_dim or feature_dim
+        self.backbone = backbone
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, proj_dim),
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(backbone features (n, d), projection (n, proj_dim))."""
+        feats = self.backbone(x)
+        return feats, self.projector(feats)
+
+
+# ---------------------------------------------------------------- query adapters (new -> old)
+
+
+def _float64(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (n, d) array, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+def _paired(new: Any, old: Any) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _float64(new, "new"), _float64(old, "old")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"new has {x.shape[0]} rows but old has {y.shape[0]}; pairs must align")
+    return x, y
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares y ~ x @ w + b; centring separates the intercept from the slope."""
+    xm, ym = x.mean(axis=0), y.mean(axis=0)
+    w = np.linalg.lstsq(x - xm, y - ym, rcond=None)[0]
+    return w, ym - xm @ w
+
+
+def _f32(a: np.ndarray | float) -> Tensor:
+    return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+
+
+class ProcrustesAdapter(nn.Module):
+    """old ~ scale * new @ W with W semi-orthogonal (d_new, d_old): a pure rotation, no centring."""
+
+    def __init__(self, d_new: int, d_old: int, fit_scale: bool = True):
+        super().__init__()
+        self.d_new, self.d_old, self.fit_scale = int(d_new), int(d_old), bool(fit_scale)
+        self.register_buffer("weight", torch.zeros(self.d_new, self.d_old))
+        self.register_buffer("scale_factor", torch.ones(()))
+
+    @property
+    def scale(self) -> float:
+        return float(self.scale_factor)
+
+    @classmethod
+    def fit(cls, new: Any, old: Any, seed: int = 0, fit_scale: bool = True) -> ProcrustesAdapter:
+        """Closed form: W = U V^T from the SVD of new^T old; scale by least squares given W."""
+        del seed  # deterministic; accepted so every adapter fits through one signature
+        x, y = _paired(new, old)
+        u, s, vt = np.linalg.svd(x.T @ y, full_matrices=False)
+        w = u @ vt
+        scale = 1.0
+        if fit_scale:
+            denom = float(np.sum((x @ w) ** 2))
+            # trace(S) = <x W, y>, so this is argmin_c ||c x W - y||^2.
+            scale = float(s.sum()) / denom if denom > 0 else 1.0
+        m = cls(x.shape[1], y.shape[1], fit_scale=fit_scale)
+        m.weight.copy_(_f32(w))
+        m.scale_factor.copy_(_f32(scale))
+        return m
+
+    def forward(self, new: Tensor) -> Tensor:
+        return self.scale_factor * (new.to(self.weight.dtype) @ self.weight)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "procrustes",
+            "d_new": self.d_new,
+            "d_old": self.d_old,
+            "fit_scale": self.fit_scale,
+        }
+
+
+class LowRankAdapter(nn.Module):
+    """old ~ new @ A @ B + b with A (d_new, r), B (r, d_old): reduced-rank regression."""
+
+    def __init__(self, d_new: int, d_old: int, rank: int | None = None):
+        super().__init__()
+        self.d_new, self.d_old = int(d_new), int(d_old)
+        self.rank = int(rank) if rank is not None else min(32, self.d_new, self.d_old)
+        if not 1 <= self.rank <= min(self.d_new, self.d_old):
+            raise ValueError(f"rank must be in [1, {min(self.d_new, self.d_old)}], got {rank}")
+        self.register_buffer("a", torch.zeros(self.d_new, self.rank))
+        self.register_buffer("b", torch.zeros(self.rank, self.d_old))
+        self.register_buffer("bias", torch.zeros(self.d_old))
+
+    @classmethod
+    def fit(cls, new: Any, old: Any, seed: int = 0, rank: int | None = None) -> LowRankAdapter:
+        """OLS with intercept, then project the (centred) fitted values onto their top-r right
+        singular vectors: the optimal rank-r map under squared error."""
+        del seed  # closed form, deterministic
+        x, y = _paired(new, old)
+        m = cls(x.shape[1], y.shape[1], rank=rank)
+        w, _ = _ols(x, y)
+        xm = x.mean(axis=0)
+        # The intercept stays full rank, so the rank limit acts on the centred fit only.
+        vt = np.linalg.svd((x - xm) @ w, full_matrices=False)[2]
+        v = vt[: m.rank].T
+        a, b = w @ v, v.T
+        m.a.copy_(_f32(a))
+        m.b.copy_(_f32(b))
+        m.bias.copy_(_f32(y.mean(axis=0) - xm @ a @ b))
+        return m
+
+    def forward(self, new: Tensor) -> Tensor:
+        return (new.to(self.a.dtype) @ self.a) @ self.b + self.bias
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "low_rank", "d_new": self.d_new, "d_old": self.d_old, "rank": self.rank}
+
+
+class ResidualMLPAdapter(nn.Module):
+    """old ~ new @ W + b + MLP(new): a least-squares linear map plus a learned residual."""
+
+    def __init__(self, d_new: int, d_old: int, hidden: int = 256):
+        super().__init__()
+        self.d_new, self.d_old, self.hidden = int(d_new), int(d_old), int(hidden)
+        self.linear = nn.Linear(self.d_new, self.d_old)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.d_new, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.d_old)
+        )
+        # Zero last layer: training starts exactly at the closed-form linear fit.
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    @classmethod
+    def fit(
+        cls,
+        new: Any,
+        old: Any,
+        seed: int = 0,
+        hidden: int = 256,
+        epochs: int = 200,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+    ) -> ResidualMLPAdapter:
+        """Closed-form linear init, then Adam on MSE over all parameters (seeded, on CPU)."""
+        x, y = _paired(new, old)
+        # Fork the global RNG so the seeded init neither depends on nor disturbs the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = cls(x.shape[1], y.shape[1], hidden=hidden)
+        w, b = _ols(x, y)
+        with torch.no_grad():
+            m.linear.weight.copy_(_f32(w.T))
+            m.linear.bias.copy_(_f32(b))
+        _train_mse(m, _f32(x), _f32(y), seed, epochs, batch_size, lr, weight_decay)
+        return m.eval()
+
+    def forward(self, new: Tensor) -> Tensor:
+        new = new.to(self.linear.weight.dtype)
+        return self.linear(new) + self.mlp(new)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "residual_mlp",
+            "d_new": self.d_new,
+            "d_old": self.d_old,
+            "hidden": self.hidden,
+        }
+
+
+def _train_mse(
+    m: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    opt = torch.optim.Adam(m.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    m.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(x.shape[0], generator=gen).split(batch_size):
+            loss = torch.mean((m(x[idx]) - y[idx]) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+_ADAPTER_CLASSES: dict[str, type[nn.Module]] = {
+    "procrustes": ProcrustesAdapter,
+    "low_rank": LowRankAdapter,
+    "residual_mlp": ResidualMLPAdapter,
+}
+
+
+def fit_adapter(kind: str, new: Any, old: Any, seed: int = 0, **kw: Any) -> nn.Module:
+    """Fit a new->old query adapter of the given kind on paired (n, d_new), (n, d_old) rows."""
+    if kind not in _ADAPTER_CLASSES:
+        raise ValueError(f"unknown adapter {kind!r}; expected one of {ADAPTERS}")
+    return _ADAPTER_CLASSES[kind].fit(new, old, seed=seed, **kw)
+
+
+def build_adapter(config: dict[str, Any]) -> nn.Module:
+    """Rebuild an unfitted adapter from its config(), ready for load_state_dict."""
+    cfg = dict(config)
+    kind = cfg.pop("kind", None)
+    if kind not in _ADAPTER_CLASSES:
+        raise ValueError(f"unknown adapter kind {kind!r} in config; expected one of {ADAPTERS}")
+    try:
+        return _ADAPTER_CLASSES[kind](**cfg)
+    except TypeError as e:
+        raise ValueError(f"bad {kind} adapter config {config}: {e}") from e

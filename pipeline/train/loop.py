@@ -1,0 +1,168 @@
+"""One Ray Train (TorchTrainer) worker loop for every model kind; a kind only supplies a Task."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+
+# step(model, batch) -> (loss, rows, sums): sums are per-epoch totals (e.g. correct predictions).
+StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+@dataclass
+class Task:
+    """What a model kind trains: the module to save, the module DDP wraps, and one step."""
+
+    save: nn.Module
+    train: nn.Module
+    step: StepFn
+
+
+def _builder(path: str) -> Callable[[dict[str, Any]], Task]:
+    mod, _, fn = path.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs on each Ray Train worker: build the task, stream the shard, train, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load
+
+    from pipeline.models.store import save_model_dir
+
+    tc = TrainConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    torch.manual_seed(tc.seed + ctx.get_world_rank())
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    task = _builder(config["builder"])(config)
+    params = [p for p in task.train.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a worker failure or a re-created trainer
+        with ckpt.as_directory() as d:
+            task.train.load_state_dict(load((Path(d) / "train.safetensors").read_bytes()))
+            opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
+            start = json.loads((Path(d) / "progress.json").read_text())["epoch"] + 1
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, last_epoch=start - 1)
+    model = ray.train.torch.prepare_model(task.train)
+    device = ray.train.torch.get_device()
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, tc.epochs):
+        model.train()
+        tot, seen, sums = 0.0, 0, {}
+        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
+            loss, n, s = task.step(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item() * n
+            seen += n
+            for k, v in s.items():
+                sums[k] = sums.get(k, 0.0) + v
+        sched.step()
+        metrics = {"epoch": epoch, "loss": tot / max(seen, 1), "rows": seen}
+        metrics.update({k: v / max(seen, 1) for k, v in sums.items()})
+        with tempfile.TemporaryDirectory() as d:
+            if ctx.get_world_rank() == 0:
+                _save_ckpt(task, opt, epoch, d, save_model_dir)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+
+def _save_ckpt(task: Task, opt: torch.optim.Optimizer, epoch: int, d: str, save_dir) -> None:
+    from safetensors.torch import save
+
+    save_dir(task.save, {"epoch": epoch}, d)  # weights.safetensors: the model to keep
+    state = {k: v.detach().cpu().contiguous() for k, v in task.train.state_dict().items()}
+    (Path(d) / "train.safetensors").write_bytes(save(state))
+    torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
+    (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+
+
+def fit(
+    builder: str,
+    config: dict[str, Any],
+    dataset: Any,
+    tc: TrainConfig,
+    name: str,
+    results_dir: str | Path,
+) -> tuple[Any, dict[str, Any]]:
+    """Run `worker_loop` with the task `builder` ("module:function") on Ray Train.
+
+    Returns the final checkpoint and the last reported metrics. Re-running with the same
+    name and results_dir resumes from the last checkpoint (Ray Train V2).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={**config, "builder": builder, "train": tc.model_dump(mode="json")},
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(results_dir).resolve()),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {name!r} produced no checkpoint (no training rows?)")
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def cached_meta(out_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
+    """The model.json of a model dir already trained with this config hash, if any."""
+    from pipeline.models.store import MODEL_FILE
+
+    p = Path(out_dir) / MODEL_FILE
+    if p.exists():
+        meta = json.loads(p.read_text())
+        if meta.get("config_hash") == config_hash:
+            return meta
+    return None
+
+
+def install_checkpoint(checkpoint: Any, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Copy the checkpoint's weights into `out_dir` with its model.json, atomically."""
+    import shutil
+
+    from pipeline.models.store import FORMAT, MODEL_FILE, WEIGHTS_FILE
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with checkpoint.as_directory() as d:
+        shutil.copy(Path(d) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    (tmp / MODEL_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the model dir appears whole or not at all
+    return out
+
+
+def config_hash(*parts: Any) -> str:
+    """Identity of a training run: same config + data + inputs → same model (cache key)."""
+    import hashlib
+
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

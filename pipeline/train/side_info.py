@@ -1,0 +1,86 @@
+"""Ray Train task for FCT's side-information model: SimCLR contrastive training, no labels."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import SideInfoConfig, StorageConfig
+from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.store import embedder_meta
+from pipeline.train.embedder import TrainResult, image_training_dataset
+from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
+
+
+def build_task(config: dict[str, Any]) -> Task:
+    """Two augmented views per image, one pass through backbone + projection, NT-Xent."""
+    from pipeline.compat.augment import simclr_augment
+    from pipeline.compat.losses import nt_xent
+    from pipeline.models.compat import SimCLRHead
+
+    cfg = SideInfoConfig.model_validate(config["model"])
+    pre = cfg.preprocess
+    net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)
+    head = SimCLRHead(net, feature_dim=cfg.architecture.embedding_dim, proj_dim=cfg.proj_dim)
+    shape = (-1, pre.channels, pre.input_size, pre.input_size)
+
+    def step(model: nn.Module, batch: dict[str, torch.Tensor]):
+        x = batch["pixels"].view(shape).float()
+        views = torch.cat(
+            [simclr_augment(x, strength=cfg.augment_strength) for _ in range(2)]
+        )  # one forward over both views: DDP sees a single graph, BN sees both
+        _, proj = model(views)
+        z1, z2 = proj.chunk(2)
+        return nt_xent(z1, z2, cfg.temperature), len(x), {}
+
+    return Task(save=net, train=head, step=step)
+
+
+def train_side_info(
+    cfg: SideInfoConfig,
+    classes: list[int] | None,
+    images_uri: str,
+    out_dir: str | Path,
+    storage: StorageConfig | None = None,
+    results_dir: str | Path = ".carryover/ray_results",
+    max_pixels: int = 64_000_000,
+) -> TrainResult:
+    """Train the side-info model on the train split of `classes` (the old model's data)."""
+    h = config_hash(cfg.model_dump(mode="json"), classes, images_uri, "simclr")
+    if (meta := cached_meta(out_dir, h)) is not None:
+        return TrainResult(**{**meta["train_result"], "cached": True})
+    t0 = time.perf_counter()
+    ds = image_training_dataset(
+        images_uri, storage, cfg.preprocess, max_pixels, classes, "train", cfg.train.cache_max_bytes
+    )
+    ckpt, m = fit(
+        "pipeline.train.side_info:build_task",
+        {"model": cfg.model_dump(mode="json")},
+        ds,
+        cfg.train,
+        f"side-info-{cfg.name}-{h}",
+        results_dir,
+    )
+    tr = TrainResult(
+        model_name=cfg.name,
+        model_dir=str(out_dir),
+        images_uri=images_uri,
+        epochs=cfg.train.epochs,
+        train_rows=int(m.get("rows", 0)),
+        final_loss=float(m.get("loss", float("nan"))),
+        final_accuracy=float("nan"),  # self-supervised: no labels, no accuracy
+        seconds=round(time.perf_counter() - t0, 2),
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        config_hash=h,
+    )
+    meta = embedder_meta(
+        cfg, config_hash=h, train_result=asdict(tr), trained_classes=classes, kind="side-info"
+    )
+    install_checkpoint(ckpt, out_dir, meta)
+    return tr

@@ -1,0 +1,177 @@
+"""Ray Train task for FCT's transformation h(old, side) → new, with FastFill's uncertainty head."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load
+from torch import nn
+
+from pipeline.config import TransformationConfig
+from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
+from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
+
+
+@dataclass
+class TransformationResult:
+    """What one transformation training run produced."""
+
+    name: str
+    model_dir: str
+    from_model: str
+    to_model: str
+    side_info_model: str | None
+    loss: str
+    epochs: int
+    train_rows: int
+    final_loss: float
+    final_mse: float
+    seconds: float
+    config_hash: str
+    cached: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train_rows": self.train_rows,
+            "final_loss": self.final_loss,
+            "final_mse": self.final_mse,
+            "train_seconds": self.seconds,
+        }
+
+
+def build_task(config: dict[str, Any]) -> Task:
+    """L2 regression to the new embedding (FCT), or FastFill's uncertainty-weighted loss."""
+    from pipeline.compat.losses import fastfill_loss, transformation_loss
+    from pipeline.models.compat import Transformation
+
+    tcfg = TransformationConfig.model_validate(config["transformation"])
+    model = Transformation(**config["arch"])
+    side = model.side_dim > 0
+    w_new = torch.tensor(np.asarray(config["new_classifier"]["weight"], dtype=np.float32))
+    b_new = torch.tensor(np.asarray(config["new_classifier"]["bias"], dtype=np.float32))
+    cols = config["columns"]
+
+    def step(m: nn.Module, batch: dict[str, torch.Tensor]):
+        old, new = batch[cols["old"]].float(), batch[cols["new"]].float()
+        pred, log_var = m(old, batch[cols["side"]].float() if side else None)
+        mse = float(((pred - new) ** 2).mean(1).sum())
+        if tcfg.loss == "fct":
+            loss = transformation_loss(pred, new)
+        else:
+            logits = pred @ w_new.to(pred.device).T + b_new.to(pred.device)
+            y = batch["label"].long()
+            loss = fastfill_loss(pred, log_var, new, logits, y, tcfg.label_smoothing)
+        return loss, len(old), {"mse": mse}
+
+    return Task(save=model, train=model, step=step)
+
+
+def train_transformation(
+    tcfg: TransformationConfig,
+    features: Any,
+    dims: dict[str, int],
+    columns: dict[str, str | None],
+    new_classifier: dict[str, list],
+    out_dir: str | Path,
+    identity: dict[str, Any],
+    results_dir: str | Path = ".carryover/ray_results",
+) -> TransformationResult:
+    """Train h on a features dataset (old, side, new columns named by `columns`) on Ray Train.
+
+    `identity` names what the features came from (models, data): with the config it is the
+    cache key, so the same upgrade reuses a trained transformation.
+    """
+    side_dim = dims.get("side", 0) if columns.get("side") else 0
+    arch = {
+        "old_dim": dims["old"],
+        "new_dim": dims["new"],
+        "side_dim": side_dim,
+        "inner_dim": tcfg.inner_dim,
+        "uncertainty": tcfg.loss == "fastfill",
+    }
+    h = config_hash(tcfg.model_dump(mode="json"), arch, identity)
+    if (meta := cached_meta(out_dir, h)) is not None:
+        return TransformationResult(**{**meta["train_result"], "cached": True})
+    t0 = time.perf_counter()
+    keep = [c for c in (columns["old"], columns.get("side"), columns["new"], "label") if c]
+    features = features.select_columns(keep)  # only tensors travel to the workers
+    config = {
+        "transformation": tcfg.model_dump(mode="json"),
+        "arch": arch,
+        "new_classifier": new_classifier,
+        "columns": columns,
+    }
+    ckpt, m = fit(
+        "pipeline.train.transformation:build_task",
+        config,
+        features,
+        tcfg.train,
+        f"transformation-{tcfg.name}-{h}",
+        results_dir,
+    )
+    tr = TransformationResult(
+        name=tcfg.name,
+        model_dir=str(out_dir),
+        from_model=identity.get("old", "?"),
+        to_model=identity.get("new", "?"),
+        side_info_model=identity.get("side") if side_dim else None,
+        loss=tcfg.loss,
+        epochs=tcfg.train.epochs,
+        train_rows=int(m.get("rows", 0)),
+        final_loss=float(m.get("loss", float("nan"))),
+        final_mse=float(m.get("mse", float("nan"))),
+        seconds=round(time.perf_counter() - t0, 2),
+        config_hash=h,
+    )
+    meta = {
+        "kind": "transformation",
+        "name": tcfg.name,
+        "arch": arch,
+        "from_model": tr.from_model,
+        "to_model": tr.to_model,
+        "side_info_model": tr.side_info_model,
+        "loss": tcfg.loss,
+        "config_hash": h,
+        "train_result": asdict(tr),
+    }
+    install_checkpoint(ckpt, out_dir, meta)
+    return tr
+
+
+def load_transformation(d: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained transformation (eval mode) and its model.json, without unpickling."""
+    from pipeline.models.compat import Transformation
+    from pipeline.models.store import ModelLoadError
+
+    d = Path(d)
+    try:
+        meta = json.loads((d / MODEL_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{d}: no readable {MODEL_FILE}: {e}") from None
+    if meta.get("kind") != "transformation":
+        raise ModelLoadError(f"{d}: not a transformation (kind={meta.get('kind')!r})")
+    model = Transformation(**meta["arch"])
+    model.load_state_dict(load((d / WEIGHTS_FILE).read_bytes()))
+    return model.eval(), meta
+
+
+def apply_transformation(
+    model: nn.Module, old: np.ndarray, side: np.ndarray | None, batch: int = 8192
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """h(old, side) in batches: transformed embeddings and (FastFill) log-variances."""
+    preds, vars_ = [], []
+    with torch.inference_mode():
+        for lo in range(0, len(old), batch):
+            s = None if side is None else torch.from_numpy(side[lo : lo + batch]).float()
+            p, v = model(torch.from_numpy(old[lo : lo + batch]).float(), s)
+            preds.append(p.numpy())
+            if v is not None:
+                vars_.append(v.reshape(-1).numpy())
+    pred = np.concatenate(preds) if preds else np.zeros((0, model.new_dim), np.float32)
+    return pred, (np.concatenate(vars_) if vars_ else None)

@@ -315,7 +315,7 @@ def evaluate_compat_step(
     old, new = cfg.old_model.name, cfg.new_model.name
     labels, sets, side = study_inputs(ctx, "val", cfg.evaluate.max_queries, versions)
     inp = StudyInputs(labels=labels, sets=sets, old=old, new=new, side=side)
-    inp.bct = [v for v in sets if v not in (old, new) and _is_bct(ctx, v)]
+    inp.bct = [v for v in sets if v != old and _is_bct(ctx, v)]
     if transformation_dir(ctx).exists():
         model, meta = load_transformation(transformation_dir(ctx))
         if meta["arch"]["side_dim"] and side is None:
@@ -340,17 +340,17 @@ def evaluate_compat_step(
     out = Path(
         report_dir or cfg.evaluate.report_dir or Path(cfg.workdir) / "reports" / f"{old}-to-{new}"
     )
-    files = write_report(report, out)
     with ctx.tracker.run(
         "evaluate-compat",
         ctx.tags(step="evaluate", from_version=old, to_version=new),
         parent_run_id,
     ) as run:
+        report.extra["run_id"] = run.run_id  # the JSON report points at its MLflow run
+        files = write_report(report, out)
         run.log_params({"evaluate": cfg.evaluate.model_dump(mode="json"), "versions": list(sets)})
         run.log_metrics(report.metrics())
         for f in files.values():
             run.log_artifact(f, "compat")
-        report.extra["run_id"] = run.run_id
     return report, files
 
 

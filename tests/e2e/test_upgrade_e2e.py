@@ -36,6 +36,11 @@ TINY = [
     "side_info.architecture.embedding_dim=8",
     "side_info.train.epochs=2",
     "transformation.train.epochs=4",
+    # small batches: more optimizer steps (and settled BatchNorm statistics) on tiny data
+    "old_model.train.batch_size=32",
+    "new_model.train.batch_size=32",
+    "side_info.train.batch_size=64",
+    "transformation.train.batch_size=32",
     "transformation.train.lr=0.003",
     "adapters.epochs=5",
     "adapters.hidden=16",

@@ -42,6 +42,7 @@ def test_bct_task_trains_through_the_frozen_old_classifier() -> None:
     cfg.train.loss = "bct"
     w_old = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     bct = {"weight": w_old.tolist(), "bias": [0.0] * 4, "from_model": "o"}
+    torch.manual_seed(0)  # the network's initial weights: independent of earlier tests
     task = embedder.build_task({"model": cfg.model_dump(mode="json"), "bct": bct})
     batch = _images()
     losses = _losses(task, batch)
@@ -57,6 +58,7 @@ def test_bct_task_trains_through_the_frozen_old_classifier() -> None:
 def test_side_info_task_lowers_the_contrastive_loss() -> None:
     cfg = load_config(None, ["side_info.architecture.widths=[4,8]", "side_info.proj_dim=8"])
     sc = cfg.side_info_model.model_copy(update={"preprocess": PRE})
+    torch.manual_seed(0)
     task = side_info.build_task({"model": sc.model_dump(mode="json")})
     losses = _losses(task, _images(), steps=20)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
@@ -86,6 +88,7 @@ def _transformation_task(loss: str, side: bool):
         "new_classifier": {"weight": w.tolist(), "bias": [0.0] * 5},
         "columns": {"old": "old", "side": "side" if side else None, "new": "new"},
     }
+    torch.manual_seed(0)
     return transformation.build_task(config)
 
 

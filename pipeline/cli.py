@@ -108,19 +108,30 @@ def data_prepare(
 @app.command()
 @_errors
 def train(
-    which: Annotated[str, typer.Option(help="old | new: which model of the config")] = "new",
+    which: Annotated[
+        str, typer.Option(help="old | new | side-info | transformation: which model to train")
+    ] = "new",
     alias: Annotated[list[str] | None, typer.Option(help="registry alias(es) to set")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train an embedding model on Ray Train and register it in MLflow."""
-    from pipeline.graph import steps
+    """Train a model of the config on Ray Train and register it in MLflow.
+
+    The transformation needs the old, new (and side-info) models trained first; it learns
+    from their embeddings of the training split."""
+    from pipeline.graph import compat_steps, steps
 
     cfg = _cfg(config, set_)
-    model = {"old": cfg.old_model, "new": cfg.new_model}.get(which)
-    if model is None:
-        raise ConfigError(f"--which must be 'old' or 'new', got {which!r}")
-    r = steps.train_step(_ctx(cfg), model, None, tuple(alias or ()))
+    ctx = _ctx(cfg)
+    aliases = tuple(alias or ())
+    if which == "transformation":
+        out = compat_steps.train_transformation_step(ctx, None, aliases or ("candidate",))
+        console.print_json(json.dumps(out or {"enabled": False}, default=str))
+        return
+    model = {"old": cfg.old_model, "new": cfg.new_model, "side-info": cfg.side_info_model}
+    if which not in model:
+        raise ConfigError(f"--which must be old, new, side-info or transformation, got {which!r}")
+    r = steps.train_step(ctx, model[which], None, aliases)
     console.print_json(json.dumps(r.__dict__))
 
 

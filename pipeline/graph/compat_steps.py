@@ -20,11 +20,6 @@ def blob_of(ctx: Context, model: Any) -> ModelBlob:
     return resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
 
 
-def side_info_classes(ctx: Context) -> list[int] | None:
-    """FCT trains side-info on the data the old model saw: its classes unless set explicitly."""
-    return ctx.cfg.side_info.train.classes or ctx.cfg.old_model.train.classes
-
-
 def side_blob(ctx: Context) -> ModelBlob | None:
     """The side-info model for ingest, or None when disabled; it must share the old preprocess."""
     sc = ctx.cfg.side_info_model
@@ -40,37 +35,11 @@ def side_blob(ctx: Context) -> ModelBlob | None:
 
 
 def train_side_info_step(ctx: Context, parent_run_id: str | None) -> ModelStepResult | None:
-    """Train (or reuse) the SimCLR side-info model on Ray Train; register `<gallery>-side-info`."""
-    from pipeline.train.side_info import train_side_info
+    """Train (or reuse) the SimCLR side-info model; None when side-info is disabled."""
+    from pipeline.graph.steps import train_step
 
     sc = ctx.cfg.side_info_model
-    if not sc.enabled:
-        return None
-    if sc.uri is not None:
-        return ModelStepResult(sc.name, None, None, False, True, 0.0)
-    t0 = time.perf_counter()
-    ensure_ray(ctx.cfg.ray)
-    classes = side_info_classes(ctx)
-    with ctx.tracker.run(
-        f"train-{sc.name}", ctx.tags(step="train_side_info", model=sc.name), parent_run_id
-    ) as run:
-        tr = train_side_info(
-            sc,
-            classes,
-            ctx.cfg.images_uri,
-            ctx.model_dir(sc),
-            ctx.cfg.storage,
-            Path(ctx.cfg.workdir) / "ray_results",
-            ctx.cfg.embed.max_decoded_pixels,
-        )
-        run.log_params({"model": sc.model_dump(mode="json"), "images": ctx.cfg.images_uri})
-        run.log_metrics(tr.metrics())
-        tags = {"model": sc.name, "trained_classes": classes or "all"}
-        version = register(ctx, "side-info", ctx.model_dir(sc), run, tr.config_hash, tags)
-        run.set_tags({"carryover.registry_version": str(version)})
-    secs = round(time.perf_counter() - t0, 2)
-    name = ctx.registry_name("side-info")
-    return ModelStepResult(sc.name, name, version, True, tr.cached, secs, tr.metrics())
+    return train_step(ctx, sc, parent_run_id) if sc.enabled else None
 
 
 def bct_classifier(ctx: Context) -> dict[str, Any]:
@@ -136,12 +105,12 @@ def train_transformation_step(
     tc, cfg = ctx.cfg.transformation, ctx.cfg
     if not tc.enabled:
         return None
-    ensure_ray(cfg.ray)
     t0 = time.perf_counter()
     blobs = {"old": blob_of(ctx, cfg.old_model), "new": blob_of(ctx, cfg.new_model)}
     side = side_blob(ctx) if tc.side_info else None
     if side is not None:
         blobs["side"] = side
+    ensure_ray(cfg.ray)  # after the models resolve: a missing one fails fast, without Ray
     identity = {
         "old": cfg.old_model.name,
         "new": cfg.new_model.name,

@@ -77,52 +77,64 @@ class ModelStepResult:
 def train_step(
     ctx: Context, model: ModelConfig, parent_run_id: str | None, aliases: tuple[str, ...] = ()
 ) -> ModelStepResult:
-    """Train (or reuse) a model on Ray Train and register it in MLflow with aliases."""
-    from pipeline.train.embedder import train_embedder
+    """Train (or reuse) a model on Ray Train and register it in MLflow with aliases.
+
+    An embedder (independent or BCT) registers as `<gallery>-embedder`; FCT's side-info model
+    (a `SideInfoConfig`) trains with SimCLR on the old model's classes, as `<gallery>-side-info`.
+    """
+    from pipeline.config import SideInfoConfig
 
     t0 = time.perf_counter()
     if model.uri is not None:  # brought from elsewhere: nothing to train
         return ModelStepResult(model.name, None, None, False, True, 0.0)
     ensure_ray(ctx.cfg.ray)
-    name = ctx.registry_name()
+    side = isinstance(model, SideInfoConfig)
+    kind = "side-info" if side else "embedder"
+    train, classes = _trainer(ctx, model)
+    with ctx.tracker.run(
+        f"train-{model.name}", ctx.tags(step=f"train_{kind}", model=model.name), parent_run_id
+    ) as run:
+        tr = train()
+        run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
+        run.log_metrics(tr.metrics())
+        tags = {"model": model.name, "trained_classes": classes or "all"}
+        if not side:
+            tags["compat_loss"] = model.train.loss
+        version = register(ctx, kind, ctx.model_dir(model), run, tr.config_hash, tags, aliases)
+        run.set_tags(
+            {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
+        )
+    secs = round(time.perf_counter() - t0, 2)
+    return ModelStepResult(
+        model.name, ctx.registry_name(kind), version, True, tr.cached, secs, tr.metrics()
+    )
+
+
+def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
+    """A zero-argument training call for the model's kind, and the classes it trains on."""
+    from pipeline.config import SideInfoConfig
+
+    args = (
+        ctx.cfg.images_uri,
+        ctx.model_dir(model),
+        ctx.cfg.storage,
+        Path(ctx.cfg.workdir) / "ray_results",
+        ctx.cfg.embed.max_decoded_pixels,
+    )
+    if isinstance(model, SideInfoConfig):
+        from pipeline.train.side_info import train_side_info
+
+        # FCT: side-info learns from the data the old model saw, without its labels
+        classes = model.train.classes or ctx.cfg.old_model.train.classes
+        return (lambda: train_side_info(model, classes, *args)), classes
+    from pipeline.train.embedder import train_embedder
+
     bct = None
     if model.train.loss == "bct":
         from pipeline.graph.compat_steps import bct_classifier
 
         bct = bct_classifier(ctx)
-    with ctx.tracker.run(
-        f"train-{model.name}", ctx.tags(step="train", model=model.name), parent_run_id
-    ) as run:
-        tr = train_embedder(
-            model,
-            ctx.cfg.images_uri,
-            ctx.model_dir(model),
-            ctx.cfg.storage,
-            Path(ctx.cfg.workdir) / "ray_results",
-            ctx.cfg.embed.max_decoded_pixels,
-            bct,
-        )
-        run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
-        run.log_metrics(tr.metrics())
-        version = register(
-            ctx,
-            "embedder",
-            ctx.model_dir(model),
-            run,
-            tr.config_hash,
-            {
-                "model": model.name,
-                "trained_classes": model.train.classes or "all",
-                "compat_loss": model.train.loss,
-            },
-            aliases,
-        )
-        run.set_tags(
-            {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
-        )
-    return ModelStepResult(
-        model.name, name, version, True, tr.cached, round(time.perf_counter() - t0, 2), tr.metrics()
-    )
+    return (lambda: train_embedder(model, *args, bct)), model.train.classes
 
 
 def register(
@@ -296,18 +308,37 @@ def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim
 
 
 def split_labels(cfg: UpgradeConfig, split: str = "val", cap: int | None = None) -> pa.Table:
-    """Keys and labels of one labelled split (a seeded sample of at most `cap` rows)."""
-    parts = []
+    """Keys and labels of one labelled split: a seeded uniform sample of at most `cap` rows.
+
+    Streams the shards giving each row a random priority and keeps the `cap` lowest
+    (bottom-k sampling), trimming as it goes: memory stays O(cap) however large the gallery.
+    """
+    rng = np.random.default_rng(cfg.data.seed)
+    kept: pa.Table | None = None
+    pending: list[pa.Table] = []
     for f in image_shards(cfg).values():
         for b in uri_io.iter_parquet_batches(f, cfg.storage, ["key", "label", "split"]):
             t = pa.Table.from_batches([b])
             mask = pc.and_(pc.equal(t["split"], split), pc.is_valid(t["label"]))
-            parts.append(t.filter(mask).select(["key", "label"]))
-    val = pa.concat_tables(parts) if parts else pa.table({"key": [], "label": []})
-    if cap is not None and val.num_rows > cap:
-        rng = np.random.default_rng(cfg.data.seed)
-        val = val.take(np.sort(rng.choice(val.num_rows, cap, replace=False)))
-    return val
+            t = t.filter(mask).select(["key", "label"])
+            pending.append(t.append_column("_p", pa.array(rng.random(t.num_rows))))
+            if cap is not None and sum(x.num_rows for x in pending) > 2 * cap:
+                kept = _lowest(pa.concat_tables(([kept] if kept else []) + pending), cap)
+                pending = []
+    allrows = pa.concat_tables(([kept] if kept else []) + pending) if (kept or pending) else None
+    if allrows is None:
+        return pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.int64())})
+    if cap is not None:
+        allrows = _lowest(allrows, cap)
+    return allrows.drop_columns(["_p"])
+
+
+def _lowest(t: pa.Table, k: int) -> pa.Table:
+    """The k rows of lowest priority `_p`, in their original order."""
+    if t.num_rows <= k:
+        return t
+    idx = np.sort(np.argpartition(t["_p"].to_numpy(), k - 1)[:k])
+    return t.take(idx)
 
 
 def validation_labels(cfg: UpgradeConfig) -> pa.Table:

@@ -183,6 +183,14 @@ def test_cli_errors_name_the_offending_item(tmp_path: Path) -> None:
         text=True,
     )
     assert p.returncode == 2 and "missing.npz" in p.stderr
+    p = subprocess.run(exe + ["train", "--which", "newest"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--which must be old, new, side-info or transformation" in p.stderr
+    p = subprocess.run(
+        exe + ["train", "--which", "transformation", "--set", f"workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "'v1' has no uri and has not been trained yet" in p.stderr
     p = subprocess.run(exe + ["--help"], capture_output=True, text=True)
     assert p.returncode == 0
     for cmd in (

@@ -94,6 +94,12 @@ class TrainConfig(_Model):
         "classifier (new classes get synthesised weights)",
     )
     bct_lambda: float = Field(1.0, ge=0, description="weight of BCT's influence loss")
+    reports: int = Field(
+        10,
+        ge=1,
+        description="report metrics + checkpoint about this many times per run (and after the "
+        "last epoch): each report is a synchronisation point that costs seconds",
+    )
     cache_max_bytes: int = Field(
         1 << 30,
         ge=0,

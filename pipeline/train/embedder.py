@@ -95,7 +95,8 @@ def image_training_dataset(
     split: str = "train",
     cache_max_bytes: int = 0,
 ):
-    """The decoded, labelled rows of one split (and classes) of the image shards.
+    """The decoded, labelled rows of one split (and classes) of the image shards, and whether
+    they were cached.
 
     Streamed (decoded again every epoch), or decoded once and cached in the object store
     when all rows' pixels fit in `cache_max_bytes`: on small data the per-epoch decode and
@@ -173,13 +174,12 @@ def train_embedder(
         return TrainResult(**{**meta["train_result"], "cached": True})
     tc = cfg.train
     t0 = time.perf_counter()
-    ds = image_training_dataset(
+    ds, small = image_training_dataset(
         images_uri, storage, cfg.preprocess, max_pixels, tc.classes, "train", tc.cache_max_bytes
     )
     config = {"model": cfg.model_dump(mode="json"), "bct": bct}
-    ckpt, m = fit(
-        "pipeline.train.embedder:build_task", config, ds, tc, f"train-{cfg.name}-{h}", results_dir
-    )
+    name = f"train-{cfg.name}-{h}"
+    ckpt, m = fit("pipeline.train.embedder:build_task", config, ds, tc, name, results_dir, small)
     tr = TrainResult(
         model_name=cfg.name,
         model_dir=str(out_dir),

@@ -59,10 +59,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(task.train)
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
+    batches = _EpochBatches(shard, tc.batch_size, device, bool(config.get("in_memory")), tc.seed)
     for epoch in range(start, tc.epochs):
         model.train()
         tot, seen, sums = 0.0, 0, {}
-        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device):
+        for batch in batches.epoch(epoch):
             loss, n, s = task.step(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -74,12 +75,48 @@ def worker_loop(config: dict[str, Any]) -> None:
         sched.step()
         metrics = {"epoch": epoch, "loss": tot / max(seen, 1), "rows": seen}
         metrics.update({k: v / max(seen, 1) for k, v in sums.items()})
+        # A report (+ checkpoint) synchronises the workers with the controller and costs
+        # seconds: on small data, one per epoch takes longer than the epochs. Every rank
+        # must make the same number of reports, so the schedule depends on the epoch only.
+        every = max(1, tc.epochs // tc.reports)
+        if (epoch + 1) % every and epoch != tc.epochs - 1:
+            continue
         with tempfile.TemporaryDirectory() as d:
             if ctx.get_world_rank() == 0:
                 _save_ckpt(task, opt, epoch, d, save_model_dir)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
+
+
+class _EpochBatches:
+    """Batches of one epoch: streamed from the dataset shard, or — when the caller says the
+    data is small (`in_memory`) — pulled once and reshuffled per epoch from local tensors.
+
+    On small data the per-epoch start-up of a streaming iterator costs more than the epoch.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, device: Any, in_memory: bool, seed: int):
+        self.shard, self.bs, self.device = shard, batch_size, device
+        self.in_memory, self.seed = in_memory, seed
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int):
+        if not self.in_memory:
+            yield from self.shard.iter_torch_batches(batch_size=self.bs, device=self.device)
+            return
+        if self.cache is None:
+            parts: dict[str, list[torch.Tensor]] = {}
+            for b in self.shard.iter_torch_batches(batch_size=4096, device=self.device):
+                for k, v in b.items():
+                    parts.setdefault(k, []).append(v)
+            self.cache = {k: torch.cat(v) for k, v in parts.items()}
+        n = len(next(iter(self.cache.values()), []))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=gen).to(self.device)
+        for lo in range(0, n, self.bs):
+            idx = perm[lo : lo + self.bs]
+            yield {k: v[idx] for k, v in self.cache.items()}
 
 
 def _save_ckpt(task: Task, opt: torch.optim.Optimizer, epoch: int, d: str, save_dir) -> None:
@@ -99,18 +136,25 @@ def fit(
     tc: TrainConfig,
     name: str,
     results_dir: str | Path,
+    in_memory: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Run `worker_loop` with the task `builder` ("module:function") on Ray Train.
 
-    Returns the final checkpoint and the last reported metrics. Re-running with the same
-    name and results_dir resumes from the last checkpoint (Ray Train V2).
+    `in_memory`: the (materialised, small) dataset is pulled into each worker once and
+    reshuffled every epoch. Returns the final checkpoint and the last reported metrics.
+    Re-running with the same name and results_dir resumes from the last checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={**config, "builder": builder, "train": tc.model_dump(mode="json")},
+        train_loop_config={
+            **config,
+            "builder": builder,
+            "train": tc.model_dump(mode="json"),
+            "in_memory": in_memory,
+        },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,

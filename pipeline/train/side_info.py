@@ -55,7 +55,7 @@ def train_side_info(
     if (meta := cached_meta(out_dir, h)) is not None:
         return TrainResult(**{**meta["train_result"], "cached": True})
     t0 = time.perf_counter()
-    ds = image_training_dataset(
+    ds, small = image_training_dataset(
         images_uri, storage, cfg.preprocess, max_pixels, classes, "train", cfg.train.cache_max_bytes
     )
     ckpt, m = fit(
@@ -65,6 +65,7 @@ def train_side_info(
         cfg.train,
         f"side-info-{cfg.name}-{h}",
         results_dir,
+        small,
     )
     tr = TrainResult(
         model_name=cfg.name,

@@ -60,7 +60,7 @@ def build_task(config: dict[str, Any]) -> Task:
     def step(m: nn.Module, batch: dict[str, torch.Tensor]):
         old, new = batch[cols["old"]].float(), batch[cols["new"]].float()
         pred, log_var = m(old, batch[cols["side"]].float() if side else None)
-        mse = float(((pred - new) ** 2).mean(1).sum())
+        mse = ((pred - new) ** 2).mean(1).sum().item()
         if tcfg.loss == "fct":
             loss = transformation_loss(pred, new)
         else:
@@ -114,6 +114,7 @@ def train_transformation(
         tcfg.train,
         f"transformation-{tcfg.name}-{h}",
         results_dir,
+        features.size_bytes() <= tcfg.train.cache_max_bytes,
     )
     tr = TransformationResult(
         name=tcfg.name,

@@ -112,9 +112,8 @@ def image_training_dataset(
     rows = sum(
         uri_io.parquet_num_rows(f, storage) for f in uri_io.parquet_files(images_uri, storage)
     )
-    if rows * pre.channels * pre.input_size**2 * 4 <= cache_max_bytes:
-        ds = ds.materialize()
-    return ds
+    small = rows * pre.channels * pre.input_size**2 * 4 <= cache_max_bytes
+    return (ds.materialize() if small else ds), small
 
 
 class _TrainHead(nn.Module):

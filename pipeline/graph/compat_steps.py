@@ -230,14 +230,11 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
     """New-model embeddings of a split computed from the images (new version not built yet)."""
     from pipeline.embed.features import collect, paired_features
 
-    feats = collect(
-        paired_features(
-            ctx.cfg.images_uri, {"new": blob_of(ctx, ctx.cfg.new_model)}, ctx.cfg.embed, split=split
-        )
-    )
+    blob = blob_of(ctx, ctx.cfg.new_model)  # resolved once: a models:/ URI downloads
+    feats = collect(paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, split=split))
     pos = {k: i for i, k in enumerate(feats.get("key", []))}
-    found = np.array([k in pos for k in keys])
-    out = np.zeros((len(keys), blob_of(ctx, ctx.cfg.new_model).embedding_dim), np.float32)
+    found = np.array([k in pos for k in keys], dtype=bool)
+    out = np.zeros((len(keys), blob.embedding_dim), np.float32)
     out[found] = feats["new"][[pos[k] for k in keys if k in pos]]
     return out, found
 

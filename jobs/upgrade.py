@@ -1,4 +1,4 @@
-"""Entrypoint submitted to Ray: one full-backfill upgrade from a config (`--config` + `--set`)."""
+"""Entrypoint submitted to Ray: one planned upgrade from a config (`--config` + `--set`)."""
 
 from __future__ import annotations
 

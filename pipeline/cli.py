@@ -259,6 +259,13 @@ def search(
     version: Annotated[
         str | None, typer.Option(help="search this version, not the serving one")
     ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="embed the query with the NEW model and map it through this query "
+            "adapter (procrustes | low_rank | residual_mlp) into the serving space"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -269,11 +276,12 @@ def search(
     if (key is None) == (image is None):
         raise ConfigError("give exactly one of --key or --image")
     cfg = _cfg(config, set_, gallery)
-    res = search_gallery(_ctx(cfg), key=key, image=image, k=k, version=version)
+    res = search_gallery(_ctx(cfg), key=key, image=image, k=k, version=version, adapter=adapter)
     if as_json:
         console.print_json(json.dumps(res))
         return
-    t = Table(title=f"top {k} in {res['version']} for {key or image}")
+    via = f" via {adapter} adapter" if adapter else ""
+    t = Table(title=f"top {k} in {res['version']} for {key or image}{via}")
     for c in ("rank", "key", "score"):
         t.add_column(c)
     for i, (kk, s) in enumerate(zip(res["keys"], res["scores"], strict=True), 1):
@@ -296,16 +304,53 @@ def upgrade(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the stages and the plan; run nothing")
+    ] = False,
+    until: Annotated[
+        str | None, typer.Option(help="stop after this stage (e.g. plan, execute, validate)")
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option(help="discard an unfinished target version and start it again")
+    ] = False,
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
 ) -> None:
-    """Full-backfill upgrade: train old/new, ingest, backfill, evaluate, promote, summarise."""
+    """Upgrade the gallery: models → transformation → evaluate → plan → execute each shard
+    (transform | partial | full) → index → validate → promote. Rerunning resumes."""
     from pipeline.flows import print_summary, run_upgrade, write_report
 
     cfg = _cfg(config, set_)
-    rep = run_upgrade(cfg, quiet=quiet, console=console)
+    if dry_run:
+        from pipeline.graph.upgrade import dry_run as show
+
+        show(_ctx(cfg, quiet), console)
+        return
+    rep = run_upgrade(cfg, quiet=quiet, console=console, until=until, restart=restart)
     print_summary(rep, console)
     if report:
         write_report(rep, report)
+
+
+@app.command()
+@_errors
+def plan(
+    source: Annotated[
+        str | None, typer.Option("--from", help="version to upgrade (default: the serving one)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="where the plan JSON goes")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-shard plan (skip | transform | partial | full) under the budget, with expected
+    cost, quality gain and a reason; printed as a table, saved as JSON, logged to MLflow.
+    Exit 1 when a shard is blocked (no transformation and its images are gone)."""
+    from pipeline.graph.upgrade import plan_command
+
+    p, path = plan_command(_ctx(_cfg(config, set_), quiet), source, out, console)
+    console.print(f"plan: {path}")
+    if not p.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -235,6 +235,45 @@ class EvalConfig(_Model):
     report_dir: str | None = Field(None, description="default: <workdir>/reports/<name>")
 
 
+class PlanConfig(_Model):
+    """The per-shard upgrade plan: budget, quality target, the rules' thresholds, execution."""
+
+    target_version: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="the gallery version to build (default: new_model.name)",
+    )
+    budget_fraction: float | None = Field(
+        0.25, ge=0, le=1, description="images to re-embed, as a fraction of the gallery's rows"
+    )
+    budget_images: int | None = Field(None, ge=0, description="images to re-embed (absolute)")
+    budget_seconds: float | None = Field(
+        None, ge=0, description="compute seconds to spend re-embedding (measured throughputs)"
+    )
+    target_top1: float | None = Field(
+        None, ge=0, le=100, description="stop spending once the estimated top-1 reaches this"
+    )
+    full_threshold: float = Field(
+        0.7, gt=0, le=1, description="re-embed a whole shard once this fraction of it is chosen"
+    )
+    min_partial_fraction: float = Field(
+        0.01, ge=0, lt=1, description="below this fraction a shard is only transformed"
+    )
+    no_side_info: Literal["transform", "backfill"] = Field(
+        "transform",
+        description="shards without side-info: a side-info-free transformation, or full backfill",
+    )
+    quantiles: int = Field(101, ge=3, le=10_001, description="uncertainty summary per shard")
+    embed_rows_per_second: float | None = Field(
+        None, gt=0, description="cost model: decode+embed rows/s (default: measured at ingest)"
+    )
+    scan_rows_per_second: float = Field(
+        20_000, gt=0, description="cost model: rows/s to scan an image shard for chosen keys"
+    )
+    parallel_shards: int = Field(2, ge=1, description="shards executed at once (actor pool)")
+    retries: int = Field(2, ge=0, description="re-runs of a shard after a transient failure")
+
+
 class DataConfig(_Model):
     """Image shards prepared for the demo and benchmarks."""
 
@@ -265,6 +304,7 @@ class UpgradeConfig(_Model):
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
     evaluate: EvalConfig = EvalConfig()
+    plan: PlanConfig = PlanConfig()
 
     @property
     def side_info_model(self) -> SideInfoConfig:
@@ -273,6 +313,11 @@ class UpgradeConfig(_Model):
         if sc.preprocess is not None:
             return sc
         return sc.model_copy(update={"preprocess": self.old_model.preprocess})
+
+    @property
+    def target_version(self) -> str:
+        """The gallery version an upgrade builds."""
+        return self.plan.target_version or self.new_model.name
 
     @property
     def gallery_uri(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,26 +11,30 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import UpgradeConfig, load_config
-from pipeline.graph import compat_steps as cs
 from pipeline.graph import steps
 from pipeline.io import uri as uri_io
 
 
 @dataclass
 class UpgradeReport:
-    """Everything a finished upgrade reports: per-version facts, metrics, runs, timings."""
+    """Everything a finished (or stopped) upgrade reports: stages, plan, validation, runs."""
 
     gallery: str
     serving: str | None
+    target: str
     parent_run_id: str | None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    execute: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
     ui_hint: str = ""
     transformation: dict[str, Any] = field(default_factory=dict)
     compat: dict[str, Any] = field(default_factory=dict)
     compat_files: dict[str, str] = field(default_factory=dict)
+    stopped_after: str | None = None
 
 
 def demo_config(workdir: str, overrides: list[str] | None = None) -> UpgradeConfig:
@@ -64,57 +67,68 @@ def run_upgrade(
     quiet: bool = False,
     console: Console | None = None,
     prepare_source: str | None = None,
+    until: str | None = None,
+    restart: bool = False,
 ) -> UpgradeReport:
-    """Train v1 + side-info → ingest v1 → train v2 → train h → full backfill into v2 →
-    evaluate (versions and compatibility) → promote v2."""
+    """Run the upgrade graph (resuming any recorded stage) and report what it did."""
+    from pipeline.graph.dag import StageLog, run_stages
+    from pipeline.graph.upgrade import check_identity, upgrade_stages
+
     ctx = steps.Context(cfg, quiet=quiet)
     console = console or Console()
-    timings: dict[str, float] = {}
-    old, new = cfg.old_model, cfg.new_model
-
-    def timed(name: str, fn, *a, **kw):
-        t0 = time.perf_counter()
-        console.print(f"[bold cyan]▶ {name}[/]")
-        out = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        return out
-
     if prepare_source:
-        timed("prepare images", ensure_images, cfg, prepare_source)
-    with ctx.tracker.run(
-        "upgrade", ctx.tags(step="upgrade", from_version=old.name, to_version=new.name)
-    ) as parent:
-        pid = parent.run_id
-        m_old = timed(f"train {old.name}", steps.train_step, ctx, old, pid)
-        m_side = timed("train side-info", cs.train_side_info_step, ctx, pid)
-        side = cs.side_blob(ctx) if m_side is not None else None
-        v_old = timed(f"ingest {old.name}", steps.embed_version_step, ctx, old, "embed", pid, side)
-        if ctx.gallery.current() is None:
-            steps.promote_step(ctx, old.name)
-        m_new = timed(f"train {new.name}", steps.train_step, ctx, new, pid, ("candidate",))
-        trans = timed("train transformation", cs.train_transformation_step, ctx, pid)
-        v_new = timed(f"backfill {new.name}", steps.embed_version_step, ctx, new, "full", pid)
-        evals = timed("evaluate", steps.evaluate_versions, ctx, [old.name, new.name])
-        compat, files = timed("evaluate compatibility", cs.evaluate_compat_step, ctx, pid)
-        timed(f"promote {new.name}", steps.promote_step, ctx, new.name)
-        for v, m in evals.items():
-            parent.log_metrics({f"{v}_{k}": float(x) for k, x in m.items()})
-        parent.log_metrics(compat.metrics())
-        parent.log_metrics({f"{k.replace(' ', '_')}_seconds": s for k, s in timings.items()})
-    report = UpgradeReport(
+        ensure_images(cfg, prepare_source)
+    log = StageLog(ctx.gallery, cfg.target_version)
+    check_identity(ctx, log, restart)
+    stages: dict[str, dict[str, Any]] = {}
+    tags = ctx.tags(step="upgrade", from_version=cfg.old_model.name, to_version=cfg.target_version)
+    with ctx.tracker.run("upgrade", tags) as parent:
+
+        def on_event(name: str, event: str, secs: float) -> None:
+            if event == "start":
+                console.print(f"[bold cyan]▶ {name}[/]")
+                return
+            stages[name] = {"status": event, "seconds": secs}
+            mark = "✓" if event == "done" else "↻"
+            note = "" if event == "done" else " (done in an earlier run)"
+            console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
+            parent.set_tags({f"carryover.stage.{name}": event})
+            if event == "done":
+                parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
+
+        graph = upgrade_stages(ctx, lambda: parent.run_id, lambda: parent, console)
+        results = run_stages(graph, log, on_event, until)
+    return _report(ctx, results, stages, parent.run_id, until)
+
+
+def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until: str | None):
+    cfg, g = ctx.cfg, ctx.gallery
+    plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
+    ev = results.get("evaluate") or {}
+    versions = {}
+    for v in g.versions():
+        m = g.manifest(v)
+        versions[v] = {
+            k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
+        } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
+    return UpgradeReport(
         gallery=cfg.gallery_uri,
-        serving=ctx.gallery.current(),
-        parent_run_id=pid,
-        versions={v.version: {**asdict(v), **evals.get(v.version, {})} for v in (v_old, v_new)},
-        models={m.name: asdict(m) for m in (m_old, m_side, m_new) if m is not None},
-        transformation=trans or {},
-        compat=json.loads(compat.to_json()),
-        compat_files=files,
-        timings=timings,
+        serving=g.current(),
+        target=cfg.target_version,
+        parent_run_id=run_id,
+        stages=stages,
+        versions=versions,
+        plan=plan,
+        execute=results.get("execute") or {},
+        validation=results.get("validate") or {},
+        timings={k: v["seconds"] for k, v in stages.items()},
         tracking_uri=cfg.tracking_uri,
         ui_hint=_ui_hint(cfg.tracking_uri),
+        transformation=results.get("transformation") or {},
+        compat=ev.get("report") or {},
+        compat_files=ev.get("files") or {},
+        stopped_after=until if until and "promote" not in results else None,
     )
-    return report
 
 
 def _ui_hint(tracking_uri: str) -> str:
@@ -123,42 +137,29 @@ def _ui_hint(tracking_uri: str) -> str:
     return ui_hint(tracking_uri)
 
 
-def summary_table(report: UpgradeReport) -> Table:
-    """The closing summary: one row per version."""
-    t = Table(title=f"carryover upgrade — gallery {report.gallery} (serving: {report.serving})")
-    for col in (
-        "version",
-        "method",
-        "rows",
-        "rejected",
-        "shards",
-        "rows/s",
-        "top-1",
-        "top-5",
-        "mAP",
-        "MLflow run",
-    ):
-        t.add_column(
-            col, justify="right" if col not in ("version", "method", "MLflow run") else "left"
-        )
+def versions_table(report: UpgradeReport) -> Table:
+    """One row per gallery version; the serving one starred."""
+    t = Table(title=f"gallery {report.gallery} (serving: {report.serving})")
+    for col in ("version", "model", "method", "rows", "rejected", "shards", "from", "index"):
+        t.add_column(col, justify="right" if col in ("rows", "rejected", "shards") else "left")
     for v, d in report.versions.items():
         t.add_row(
             v + (" *" if v == report.serving else ""),
-            d["method"],
+            str(d["model"]),
+            str(d["method"]),
             str(d["rows"]),
             str(d["rejected"]),
             str(d["shards"]),
-            f"{d['rows_per_second']:.0f}",
-            f"{d.get('top1', float('nan')):.1f}",
-            f"{d.get('top5', float('nan')):.1f}",
-            f"{d.get('map', float('nan')):.1f}",
-            str(d.get("run_id") or "-"),
+            str(d.get("source_version") or "-"),
+            str(d.get("index") or "-"),
         )
     return t
 
 
 def print_summary(report: UpgradeReport, console: Console) -> None:
-    console.print(summary_table(report))
+    from pipeline.plan.planner import Plan
+
+    console.print(versions_table(report))
     if report.compat:
         from pipeline.evaluate.report import CompatReport
 
@@ -170,13 +171,23 @@ def print_summary(report: UpgradeReport, console: Console) -> None:
             console.print(
                 f"compatibility report: {Path(report.compat_files['report.json']).parent}"
             )
-    tt = Table(title="timings (s)")
+    if report.plan:
+        console.print(Plan.from_json(json.dumps(report.plan)).table())
+    if report.validation:
+        from pipeline.graph.validate import ValidationReport
+
+        v = {k: x for k, x in report.validation.items() if k != "ok"}
+        console.print(ValidationReport(**v).table())
+    tt = Table(title="stages (s)")
     tt.add_column("stage")
+    tt.add_column("status")
     tt.add_column("seconds", justify="right")
-    for k, s in report.timings.items():
-        tt.add_row(k, f"{s:.1f}")
-    tt.add_row("[bold]total[/]", f"{sum(report.timings.values()):.1f}")
+    for k, d in report.stages.items():
+        tt.add_row(k, d["status"], f"{d['seconds']:.1f}")
+    tt.add_row("[bold]total[/]", "", f"{sum(report.timings.values()):.1f}")
     console.print(tt)
+    if report.stopped_after:
+        console.print(f"stopped after stage {report.stopped_after!r} (--until); rerun to go on")
     console.print(f"MLflow parent run: {report.parent_run_id}  tracking: {report.tracking_uri}")
     console.print(report.ui_hint)
 

@@ -23,8 +23,12 @@ class GalleryError(RuntimeError):
     """The gallery is missing, incomplete or inconsistent; the message says where."""
 
 
-def embedding_schema(dim: int, with_side_info: int = 0) -> pa.Schema:
-    """Schema of a gallery shard: key, fixed-size float32 embedding, how it was produced."""
+def embedding_schema(dim: int, with_side_info: int = 0, uncertainty: bool = False) -> pa.Schema:
+    """Schema of a gallery shard: key, fixed-size float32 embedding, how it was produced.
+
+    Optional: FCT's side-information (carried through upgrades, the next one needs it) and
+    FastFill's log-variance of transformed rows (null where the row was embedded).
+    """
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
@@ -32,6 +36,8 @@ def embedding_schema(dim: int, with_side_info: int = 0) -> pa.Schema:
     ]
     if with_side_info:
         fields.append(pa.field("side_info", pa.list_(pa.float32(), with_side_info)))
+    if uncertainty:
+        fields.append(pa.field("uncertainty", pa.float32()))
     return pa.schema(fields)
 
 
@@ -80,6 +86,21 @@ class Gallery:
 
     def record_uri(self, version: str, shard_id: int) -> str:
         return self.path("versions", version, "_shards", f"shard-{shard_id:05d}.json")
+
+    def fallbacks_uri(self, version: str, shard_id: int) -> str:
+        return self.path("versions", version, "fallbacks", shard_file(shard_id))
+
+    def attempt_uri(self, version: str, shard_id: int, attempt: str) -> str:
+        return self.path("versions", version, "_attempts", f"shard-{shard_id:05d}-{attempt}.json")
+
+    def attempts(self, version: str) -> dict[int, int]:
+        """How many times each shard of a version in progress was started (shard id → count)."""
+        out: dict[int, int] = {}
+        for name in uri_io.list_dir(self.path("versions", version, "_attempts"), self.storage):
+            if name.startswith("shard-") and name.endswith(".json"):
+                sid = int(name.split("-")[1])
+                out[sid] = out.get(sid, 0) + 1
+        return out
 
     def index_uri(self, version: str) -> str:
         return self.path("versions", version, "index")

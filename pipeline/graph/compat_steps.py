@@ -91,18 +91,29 @@ def new_classifier(ctx: Context) -> dict[str, list]:
     return {"weight": [[0.0] * new.architecture.embedding_dim], "bias": [0.0]}
 
 
-def transformation_dir(ctx: Context) -> Path:
-    return Path(ctx.cfg.workdir) / "models" / ctx.cfg.transformation.name
+def transformation_dir(ctx: Context, tc: Any = None) -> Path:
+    return Path(ctx.cfg.workdir) / "models" / (tc or ctx.cfg.transformation).name
+
+
+def no_side_info_config(ctx: Context) -> Any:
+    """The side-info-free variant of the configured transformation (for shards without it)."""
+    tc = ctx.cfg.transformation
+    return tc.model_copy(update={"name": f"{tc.name}-noside", "side_info": False})
 
 
 def train_transformation_step(
-    ctx: Context, parent_run_id: str | None, aliases: tuple[str, ...] = ("candidate",)
+    ctx: Context,
+    parent_run_id: str | None,
+    aliases: tuple[str, ...] = ("candidate",),
+    tc: Any = None,
 ) -> dict[str, Any] | None:
-    """Train h(old, side) → new on the train split's paired features; register it in MLflow."""
+    """Train h(old, side) → new on the train split's paired features; register it in MLflow.
+
+    `tc` overrides the configured transformation (the side-info-free fallback uses it)."""
     from pipeline.embed.features import paired_features
     from pipeline.train.transformation import train_transformation
 
-    tc, cfg = ctx.cfg.transformation, ctx.cfg
+    tc, cfg = tc or ctx.cfg.transformation, ctx.cfg
     if not tc.enabled:
         return None
     t0 = time.perf_counter()
@@ -137,7 +148,7 @@ def train_transformation_step(
             {k: b.embedding_dim for k, b in blobs.items()},
             {"old": "old", "side": "side" if side else None, "new": "new"},
             new_classifier(ctx),
-            transformation_dir(ctx),
+            transformation_dir(ctx, tc),
             identity,
             Path(cfg.workdir) / "ray_results",
         )
@@ -151,7 +162,7 @@ def train_transformation_step(
             "loss": tc.loss,
         }
         version = register(
-            ctx, "transformation", transformation_dir(ctx), run, tr.config_hash, tags, aliases
+            ctx, "transformation", transformation_dir(ctx, tc), run, tr.config_hash, tags, aliases
         )
         run.set_tags({"carryover.registry_version": str(version)})
     out = asdict(tr)
@@ -303,9 +314,7 @@ def evaluate_compat_step(
         cfg.data.seed,
     )
     report.extra.update(versions=list(sets), evaluate_seconds=round(time.perf_counter() - t0, 2))
-    out = Path(
-        report_dir or cfg.evaluate.report_dir or Path(cfg.workdir) / "reports" / f"{old}-to-{new}"
-    )
+    out = Path(report_dir or default_report_dir(ctx))
     with ctx.tracker.run(
         "evaluate-compat",
         ctx.tags(step="evaluate", from_version=old, to_version=new),
@@ -320,11 +329,20 @@ def evaluate_compat_step(
     return report, files
 
 
+def default_report_dir(ctx: Context) -> Path:
+    """Where `evaluate` writes report.json and the plots unless told otherwise."""
+    cfg = ctx.cfg
+    old, new = cfg.old_model.name, cfg.new_model.name
+    return Path(cfg.evaluate.report_dir or Path(cfg.workdir) / "reports" / f"{old}-to-{new}")
+
+
 def _is_bct(ctx: Context, version: str) -> bool:
     """Whether a gallery version's model was trained with BCT's influence loss (here)."""
     from pipeline.models.store import MODEL_FILE
 
-    model = ctx.gallery.manifest(version).get("model")
+    g = ctx.gallery
+    # the new model's set is computed from the images before its version exists
+    model = g.manifest(version).get("model") if g.has_version(version) else version
     p = Path(ctx.cfg.workdir) / "models" / str(model) / MODEL_FILE
     try:
         return json.loads(p.read_text()).get("compat_loss") == "bct"

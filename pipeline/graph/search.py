@@ -45,16 +45,81 @@ def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
         return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
 
 
+def load_adapter(ctx: Context, kind: str) -> torch.nn.Module:
+    """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling."""
+    import json
+
+    from safetensors.torch import load
+
+    from pipeline.models.compat import build_adapter
+    from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
+
+    d = Path(ctx.cfg.workdir) / "models" / f"adapter-{kind}"
+    if not (d / MODEL_FILE).exists():
+        raise FileNotFoundError(
+            f"no fitted {kind!r} adapter at {d}: run `carryover evaluate` (adapters.kinds)"
+        )
+    meta = json.loads((d / MODEL_FILE).read_text())
+    adapter = build_adapter(meta["adapter"])
+    adapter.load_state_dict(load((d / WEIGHTS_FILE).read_bytes()))
+    return adapter.eval()
+
+
+def image_bytes_of_key(ctx: Context, key: str) -> bytes:
+    """The encoded image of a key, found by scanning the image shards (filter on key)."""
+    import pyarrow.compute as pc
+
+    from pipeline.graph.steps import image_shards
+    from pipeline.io import uri as uri_io
+
+    for f in image_shards(ctx.cfg).values():
+        for b in uri_io.iter_parquet_batches(f, ctx.cfg.storage, ["key", "image"]):
+            t = pa.Table.from_batches([b])
+            t = t.filter(pc.equal(t["key"], key))
+            if t.num_rows:
+                return t["image"][0].as_py()
+    raise GalleryError(f"key {key!r} has no image in {ctx.cfg.images_uri}")
+
+
+def embed_new(ctx: Context, data: bytes, what: str) -> np.ndarray:
+    """Embed one encoded image with the configured new model."""
+    from pipeline.data.decode import decode_images
+    from pipeline.models.store import build_model, resolve_blob
+
+    model = ctx.cfg.new_model
+    blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
+    dec = decode_images([data], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
+    if not dec.ok[0]:
+        raise ValueError(f"{what}: {dec.errors[0]}")
+    with torch.inference_mode():
+        return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
+
+
 def search_gallery(
     ctx: Context,
     key: str | None = None,
     image: Path | None = None,
     k: int = 10,
     version: str | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
-    """Top-k neighbours; a key query excludes the row itself from its own results."""
+    """Top-k neighbours; a key query excludes the row itself from its own results.
+
+    With `adapter`, the query is embedded by the NEW model and mapped into the serving
+    version's space by the query adapter: new-model queries served by the old index.
+    """
     version, idx = load_index(ctx, version)
-    if key is not None:
+    if adapter is not None:
+        if image is not None and not Path(image).is_file():
+            raise FileNotFoundError(f"no such image file: {image}")
+        data = Path(image).read_bytes() if image is not None else image_bytes_of_key(ctx, key)
+        with torch.inference_mode():
+            q = load_adapter(ctx, adapter)(
+                torch.from_numpy(embed_new(ctx, data, str(image or key)))
+            )
+        scores, keys = idx.search(q.numpy(), k + (key is not None))
+        pairs = [(kk, s) for kk, s in zip(keys[0], scores[0], strict=True) if kk != key][:k]
+    elif key is not None:
         found, q = version_embeddings(ctx.gallery, version, pa.array([key]))
         if not len(found):
             raise GalleryError(f"key {key!r} is not in version {version!r}")
@@ -66,6 +131,7 @@ def search_gallery(
         pairs = list(zip(keys[0], scores[0], strict=True))
     return {
         "version": version,
+        "adapter": adapter,
         "keys": [p[0] for p in pairs],
         "scores": [float(p[1]) for p in pairs],
     }

@@ -271,6 +271,7 @@ def embed_version_step(
                 "side_info_dim": side_blob.embedding_dim if side_blob else 0,
                 "index": index,
                 "run_id": run.run_id,
+                "rows_per_second": res.rows_per_second,
             },
         )
         run.log_metrics({**res.metrics(), **timer.metrics()})

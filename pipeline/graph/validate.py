@@ -1,0 +1,129 @@
+"""Checks before a planned version may serve: keys, finite values, dimension, retrieval."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
+from pipeline.io import uri as uri_io
+
+
+class ValidationFailed(GalleryError):
+    """A built version failed its checks: it is not promoted; the message lists why."""
+
+
+@dataclass
+class ValidationReport:
+    """Each check with its verdict and detail, plus the retrieval figures."""
+
+    version: str
+    source_version: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    top1: float | None = None
+    expected_top1: float | None = None
+    transform_top1: float | None = None
+    full_top1: float | None = None
+    tolerance: float = 0.0
+    queries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append({"check": name, "ok": bool(ok), "detail": detail})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def table(self) -> Table:
+        t = Table(title=f"validation of {self.version} (from {self.source_version})")
+        for c in ("check", "result", "detail"):
+            t.add_column(c)
+        for c in self.checks:
+            t.add_row(c["check"], "[green]pass[/]" if c["ok"] else "[red]FAIL[/]", c["detail"])
+        return t
+
+
+def check_keys_and_values(
+    g: Gallery, source: str, target: str, dim: int, report: ValidationReport
+) -> None:
+    """Shard by shard (bounded memory): same keys as the source, finite, right dimension."""
+    src = {int(r["shard_id"]): r for r in g.manifest(source)["shards"]}
+    tgt = {int(r["shard_id"]): r for r in g.manifest(target)["shards"]}
+    missing_shards = sorted(set(src) - set(tgt))
+    report.add(
+        "shards",
+        not missing_shards and set(tgt) == set(src),
+        f"{len(tgt)} of {len(src)} shards"
+        + (f"; missing {missing_shards}" if missing_shards else ""),
+    )
+    bad_keys, bad_vals, bad_dim, rows = [], 0, [], 0
+    for sid in sorted(set(src) & set(tgt)):
+        want = _keys(g, source, src[sid]["path"])
+        got, n_bad, d = _scan(g, target, tgt[sid]["path"])
+        rows += len(got)
+        if got != want:
+            lost, extra = len(want - got), len(got - want)
+            bad_keys.append(f"shard {sid}: {lost} missing, {extra} extra")
+        bad_vals += n_bad
+        if d not in (None, dim):
+            bad_dim.append(f"shard {sid}: dim {d}")
+    report.add(
+        "keys", not bad_keys, "; ".join(bad_keys[:5]) or f"{rows} rows, same keys as {source}"
+    )
+    report.add(
+        "finite", bad_vals == 0, f"{bad_vals} rows with NaN/inf" if bad_vals else "all finite"
+    )
+    report.add("dimension", not bad_dim, "; ".join(bad_dim[:5]) or f"{dim}-d everywhere")
+
+
+def _keys(g: Gallery, version: str, path: str) -> set[str]:
+    out: set[str] = set()
+    for b in uri_io.iter_parquet_batches(g.path("versions", version, path), g.storage, ["key"]):
+        out.update(b.column("key").to_pylist())
+    return out
+
+
+def _scan(g: Gallery, version: str, path: str) -> tuple[set[str], int, int | None]:
+    keys: set[str] = set()
+    bad, dim = 0, None
+    uri = g.path("versions", version, path)
+    for b in uri_io.iter_parquet_batches(uri, g.storage, ["key", "embedding"]):
+        keys.update(b.column("key").to_pylist())
+        e = arrow_to_embeddings(b.column("embedding"))
+        dim = e.shape[1]
+        bad += int((~np.isfinite(e).all(axis=1)).sum())
+    return keys, bad, dim
+
+
+def check_retrieval(
+    report: ValidationReport,
+    gallery_vecs: np.ndarray,
+    query_vecs: np.ndarray,
+    labels: np.ndarray,
+    metric: str,
+) -> None:
+    """Top-1 of new-model queries against the version's rows of the same labelled keys
+    (each query's own row excluded), against the plan's estimate minus the tolerance."""
+    from pipeline.evaluate.metrics import retrieval_metrics
+
+    report.queries = len(labels)
+    if len(labels) < 2:
+        report.add("retrieval", False, "fewer than 2 labelled validation rows to query with")
+        return
+    m = retrieval_metrics(query_vecs, gallery_vecs, labels, labels, metric, exclude_self=True)
+    report.top1 = float(m["top1"])
+    floor = (report.expected_top1 or 0.0) - report.tolerance
+    ok = report.top1 >= floor
+    report.add(
+        "retrieval",
+        ok,
+        f"top-1 {report.top1:.2f} vs plan estimate {report.expected_top1:.2f} − tolerance "
+        f"{report.tolerance:.1f} = {floor:.2f} (transform only {report.transform_top1:.2f}, "
+        f"full {report.full_top1:.2f}; {len(labels)} queries)",
+    )

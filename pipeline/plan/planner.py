@@ -1,0 +1,783 @@
+"""Backfill planner: per shard skip, transform, partial, full or blocked under a re-embed budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
+
+METHODS = ("skip", "transform", "partial", "full", "blocked")
+# Applying h is a small network over stored vectors, roughly 50x cheaper per row than decoding and
+# embedding an image: a transform is costed at rows / (TRANSFORM_SPEEDUP * embed_rows_per_second).
+TRANSFORM_SPEEDUP = 50.0
+_BISECT_STEPS = 50
+_TARGET_STEPS = 30
+_MAX_ROUNDS = 50
+_EPS = 1e-9
+
+
+class PlanError(ValueError):
+    """Invalid planner input; the message names the offending shard or setting."""
+
+
+@dataclass
+class ShardFacts:
+    """What the planner knows about one gallery shard."""
+
+    shard_id: int
+    rows: int
+    source_version: str
+    space: str
+    native_rows: int = 0
+    has_side_info: bool = True
+    images_available: bool = True
+    transform: list[str] | None = None
+    uncertainty: list[float] = field(default_factory=list)
+
+    @property
+    def nonnative(self) -> int:
+        """Rows not yet embedded by the target model."""
+        return max(self.rows - self.native_rows, 0)
+
+
+@dataclass
+class QualityCurve:
+    """Top-1 (percent) after backfilling each fraction of the gallery in uncertainty order
+    (random order when h has no uncertainty head)."""
+
+    fractions: list[float]
+    top1: list[float]
+    ordering: str = "uncertainty"
+
+    def __post_init__(self) -> None:
+        self.fractions = [float(x) for x in self.fractions]
+        self.top1 = [float(y) for y in self.top1]
+        if len(self.fractions) != len(self.top1):
+            raise PlanError(
+                f"curve {self.ordering!r}: {len(self.fractions)} fractions but "
+                f"{len(self.top1)} top-1 values"
+            )
+        if len(self.fractions) < 2:
+            raise PlanError(f"curve {self.ordering!r}: needs at least 2 points")
+        if not all(math.isfinite(v) for v in self.fractions + self.top1):
+            raise PlanError(f"curve {self.ordering!r}: NaN or infinite values")
+        if any(b <= a for a, b in zip(self.fractions, self.fractions[1:], strict=False)):
+            raise PlanError(f"curve {self.ordering!r}: fractions must be strictly ascending")
+        if self.fractions[0] < 0.0 or self.fractions[-1] > 1.0:
+            raise PlanError(f"curve {self.ordering!r}: fractions must lie in [0, 1]")
+
+    @property
+    def transform_top1(self) -> float:
+        """Top-1 with nothing backfilled (every row transformed)."""
+        return self.top1[0]
+
+    @property
+    def full_top1(self) -> float:
+        """Top-1 with the whole gallery re-embedded."""
+        return self.top1[-1]
+
+    def at(self, f: float) -> float:
+        """Top-1 after backfilling fraction `f` (linear interpolation, flat outside the points)."""
+        return float(np.interp(f, self.fractions, self.top1))
+
+    def slope(self, f: float) -> float:
+        """Derivative of `at` (top-1 points per unit fraction) at `f`; right segment at a knot."""
+        return float(self._slopes(np.asarray([f], dtype=float))[0])
+
+    def _slopes(self, f: np.ndarray) -> np.ndarray:
+        x, y = np.asarray(self.fractions), np.asarray(self.top1)
+        seg = np.diff(y) / np.diff(x)
+        i = np.clip(np.searchsorted(x, f, side="right") - 1, 0, len(seg) - 1)
+        # `at` is flat outside the measured range, so its derivative is zero there.
+        return np.where((f < x[0]) | (f > x[-1]), 0.0, seg[i])
+
+    @classmethod
+    def from_report(
+        cls,
+        curves: Mapping[str, Mapping[str, Any]],
+        prefer: Sequence[str] = ("uncertainty", "random", "oracle"),
+    ) -> QualityCurve:
+        """The first usable ordering of `prefer` in `CompatReport.curves`; null points dropped."""
+        for name in prefer:
+            c = curves.get(name)
+            if not c:
+                continue
+            pts = [
+                (float(f), float(t))
+                for f, t in zip(c.get("fractions") or [], c.get("top1") or [], strict=False)
+                if f is not None and t is not None and math.isfinite(f) and math.isfinite(t)
+            ]
+            try:
+                return cls([f for f, _ in pts], [t for _, t in pts], ordering=name)
+            except PlanError:
+                continue  # too few finite points or malformed: try the next ordering
+        raise PlanError(
+            f"no usable backfilling curve among {list(prefer)}; report has {sorted(curves)}"
+        )
+
+
+@dataclass
+class Budget:
+    """How much re-embedding is allowed; both None means unlimited."""
+
+    images: int | None = None
+    seconds: float | None = None
+    embed_rows_per_second: float = 500.0
+    scan_rows_per_second: float = 20000.0
+
+
+@dataclass
+class PlanRules:
+    """Thresholds that turn a re-embed fraction into a method."""
+
+    full_threshold: float = 0.7
+    min_partial_fraction: float = 0.01
+    target_top1: float | None = None
+
+
+@dataclass
+class ShardPlan:
+    """The decision for one shard."""
+
+    shard_id: int
+    rows: int
+    method: str
+    reembed_rows: int
+    fraction: float
+    transform: list[str] | None
+    cost_seconds: float
+    expected_gain: float
+    reason: str
+    images_available: bool
+    has_side_info: bool
+    space: str
+    source_version: str
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+@dataclass
+class Plan:
+    """A backfill plan over every shard, with its cost and expected top-1."""
+
+    target: str
+    shards: list[ShardPlan]
+    budget: dict
+    rules: dict
+    reembed_rows: int
+    total_rows: int
+    cost_seconds: float
+    transform_top1: float
+    full_top1: float
+    expected_top1: float
+    curve_ordering: str
+    warnings: list[str] = field(default_factory=list)
+    # How expected_top1 was obtained: "curve" (the backfilling curve, per-shard gains) or
+    # "simulated" (the plan replayed on the labelled validation rows); curve_top1 keeps the
+    # curve's figure when the simulation replaced it.
+    estimate: str = "curve"
+    estimate_rows: int = 0
+    curve_top1: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every shard can be produced (none blocked)."""
+        return all(s.method != "blocked" for s in self.shards)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of shards per method, every method present (zero when unused)."""
+        out = dict.fromkeys(METHODS, 0)
+        for s in self.shards:
+            out[s.method] += 1
+        return out
+
+    def shard(self, shard_id: int) -> ShardPlan:
+        """The plan of shard `shard_id`."""
+        for s in self.shards:
+            if s.shard_id == shard_id:
+                return s
+        raise PlanError(f"no shard {shard_id} in the plan")
+
+    def to_json(self) -> str:
+        """Strict JSON of the whole plan."""
+        return json.dumps(asdict(self), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Inverse of `to_json`."""
+        d = json.loads(text)
+        d["shards"] = [ShardPlan(**s) for s in d["shards"]]
+        return cls(**d)
+
+    def _budget_text(self) -> str:
+        images, seconds = self.budget.get("images"), self.budget.get("seconds")
+        parts = [f"{images:,} images"] if images is not None else []
+        parts += [f"{seconds:,.0f} s"] if seconds is not None else []
+        return " / ".join(parts) or "unlimited"
+
+    def _estimate_text(self) -> str:
+        if self.estimate == "simulated":
+            curve = f", curve {self.curve_top1:.2f}" if self.curve_top1 is not None else ""
+            return f"simulated on {self.estimate_rows:,} validation rows{curve}"
+        return f"from the {self.curve_ordering} backfilling curve"
+
+    def _caption(self) -> str:
+        share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
+        lines = [
+            f"re-embed {self.reembed_rows:,} of {self.total_rows:,} images ({_pct(share)}) · "
+            f"budget {self._budget_text()} · est. cost {self.cost_seconds:,.1f} s · "
+            f"expected top-1 {self.expected_top1:.2f} (transform-only "
+            f"{self.transform_top1:.2f}, full {self.full_top1:.2f}; {self._estimate_text()})"
+        ]
+        lines += [f"warning: {escape(w)}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def table(self) -> Table:
+        """One row per shard: method, re-embed rows, availability, cost, gain and reason."""
+        t = Table(title=f"backfill plan → {self.target}", caption=self._caption())
+        for name in ("shard", "rows", "method", "re-embed", "images", "side-info", "space"):
+            t.add_column(name, justify="right" if name in ("shard", "rows", "re-embed") else "left")
+        t.add_column("cost (s)", justify="right")
+        t.add_column("+top-1", justify="right")
+        t.add_column("reason", overflow="fold")
+        for s in self.shards:
+            t.add_row(
+                str(s.shard_id),
+                f"{s.rows:,}",
+                s.method,
+                f"{s.reembed_rows:,} ({_pct(s.fraction)})",
+                "yes" if s.images_available else "gone",
+                "yes" if s.has_side_info else "no",
+                escape(s.space),
+                f"{s.cost_seconds:,.1f}",
+                f"{s.expected_gain:+.2f}",
+                escape(s.reason),
+            )
+        return t
+
+    def summary(self) -> str:
+        """One line: methods, rows re-embedded, cost and expected top-1."""
+        methods = ", ".join(f"{n} {m}" for m, n in self.counts.items() if n)
+        share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
+        line = (
+            f"plan → {self.target}: {len(self.shards)} shards ({methods}); re-embed "
+            f"{self.reembed_rows:,} of {self.total_rows:,} ({_pct(share)}); est. "
+            f"{self.cost_seconds:,.0f} s; top-1 {self.expected_top1:.2f} (transform-only "
+            f"{self.transform_top1:.2f}, full {self.full_top1:.2f})"
+        )
+        return line if self.ok else line + "; BLOCKED shards"
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _has_q(f: ShardFacts) -> bool:
+    return len(f.uncertainty) > 0
+
+
+def _validate_shard(f: ShardFacts) -> None:
+    name = f"shard {f.shard_id}"
+    if f.rows < 0:
+        raise PlanError(f"{name}: negative rows ({f.rows})")
+    if not 0 <= f.native_rows <= f.rows:
+        raise PlanError(f"{name}: native_rows {f.native_rows} outside 0..rows ({f.rows})")
+    # [] is the identity: the rows are already in the target space (an earlier transform).
+    if f.transform is not None and not all(f.transform):
+        raise PlanError(f"{name}: unnamed step in transformation chain {f.transform!r}")
+    if _has_q(f):
+        u = np.asarray(f.uncertainty, dtype=float)
+        if u.ndim != 1 or len(u) < 2:
+            raise PlanError(f"{name}: need at least 2 uncertainty quantiles, got {u.size}")
+        if not np.isfinite(u).all():
+            raise PlanError(f"{name}: NaN or infinite uncertainty quantiles")
+        if np.any(np.diff(u) < 0):
+            raise PlanError(f"{name}: uncertainty quantiles must be ascending")
+
+
+def _validate(facts: Sequence[ShardFacts], budget: Budget, rules: PlanRules) -> None:
+    if not facts:
+        raise PlanError("no shards to plan")
+    seen: set[int] = set()
+    for f in facts:
+        _validate_shard(f)
+        if f.shard_id in seen:
+            raise PlanError(f"shard {f.shard_id}: listed twice")
+        seen.add(f.shard_id)
+    if budget.images is not None and budget.images < 0:
+        raise PlanError(f"budget images must be >= 0, got {budget.images}")
+    if budget.seconds is not None and not 0 <= budget.seconds < math.inf:
+        raise PlanError(f"budget seconds must be finite and >= 0, got {budget.seconds}")
+    rates = (budget.embed_rows_per_second, budget.scan_rows_per_second)
+    if not all(0 < r < math.inf for r in rates):
+        raise PlanError(f"budget throughputs (rows per second) must be finite and > 0, got {rates}")
+    if not 0 < rules.full_threshold <= 1:
+        raise PlanError(f"full_threshold must be in (0, 1], got {rules.full_threshold}")
+    if not 0 <= rules.min_partial_fraction <= rules.full_threshold:
+        raise PlanError(
+            f"min_partial_fraction must be in [0, full_threshold], got {rules.min_partial_fraction}"
+        )
+    if rules.target_top1 is not None and not math.isfinite(rules.target_top1):
+        raise PlanError(f"target_top1 must be finite, got {rules.target_top1}")
+
+
+# --- uncertainty distributions ------------------------------------------------------------------
+
+
+def _interp_cdf(k: np.ndarray, lo: np.ndarray, hi: np.ndarray, tau: Any, q: int) -> np.ndarray:
+    """CDF from the index k of the last quantile <= tau and the quantiles around it."""
+    width = np.where(hi > lo, hi - lo, 1.0)
+    inner = (np.clip(k, 0, q - 2) + np.clip((tau - lo) / width, 0.0, 1.0)) / (q - 1)
+    return np.where(k < 0, 0.0, np.where(k >= q - 1, 1.0, inner))
+
+
+def _cdf(x: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """Right-continuous CDF at each `tau` of one shard, from its evenly spaced quantiles `x`."""
+    k = np.searchsorted(x, tau, side="right") - 1
+    kk = np.clip(k, 0, len(x) - 2)
+    return _interp_cdf(k, x[kk], x[kk + 1], tau, len(x))
+
+
+def _cdf_rows(x: np.ndarray, tau: float) -> np.ndarray:
+    """`_cdf` of many shards (one row of quantiles each) at one threshold."""
+    q = x.shape[1]
+    k = (x <= tau).sum(axis=1) - 1
+    kk, r = np.clip(k, 0, q - 2), np.arange(len(x))
+    return _interp_cdf(k, x[r, kk], x[r, kk + 1], tau, q)
+
+
+class _Ordering:
+    """The gallery's global uncertainty order: G(u) = fraction of all rows more uncertain than u."""
+
+    def __init__(self, facts: Sequence[ShardFacts], total_rows: int) -> None:
+        qs = [(np.asarray(f.uncertainty, float), f.nonnative) for f in facts if _has_q(f)]
+        qs = [(x, m) for x, m in qs if m > 0]
+        self.knots = np.unique(np.concatenate([x for x, _ in qs])) if qs else np.zeros(1)
+        g = np.zeros(len(self.knots))
+        for x, m in qs:
+            g += m * (1.0 - _cdf(x, self.knots))
+        self.g = g / max(total_rows, 1)
+
+    def at(self, u: np.ndarray) -> np.ndarray:
+        # Between knots every shard's CDF is linear in u, so G is too: interpolation is exact.
+        return np.interp(u, self.knots, self.g)
+
+
+class _Pool:
+    """Eligible shards still competing for the budget, as arrays for a fast threshold search."""
+
+    def __init__(self, facts: Sequence[ShardFacts]) -> None:
+        self.ids = [f.shard_id for f in facts]
+        self.rows = np.array([f.rows for f in facts], dtype=float)
+        self.nonnative = np.array([f.nonnative for f in facts], dtype=float)
+        self.has_q = np.array([_has_q(f) for f in facts], dtype=bool)
+        by_q: dict[int, list[int]] = {}
+        for i, f in enumerate(facts):
+            if _has_q(f):
+                by_q.setdefault(len(f.uncertainty), []).append(i)
+        self.groups = [
+            (np.array(idx), np.array([facts[i].uncertainty for i in idx], dtype=float))
+            for _, idx in sorted(by_q.items())
+        ]
+        if self.groups:
+            self.lo = min(float(x.min()) for _, x in self.groups) - 1.0
+            self.hi = max(float(x.max()) for _, x in self.groups)
+        else:
+            self.lo, self.hi = 0.0, 1.0  # the parameter is then the fraction left out
+
+    def counts(self, tau: float) -> np.ndarray:
+        """Continuous re-embed counts at threshold `tau`, before rounding down."""
+        c = np.zeros(len(self.ids))
+        if self.groups:
+            for idx, x in self.groups:
+                c[idx] = self.nonnative[idx] * (1.0 - _cdf_rows(x, tau))
+            q_rows = self.nonnative[self.has_q].sum()
+            frac = c[self.has_q].sum() / q_rows if q_rows > 0 else 0.0
+        else:
+            frac = 1.0 - tau
+        # Rows without an uncertainty have no order: they get the same share as the ordered ones.
+        c[~self.has_q] = frac * self.nonnative[~self.has_q]
+        return c
+
+
+# --- cost model ---------------------------------------------------------------------------------
+
+
+def _limit(budget: Budget) -> np.ndarray:
+    """(images, seconds) allowed; infinity where that budget is not set."""
+    images = math.inf if budget.images is None else float(budget.images)
+    seconds = math.inf if budget.seconds is None else float(budget.seconds)
+    return np.array([images, seconds])
+
+
+def _full_cost(f: ShardFacts, budget: Budget) -> np.ndarray:
+    return np.array([f.nonnative, f.nonnative / budget.embed_rows_per_second], dtype=float)
+
+
+def _pool_cost(pool: _Pool, n: np.ndarray, budget: Budget) -> np.ndarray:
+    partial = (n > 0) & (n < pool.nonnative)
+    # Picking rows by key means reading the whole image shard to find them.
+    seconds = n.sum() / budget.embed_rows_per_second
+    seconds += pool.rows[partial].sum() / budget.scan_rows_per_second
+    return np.array([n.sum(), seconds], dtype=float)
+
+
+def _fits(cost: np.ndarray, remaining: np.ndarray) -> bool:
+    return bool(np.all(cost <= remaining + _EPS))
+
+
+def _shard_seconds(f: ShardFacts, method: str, n: int, budget: Budget) -> float:
+    embed, scan = budget.embed_rows_per_second, budget.scan_rows_per_second
+    transform = f.nonnative / (TRANSFORM_SPEEDUP * embed)
+    if method == "transform":
+        return transform
+    if method == "partial":
+        return transform + n / embed + f.rows / scan
+    if method == "full":
+        return n / embed
+    return 0.0
+
+
+# --- allocation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pick:
+    method: str
+    rows: int
+    reason: str
+
+
+def _take(c: np.ndarray) -> np.ndarray:
+    return np.floor(c + _EPS).astype(np.int64)
+
+
+def _threshold(pool: _Pool, remaining: np.ndarray, budget: Budget) -> tuple[np.ndarray, float]:
+    """Rows per shard above the lowest global threshold whose cost fits `remaining`."""
+    if not pool.ids:
+        return np.zeros(0, dtype=np.int64), pool.hi
+
+    def fits(c: np.ndarray) -> bool:
+        return _fits(_pool_cost(pool, _take(c), budget), remaining)
+
+    lo, hi = pool.lo, pool.hi
+    if fits(pool.counts(lo)):
+        return _take(pool.counts(lo)), lo
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fits(pool.counts(mid)) else (mid, hi)
+    # Rows tied at one uncertainty (repeated quantiles) enter together; share out what the budget
+    # allows of that jump pro rata between the two bracketing thresholds.
+    c_hi, c_lo = pool.counts(hi), pool.counts(lo)
+    a, b = 0.0, 1.0
+    for _ in range(_BISECT_STEPS):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if fits(c_hi + mid * (c_lo - c_hi)) else (a, mid)
+    return _take(c_hi + a * (c_lo - c_hi)), hi
+
+
+def _promote(
+    active: list[ShardFacts],
+    n: np.ndarray,
+    remaining: np.ndarray,
+    budget: Budget,
+    rules: PlanRules,
+    picks: dict[int, _Pick],
+) -> bool:
+    """Shards whose share reaches full_threshold go full while their whole cost fits."""
+    frac = n / np.array([f.nonnative for f in active], dtype=float)
+    changed = False
+    for i in sorted(range(len(active)), key=lambda i: (-frac[i], active[i].shard_id)):
+        if frac[i] < rules.full_threshold:
+            break
+        cost = _full_cost(active[i], budget)
+        if _fits(cost, remaining):
+            remaining -= cost
+            picks[active[i].shard_id] = _Pick(
+                "full",
+                active[i].nonnative,
+                f"re-embed fraction {_pct(frac[i])} ≥ full_threshold "
+                f"{_pct(rules.full_threshold)}: full",
+            )
+            changed = True
+    return changed
+
+
+def _demote(
+    active: list[ShardFacts], n: np.ndarray, rules: PlanRules, picks: dict[int, _Pick]
+) -> bool:
+    """Shards with a sliver of rows are only transformed; their rows go back to the others."""
+    changed = False
+    for f, k in zip(active, n, strict=True):
+        frac = k / f.nonnative
+        if k > 0 and frac < rules.min_partial_fraction:
+            picks[f.shard_id] = _Pick(
+                "transform",
+                0,
+                f"re-embed fraction {_pct(frac)} < min_partial_fraction "
+                f"{_pct(rules.min_partial_fraction)}: transform only",
+            )
+            changed = True
+    return changed
+
+
+def _final_pick(f: ShardFacts, k: int, tau: float, rules: PlanRules) -> _Pick:
+    frac = k / f.nonnative
+    if k <= 0:
+        if _has_q(f):
+            return _Pick("transform", 0, f"uncertainty below the budget's threshold (τ={tau:.2f})")
+        return _Pick("transform", 0, "budget exhausted: transform only")
+    if k >= f.nonnative:
+        return _Pick("full", f.nonnative, "whole shard fits in the budget: full")
+    if _has_q(f):
+        reason = f"top {_pct(frac)} by uncertainty (τ={tau:.2f})"
+    else:
+        reason = f"{_pct(frac)} in random order (no uncertainty head)"
+    if frac >= rules.full_threshold:
+        reason += "; a full re-embed would exceed the budget"
+    return _Pick("partial", k, reason)
+
+
+def _allocate(
+    facts: list[ShardFacts], remaining: np.ndarray, budget: Budget, rules: PlanRules
+) -> dict[int, _Pick]:
+    """Methods and re-embed rows of the eligible shards within `remaining` (images, seconds)."""
+    if np.all(np.isinf(remaining)):
+        return {f.shard_id: _Pick("full", f.nonnative, "no budget limit: full") for f in facts}
+    if np.any(remaining <= 0):
+        return {
+            f.shard_id: _Pick("transform", 0, "no re-embed budget: transform only") for f in facts
+        }
+    remaining = remaining.copy()
+    picks: dict[int, _Pick] = {}
+    active = list(facts)
+    for _ in range(_MAX_ROUNDS):
+        pool = _Pool(active)
+        n, tau = _threshold(pool, remaining, budget)
+        # Promotions first: a demotion decided before them could be undone by the rows they free.
+        if not (
+            _promote(active, n, remaining, budget, rules, picks) or _demote(active, n, rules, picks)
+        ):
+            break
+        active = [f for f in active if f.shard_id not in picks]
+    else:
+        pool = _Pool(active)
+        n, tau = _threshold(pool, remaining, budget)
+    for f, k in zip(active, n, strict=True):
+        picks[f.shard_id] = _final_pick(f, int(k), tau, rules)
+    return picks
+
+
+# --- expected quality ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    target: str
+    curve: QualityCurve
+    budget: Budget
+    rules: PlanRules
+    order: _Ordering
+    total: int
+
+
+def _shard_gain(f: ShardFacts, n: int, ctx: _Ctx) -> float:
+    """Top-1 points that re-embedding `n` of this shard's rows (most uncertain first) adds."""
+    if n <= 0 or ctx.total <= 0:
+        return 0.0
+    curve = ctx.curve
+    if not _has_q(f):
+        return n / ctx.total * (curve.full_top1 - curve.transform_top1)
+    x = np.asarray(f.uncertainty, dtype=float)
+    bins = len(x) - 1
+    per_bin = f.nonnative / bins
+    take = np.clip(n - per_bin * np.arange(bins), 0.0, per_bin)  # rows from each bin, top first
+    hi, lo = x[::-1][:-1], x[::-1][1:]
+    # A partly taken bin holds its upper part: its middle is that part's middle.
+    mid = hi - 0.5 * (take / per_bin) * (hi - lo)
+    return float(np.sum(take / ctx.total * curve._slopes(ctx.order.at(mid))))
+
+
+def _estimate(gains: float, ctx: _Ctx) -> float:
+    top = ctx.curve.top1
+    return float(np.clip(ctx.curve.transform_top1 + gains, min(top), max(top)))
+
+
+def _picks_gain(facts: list[ShardFacts], picks: dict[int, _Pick], ctx: _Ctx) -> float:
+    return sum(_shard_gain(f, picks[f.shard_id].rows, ctx) for f in facts)
+
+
+def _spend(
+    eligible: list[ShardFacts], pool_limit: np.ndarray, fixed_gain: float, ctx: _Ctx
+) -> tuple[dict[int, _Pick], np.ndarray, list[str]]:
+    """Allocate the pool budget, trimmed to the smallest that reaches the target top-1 if set."""
+    budget, rules = ctx.budget, ctx.rules
+    picks = _allocate(eligible, pool_limit, budget, rules)
+    target = rules.target_top1
+    if target is None:
+        return picks, pool_limit, []
+    best = _estimate(fixed_gain + _picks_gain(eligible, picks, ctx), ctx)
+    if best < target:
+        return (
+            picks,
+            pool_limit,
+            [f"target top-1 {target:.2f} not reached: {best:.2f} expected with the whole budget"],
+        )
+    zero = _allocate(eligible, np.zeros(2), budget, rules)
+    if _estimate(fixed_gain, ctx) >= target:
+        for p in zero.values():
+            p.reason = "target top-1 reached without backfill"
+        return zero, np.zeros(2), []
+    full = np.sum([_full_cost(f, budget) for f in eligible], axis=0)
+    # An unlimited budget is searched between nothing and re-embedding every eligible shard.
+    base = full if np.all(np.isinf(pool_limit)) else pool_limit
+    lo, hi = 0.0, 1.0
+    for _ in range(_TARGET_STEPS):
+        mid = 0.5 * (lo + hi)
+        trial = _allocate(eligible, _scaled(base, mid), budget, rules)
+        if _estimate(fixed_gain + _picks_gain(eligible, trial, ctx), ctx) >= target:
+            hi, picks = mid, trial
+        else:
+            lo = mid
+    for p in picks.values():
+        if p.method == "transform":
+            p.reason += f"; target top-1 {target:.2f} reached"
+    return picks, _scaled(base, hi), []
+
+
+def _scaled(limit: np.ndarray, s: float) -> np.ndarray:
+    # inf * 0 is NaN: an unset budget stays unset at any scale.
+    return np.where(np.isinf(limit), math.inf, limit * s)
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def _chain_note(f: ShardFacts) -> str:
+    if f.transform == []:
+        return f"rows already in the target space ({f.space})"
+    chain = " → ".join(f.transform or [])
+    if not f.has_side_info:
+        return f"no side-info: {chain}"
+    return f"composes {chain}" if len(f.transform or []) > 1 else ""
+
+
+def _classify(f: ShardFacts, target: str) -> _Pick | None:
+    """The method forced by a shard's facts, or None when it competes for the budget."""
+    if f.native_rows >= f.rows:
+        return _Pick("skip", 0, f"already embedded by {target}")
+    if f.transform is None:
+        if not f.images_available:
+            return _Pick("blocked", 0, f"no transformation from {f.space} and images gone")
+        if not f.has_side_info:
+            why = "no side-info and no side-info-free transformation"
+        else:
+            why = f"no transformation from {f.space} to {target}"
+        return _Pick("full", f.nonnative, f"{why}: full backfill")
+    if not f.images_available:
+        note = _chain_note(f)
+        return _Pick(
+            "transform", 0, "images unavailable: transform only" + (f" ({note})" if note else "")
+        )
+    return None
+
+
+def _warn_mandatory(need: np.ndarray, limit: np.ndarray) -> list[str]:
+    out = []
+    if need[0] > limit[0]:
+        out.append(
+            f"mandatory full backfills need {int(need[0]):,} images, over the budget of "
+            f"{int(limit[0]):,}"
+        )
+    if need[1] > limit[1]:
+        out.append(
+            f"mandatory full backfills need {need[1]:,.1f} s, over the budget of {limit[1]:,.1f} s"
+        )
+    return out
+
+
+def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardPlan:
+    return ShardPlan(
+        shard_id=f.shard_id,
+        rows=f.rows,
+        method=p.method,
+        reembed_rows=int(p.rows),
+        fraction=p.rows / f.rows if f.rows else 0.0,
+        transform=list(f.transform) if f.transform is not None else None,
+        cost_seconds=_shard_seconds(f, p.method, p.rows, ctx.budget),
+        expected_gain=_shard_gain(f, p.rows, ctx) if p.method in ("partial", "full") else 0.0,
+        reason=p.reason,
+        images_available=f.images_available,
+        has_side_info=f.has_side_info,
+        space=f.space,
+        source_version=f.source_version,
+    )
+
+
+def _budget_dict(budget: Budget, pool_limit: np.ndarray) -> dict:
+    d = asdict(budget)
+    # What the budget left for shards that compete for it, after mandatory fulls and the target.
+    images = pool_limit[0]
+    d["available_images"] = None if math.isinf(images) else int(math.floor(images + _EPS))
+    d["available_seconds"] = None if math.isinf(pool_limit[1]) else float(pool_limit[1])
+    return d
+
+
+def make_plan(
+    facts: list[ShardFacts],
+    target: str,
+    curve: QualityCurve,
+    budget: Budget,
+    rules: PlanRules = PlanRules(),
+) -> Plan:
+    """Decide each shard's method under `budget`; pure, deterministic (ties by shard_id)."""
+    _validate(facts, budget, rules)
+    facts = sorted(facts, key=lambda f: f.shard_id)
+    total = sum(f.rows for f in facts)
+    ctx = _Ctx(target, curve, budget, rules, _Ordering(facts, total), total)
+    picks = {f.shard_id: p for f in facts if (p := _classify(f, target)) is not None}
+    eligible = [f for f in facts if f.shard_id not in picks]
+    mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
+    need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
+    limit = _limit(budget)
+    warnings = _warn_mandatory(need, limit)
+    if warnings:
+        pool_limit = np.zeros(2)
+        reason = "budget spent on mandatory full backfills: transform only"
+        picks.update({f.shard_id: _Pick("transform", 0, reason) for f in eligible})
+    else:
+        fixed = sum(_shard_gain(f, f.nonnative, ctx) for f in mandatory)
+        spent, pool_limit, warnings = _spend(eligible, limit - need, fixed, ctx)
+        picks.update(spent)
+    for f in eligible:
+        note = _chain_note(f)
+        picks[f.shard_id].reason += f"; {note}" if note else ""
+    shards = [_shard_plan(f, picks[f.shard_id], ctx) for f in facts]
+    blocked = [s for s in shards if s.method == "blocked"]
+    if blocked:
+        warnings.append(
+            f"{len(blocked)} shard(s) blocked ({sum(s.rows for s in blocked):,} rows, ids "
+            f"{[s.shard_id for s in blocked]}): no transformation and images gone"
+        )
+    return Plan(
+        target=target,
+        shards=shards,
+        budget=_budget_dict(budget, pool_limit),
+        rules=asdict(rules),
+        reembed_rows=sum(s.reembed_rows for s in shards),
+        total_rows=total,
+        cost_seconds=float(sum(s.cost_seconds for s in shards)),
+        transform_top1=curve.transform_top1,
+        full_top1=curve.full_top1,
+        expected_top1=_estimate(sum(s.expected_gain for s in shards), ctx),
+        curve_ordering=curve.ordering,
+        warnings=warnings,
+    )

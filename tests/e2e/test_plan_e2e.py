@@ -1,0 +1,225 @@
+"""The upgrade job graph end to end on real Ray: planned mixes, resume after SIGKILL,
+failed validation, `carryover plan` rules, dry run, adapter search during the upgrade."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.prepare import prepare
+from pipeline.flows import run_upgrade
+from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_arrow
+from pipeline.graph import steps
+from pipeline.graph.search import search_gallery
+from pipeline.graph.validate import ValidationFailed
+from pipeline.io import uri
+from tests.e2e.test_upgrade_e2e import TINY
+
+pytestmark = pytest.mark.slow
+SHARDS, ROWS = 8, 800
+
+
+def _sets(workdir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"workdir={workdir}", "gallery_name=plan", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, ray_local) -> Path:
+    """A gallery of 8 shards with v1 ingested, v2 + h trained and evaluated (shared, read-only)."""
+    base = tmp_path_factory.mktemp("planned")
+    cfg = load_config(None, _sets(base))
+    prepare("digits", cfg.images_uri, SHARDS, cfg.storage, cfg.data, limit=ROWS)
+    run_upgrade(cfg, quiet=True, until="evaluate")
+    return base
+
+
+def _copy(base: Path, dst: Path) -> Path:
+    """A private copy of the evaluated workdir; recorded paths now point into the copy."""
+    shutil.copytree(base, dst)
+    for f in (dst / "gallery").rglob("*.json"):
+        f.write_text(f.read_text().replace(str(base), str(dst)))
+    return dst
+
+
+def _strip_side_info(g: Gallery, version: str, shard_id: int) -> None:
+    u = g.shard_uri(version, shard_id)
+    uri.write_table(uri.read_table(u).drop_columns(["side_info"]), u)
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, **kw
+    )
+
+
+def _flags(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path) -> None:
+    wd = _copy(evaluated, tmp_path / "wd")
+    cfg = load_config(None, _sets(wd, "plan.no_side_info=backfill", "plan.budget_fraction=0.25"))
+    ctx = steps.Context(cfg, quiet=True)
+    g = ctx.gallery
+    (wd / "images" / "shard-00006.parquet").unlink()  # images gone: transform only
+    _strip_side_info(g, "v1", 7)  # no side-info, no fallback h: full backfill
+
+    # serving during the upgrade: the old version answers, also for new-model queries
+    key = next(iter(g.iter_embeddings("v1", columns=("key",)))).column("key")[0].as_py()
+    plain = search_gallery(ctx, key=key, k=5)
+    via = search_gallery(ctx, key=key, k=5, adapter="procrustes")
+    assert plain["version"] == via["version"] == "v1" and via["adapter"] == "procrustes"
+    assert len(via["keys"]) == 5 and key not in via["keys"]
+
+    report = run_upgrade(cfg, quiet=True)
+    plan = {s["shard_id"]: s for s in report.plan["shards"]}
+    assert plan[6]["method"] == "transform" and "images unavailable" in plan[6]["reason"]
+    assert plan[7]["method"] == "full" and "no side-info" in plan[7]["reason"]
+    assert {plan[i]["method"] for i in range(6)} == {"partial"}
+    # ~25% of 800 images: shard 7's 100 mandatory rows, the rest by uncertainty
+    assert report.plan["reembed_rows"] == 200
+    assert g.current() == "v2" and report.serving == "v2"
+    val = report.validation
+    assert val["ok"] and val["top1"] > val["transform_top1"]
+    assert val["top1"] >= val["expected_top1"] - val["tolerance"]
+    # every row is accounted for, with its source
+    recs = {r["shard_id"]: r for r in g.manifest("v2")["shards"]}
+    assert sum(r["rows"] for r in recs.values()) == ROWS and g.manifest("v2")["rejected"] == 0
+    assert recs[6]["sources"] == {"transform:v1->v2": recs[6]["rows"]}
+    assert recs[7]["sources"] == {"backfill:v2": recs[7]["rows"]}
+    for i in range(6):
+        assert recs[i]["sources"]["backfill:v2"] == plan[i]["reembed_rows"] > 0
+        assert recs[i]["reembed_rows"] + recs[i]["sources"]["transform:v1->v2"] == 100
+    # partial rows are the shard's most uncertain ones: re-embedded rows carry no uncertainty
+    t = uri.read_table(g.shard_uri("v2", 0))
+    unc = t["uncertainty"].to_numpy(zero_copy_only=False)
+    emb = np.array(t["source"].to_pylist()) == "backfill:v2"
+    assert np.isnan(unc[emb]).all() and np.isfinite(unc[~emb]).all()
+    # MLflow: stage completion and timings on the parent run, the plan as an artifact
+    run = ctx.tracker.get_run(report.parent_run_id)
+    assert run["tags"]["carryover.stage.execute"] == "done"
+    assert run["metrics"]["stage_seconds_execute"] > 0
+    assert (wd / "gallery" / "versions" / "v2" / "_graph" / "plan.json").exists()
+    # promotion moved the alias with CURRENT; rollback moves both back
+    serving = ctx.tracker.get_alias("plan-embedder", "serving")
+    assert serving.version == g.manifest("v2")["registry_version"]
+    steps.rollback_step(ctx)
+    assert g.current() == "v1"
+    assert (
+        ctx.tracker.get_alias("plan-embedder", "serving").version
+        == g.manifest("v1")["registry_version"]
+    )
+
+
+def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_path) -> None:
+    ref_wd = _copy(evaluated, tmp_path / "ref")
+    wd = _copy(evaluated, tmp_path / "wd")
+    extra = ("plan.parallel_shards=1", "embed.batch_size=8")
+    run_upgrade(load_config(None, _sets(ref_wd, *extra)), quiet=True)  # undisturbed
+    sets = _sets(wd, *extra)
+    g = Gallery(str(wd / "gallery"))
+    run_upgrade(load_config(None, sets), quiet=True, until="plan")
+    shards_dir = wd / "gallery" / "versions" / "v2" / "_shards"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "upgrade", "-q", *_flags(sets)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(shards_dir.glob("*.json")):
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)  # the driver dies mid-execution
+        p.wait()
+        time.sleep(1)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # reap what the dead driver's local Ray left
+    committed = set(g.committed_shards("v2"))
+    assert 1 <= len(committed) < SHARDS, committed
+    assert not g.has_version("v2") and g.current() == "v1"
+
+    r = _cli("upgrade", "-q", *_flags(sets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert g.current() == "v2"
+    attempts = g.attempts("v2")
+    assert all(attempts[s] == 1 for s in committed), attempts  # committed shards not redone
+    assert set(attempts) == set(range(SHARDS))
+    ref = Gallery(str(ref_wd / "gallery")).manifest("v2")["shards"]
+    got = g.manifest("v2")["shards"]
+    assert [s["checksum"] for s in got] == [s["checksum"] for s in ref]  # same result
+    assert sum(s["rows"] for s in got) == ROWS
+
+
+def test_failed_validation_leaves_current_and_serving_alias(evaluated, tmp_path) -> None:
+    wd = _copy(evaluated, tmp_path / "wd")
+    cfg = load_config(None, _sets(wd))
+    ctx = steps.Context(cfg, quiet=True)
+    g = ctx.gallery
+    alias_before = ctx.tracker.get_alias("plan-embedder", "serving")
+    run_upgrade(cfg, quiet=True, until="index")
+    # corrupt the built version: every row keeps its key but gets another row's embedding
+    rng = np.random.default_rng(0)
+    for s in g.manifest("v2")["shards"]:
+        u = g.shard_uri("v2", s["shard_id"])
+        t = uri.read_table(u)
+        emb = arrow_to_embeddings(t["embedding"])[rng.permutation(t.num_rows)]
+        i = t.schema.get_field_index("embedding")
+        uri.write_table(t.set_column(i, "embedding", embeddings_to_arrow(emb)), u)
+    with pytest.raises(ValidationFailed, match="retrieval.*FAIL|FAIL"):
+        run_upgrade(cfg, quiet=True)
+    assert g.current() == "v1"
+    after = ctx.tracker.get_alias("plan-embedder", "serving")
+    assert after is not None and alias_before is not None
+    assert after.version == alias_before.version == g.manifest("v1")["registry_version"]
+    assert not (wd / "gallery" / "versions" / "v2" / "_graph" / "validate.json").exists()
+    # the CLI reports it with exit code 1 and the failing check
+    r = _cli("upgrade", "-q", *_flags(_sets(wd)))
+    assert r.returncode == 1 and "failed validation" in r.stderr and "retrieval" in r.stderr
+    assert g.current() == "v1"
+
+
+def _listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_plan_cli_shows_the_rules_and_dry_run_changes_nothing(evaluated, tmp_path) -> None:
+    wd = _copy(evaluated, tmp_path / "wd")
+    sets = _sets(wd)
+    before = _listing(wd / "gallery")
+    r = _cli("upgrade", "--dry-run", *_flags(sets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dry run" in r.stdout and "pending" in r.stdout and "backfill plan" in r.stdout
+    assert _listing(wd / "gallery") == before  # nothing written
+
+    g = Gallery(str(wd / "gallery"))
+    for sid in (2, 3):
+        (wd / "images" / f"shard-{sid:05d}.parquet").unlink()
+    for sid in (3, 4):
+        _strip_side_info(g, "v1", sid)
+    out = wd / "plan.json"
+    r = _cli("plan", "--out", str(out), *_flags(sets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = {s["shard_id"]: s for s in json.loads(out.read_text())["shards"]}
+    assert shards[2]["method"] == "transform" and "images unavailable" in shards[2]["reason"]
+    # no side-info: the side-info-free transformation (trained for these shards)
+    assert shards[3]["method"] == "transform" and "fct-noside" in shards[3]["reason"]
+    assert shards[4]["transform"] == ["fct-noside"] and shards[4]["method"] == "partial"
+    assert "images unavailable" in r.stdout and "no side-info" in r.stdout
+
+    r = _cli("plan", "--out", str(out), *_flags([*sets, "plan.no_side_info=backfill"]))
+    assert r.returncode == 1  # shard 3 has neither side-info nor images: blocked
+    shards = {s["shard_id"]: s for s in json.loads(out.read_text())["shards"]}
+    assert shards[3]["method"] == "blocked" and "images gone" in shards[3]["reason"]
+    assert shards[4]["method"] == "full" and "no side-info" in shards[4]["reason"]
+    assert "blocked" in r.stdout

@@ -92,6 +92,10 @@ def data_prepare(
     shards: Annotated[int, typer.Option(min=1, help="number of Parquet shards")] = 4,
     synthetic_n: Annotated[int, typer.Option(min=1, help="rows for --source synthetic")] = 2000,
     limit: Annotated[int | None, typer.Option(min=1, help="keep at most this many rows")] = None,
+    order: Annotated[
+        str,
+        typer.Option(help="shuffle | label (shards grow class by class, like a drifting gallery)"),
+    ] = "shuffle",
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -99,7 +103,18 @@ def data_prepare(
     from pipeline.data.prepare import prepare
 
     cfg = _cfg(config, set_)
-    res = prepare(source, out, shards, cfg.storage, cfg.data, synthetic_n=synthetic_n, limit=limit)
+    if order not in ("shuffle", "label"):
+        raise ConfigError(f"--order must be shuffle or label, got {order!r}")
+    res = prepare(
+        source,
+        out,
+        shards,
+        cfg.storage,
+        cfg.data,
+        synthetic_n=synthetic_n,
+        limit=limit,
+        order=order,
+    )
     console.print(
         f"wrote {res.rows} rows in {len(res.files)} shards to {res.out_uri} ({res.seconds:.1f}s)"
     )

@@ -48,6 +48,7 @@ class _Source:
     n: int
     classes: list[str]
     encode: EncodeFn
+    labels: np.ndarray | None = None
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -64,7 +65,7 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray, classes: li
         keys = [f"{name}-{int(i):07d}" for i in idx]
         return keys, [encode_png(images[i]) for i in idx], [int(labels[i]) for i in idx]
 
-    return _Source(name, len(images), classes, encode)
+    return _Source(name, len(images), classes, encode, np.asarray(labels))
 
 
 def _digits_source() -> _Source:
@@ -168,7 +169,7 @@ def _folder_source(root: Path) -> _Source:
         keys = [files[i] for i in idx]
         return keys, [_image_bytes(root / k) for k in keys], [labels[i] for i in idx]
 
-    return _Source(root.name, len(files), classes, encode)
+    return _Source(root.name, len(files), classes, encode, np.asarray(labels))
 
 
 def _open_source(source: str, data: DataConfig, synthetic_n: int) -> _Source:
@@ -209,8 +210,13 @@ def prepare(
     data: DataConfig,
     synthetic_n: int = 2000,
     limit: int | None = None,
+    order: str = "shuffle",
 ) -> PrepareResult:
-    """Write `source` as `shards` shuffled Parquet shards shard-00000.parquet... under out_uri."""
+    """Write `source` as `shards` shuffled Parquet shards shard-00000.parquet... under out_uri.
+
+    order="label" keeps the shuffle within a label but sorts shards by label, like a gallery
+    that grew category by category: later shards hold content the old model never saw.
+    """
     t0 = time.perf_counter()
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
@@ -220,7 +226,14 @@ def prepare(
     if src.n == 0:
         raise ValueError(f"source {source!r} has no images")
     # Shuffle before sharding: array sources are often sorted by label.
-    order = np.random.default_rng(data.seed).permutation(src.n)[:limit]
+    if order not in ("shuffle", "label"):
+        raise ValueError(f"order must be 'shuffle' or 'label', got {order!r}")
+    perm = np.random.default_rng(data.seed).permutation(src.n)[:limit]
+    if order == "label":
+        if src.labels is None:
+            raise ValueError(f"source {source!r} has no labels to order the shards by")
+        perm = perm[np.argsort(src.labels[perm], kind="stable")]
+    order = perm
     if len(order) < shards:
         raise ValueError(f"source {source!r} has {len(order)} rows, fewer than shards={shards}")
     timings = {"read": time.perf_counter() - t0, "encode": 0.0, "write": 0.0}

@@ -77,7 +77,9 @@ class TransformChain:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         from pipeline.train.transformation import apply_transformation
 
-        x, log_var = np.ascontiguousarray(old, dtype=np.float32), None
+        # Arrow-backed arrays are read-only; torch wants writable memory (a cheap copy).
+        x, log_var = np.array(old, dtype=np.float32), None
+        side = None if side is None else np.array(side, dtype=np.float32)
         for m, meta in zip(self.models, self.spec.metas, strict=True):
             s = side if meta["arch"]["side_dim"] else None
             if meta["arch"]["side_dim"] and side is None:

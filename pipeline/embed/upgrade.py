@@ -136,8 +136,9 @@ class FactsStage:
         qs: list[float] = []
         if used is not None and scan.log_var is not None and todo.any():
             vals = scan.log_var[todo]
-            vals = vals[np.isfinite(vals)] if np.isfinite(vals).any() else vals
-            qs = np.quantile(vals, np.linspace(0, 1, self.q)).astype(float).tolist()
+            vals = vals[np.isfinite(vals)]  # rows with no stored uncertainty have no order
+            if len(vals):
+                qs = np.quantile(vals, np.linspace(0, 1, self.q)).astype(float).tolist()
         return {
             "shard_id": w["shard_id"],
             "rows": int(len(scan.keys)),
@@ -241,7 +242,8 @@ class ShardExecutor:
     def _choose(self, scan: ShardScan, w: dict[str, Any]) -> set[str]:
         """The keys to re-embed: all non-native rows (full) or the most uncertain ones."""
         todo = np.flatnonzero(~scan.native)
-        if w["method"] == "full" or scan.log_var is None:
+        no_order = scan.log_var is None or not np.isfinite(scan.log_var[todo]).any()
+        if w["method"] == "full" or no_order:
             n = len(todo) if w["method"] == "full" else int(w["reembed_rows"])
             # Without an uncertainty head the order is a seeded random one.
             pick = todo if w["method"] == "full" else np.random.default_rng(0).permutation(todo)[:n]

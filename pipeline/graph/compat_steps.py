@@ -60,7 +60,11 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
     net, meta = load_trained(ctx.model_dir(old))
     known = meta.get("trained_classes") or list(range(net.classifier.out_features))
     ensure_ray(ctx.cfg.ray)
-    feats = collect(paired_features(ctx.cfg.images_uri, {"old": blob_of(ctx, old)}, ctx.cfg.embed))
+    feats = collect(
+        paired_features(
+            ctx.cfg.images_uri, {"old": blob_of(ctx, old)}, ctx.cfg.embed, ctx.cfg.storage
+        )
+    )
     w, b = synthesize_old_classifier(
         net.classifier.weight.detach(),
         net.classifier.bias.detach(),
@@ -242,7 +246,9 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
     from pipeline.embed.features import collect, paired_features
 
     blob = blob_of(ctx, ctx.cfg.new_model)  # resolved once: a models:/ URI downloads
-    feats = collect(paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, split=split))
+    feats = collect(
+        paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, ctx.cfg.storage, split)
+    )
     pos = {k: i for i, k in enumerate(feats.get("key", []))}
     found = np.array([k in pos for k in keys], dtype=bool)
     out = np.zeros((len(keys), blob.embedding_dim), np.float32)
@@ -263,6 +269,10 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
     versions = [v for v in (versions or g.versions()) if g.has_version(v)]
     versions = [old] + [v for v in versions if v != old]
     sets, found, side = _gallery_sets(ctx, versions, keys)
+    if new in sets and g.manifest(new).get("method") == "planned":
+        # a planned version mixes transformed and re-embedded rows: it is not the new model's
+        # own embedding, so it joins the matrix under its own name and "new" is computed
+        sets[f"{new} (planned)"] = sets.pop(new)
     if new not in sets:
         sets[new], f = _computed_new(ctx, split, keys)
         found &= f

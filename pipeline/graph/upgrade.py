@@ -469,7 +469,9 @@ def val_new_embeddings(ctx: steps.Context, keys: list[str]) -> tuple[Any, Any]:
 
     blob = cs.blob_of(ctx, ctx.cfg.new_model)
     h = hashlib.sha256(
-        json.dumps([keys, blob.meta.get("config_hash") or blob.name, ctx.cfg.images_uri]).encode()
+        json.dumps(
+            [keys, blob.meta.get("config_hash") or blob.name, steps.image_shards(ctx.cfg)]
+        ).encode()
     ).hexdigest()[:16]
     p = Path(ctx.cfg.workdir) / "cache" / f"val-{ctx.cfg.new_model.name}-{h}.npz"
     if p.exists():

@@ -158,6 +158,17 @@ def test_prepare_npz_sorted_by_label_is_shuffled(tmp_path: Path) -> None:
         assert label == labels[idx]
 
 
+def test_prepare_label_order_grows_class_by_class(tmp_path: Path) -> None:
+    """order=label: shards follow the labels (a gallery that grew category by category)."""
+    res = prepare("synthetic", str(tmp_path / "out"), 5, None, DATA, synthetic_n=100, order="label")
+    per_shard = [uri.read_table(f).column("label").to_pylist() for f in res.files]
+    flat = [x for shard in per_shard for x in shard]
+    assert flat == sorted(flat) and len(flat) == 100
+    assert per_shard[0][0] == 0 and per_shard[-1][-1] == 9
+    with pytest.raises(ValueError, match="order must be"):
+        prepare("synthetic", str(tmp_path / "x"), 2, None, DATA, synthetic_n=10, order="date")
+
+
 def test_prepare_npz_rgb_and_errors(tmp_path: Path) -> None:
     rgb = np.random.default_rng(1).integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
     good = tmp_path / "rgb.npz"

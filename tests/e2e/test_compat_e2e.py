@@ -63,7 +63,8 @@ def test_bct_upgrade_without_side_info_and_the_evaluate_cli(tmp_path: Path, ray_
     # same data, same models, seeded adapters: the CLI reproduces the flow's numbers
     for c in again["cases"]:
         assert c["top1"] == pytest.approx(cases[c["name"]]["top1"], abs=1e-6)
-    assert again["matrix_names"][:2] == ["v1", "v2"]
+    # the planned v2 mixes transformed and re-embedded rows: its own entry, beside the new model
+    assert again["matrix_names"][:3] == ["v1", "v2 (planned)", "v2"]
     run = ctx.tracker.get_run(again["extra"]["run_id"])
     assert run["metrics"]["top1_old_old"] == pytest.approx(cases["old/old"]["top1"])
 

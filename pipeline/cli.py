@@ -46,12 +46,14 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from pipeline.gallery.store import GalleryError
+        from pipeline.graph.dag import GraphError
         from pipeline.io.uri import StorageError
         from pipeline.models.store import ModelLoadError
+        from pipeline.plan.planner import PlanError
 
         try:
             return fn(*a, **kw)
-        except (ConfigError, FileNotFoundError, ModelLoadError) as e:
+        except (ConfigError, FileNotFoundError, ModelLoadError, PlanError, GraphError) as e:
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         except (GalleryError, StorageError) as e:

@@ -71,13 +71,16 @@ def run_upgrade(
     restart: bool = False,
 ) -> UpgradeReport:
     """Run the upgrade graph (resuming any recorded stage) and report what it did."""
-    from pipeline.graph.dag import StageLog, run_stages
+    from pipeline.graph.dag import GraphError, StageLog, run_stages
     from pipeline.graph.upgrade import check_identity, upgrade_stages
 
     ctx = steps.Context(cfg, quiet=quiet)
     console = console or Console()
     if prepare_source:
         ensure_images(cfg, prepare_source)
+    names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
+    if until is not None and until not in names:
+        raise GraphError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
     log = StageLog(ctx.gallery, cfg.target_version)
     check_identity(ctx, log, restart)
     stages: dict[str, dict[str, Any]] = {}

@@ -170,12 +170,21 @@ def compute_plan(
     budget, notes = budget_of(ctx, facts, source)
     pc = cfg.plan
     rules = PlanRules(pc.full_threshold, pc.min_partial_fraction, pc.target_top1)
-    curve = QualityCurve.from_report(report["curves"])
+    curve = _curve(report)
     plan = make_plan(facts, cfg.target_version, curve, budget, rules)
     plan.warnings.extend(notes)
     if plan.ok:
         simulate_plan(ctx, plan, facts, work, chains)
     return plan, work
+
+
+def _curve(report: dict[str, Any]) -> QualityCurve:
+    """The report's backfilling curve; without a transformation there is none, and every
+    shard is re-embedded anyway: a flat curve at the new model's own quality."""
+    if report.get("curves"):
+        return QualityCurve.from_report(report["curves"])
+    top = next((c["top1"] for c in report["cases"] if c["name"] == "new/new"), 0.0)
+    return QualityCurve([0.0, 1.0], [top, top], ordering="none")
 
 
 def _facts(ctx, source, chains, quiet) -> tuple[list[ShardFacts], list[dict[str, Any]]]:

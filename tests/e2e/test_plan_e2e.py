@@ -214,7 +214,10 @@ def test_plan_cli_shows_the_rules_and_dry_run_changes_nothing(evaluated, tmp_pat
     assert shards[2]["method"] == "transform" and "images unavailable" in shards[2]["reason"]
     # no side-info: the side-info-free transformation (trained for these shards)
     assert shards[3]["method"] == "transform" and "fct-noside" in shards[3]["reason"]
-    assert shards[4]["transform"] == ["fct-noside"] and shards[4]["method"] == "partial"
+    # h without side-info is less sure of its rows, so the global order may give this shard
+    # most of its rows (then it is re-embedded fully); either way it is not transform-only
+    assert shards[4]["transform"] == ["fct-noside"] and shards[4]["method"] in ("partial", "full")
+    assert "no side-info: fct-noside" in shards[4]["reason"]
     assert "images unavailable" in r.stdout and "no side-info" in r.stdout
 
     r = _cli("plan", "--out", str(out), *_flags([*sets, "plan.no_side_info=backfill"]))

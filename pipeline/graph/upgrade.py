@@ -109,6 +109,12 @@ def chains_for(ctx: steps.Context, space: str) -> dict[str, ChainSpec]:
 
 
 # -- planning -------------------------------------------------------------------------------
+def _for_workers(storage: Any) -> Any:
+    """Storage settings with credentials resolved here: Ray workers may not share the driver's
+    environment (a local Ray started before AWS_* were set, or another node)."""
+    return storage.resolved() if storage is not None else None
+
+
 def budget_of(ctx: steps.Context, facts: list[ShardFacts], source: str) -> tuple[Budget, list]:
     """The configured budget in images and seconds, with measured throughputs."""
     pc, notes = ctx.cfg.plan, []
@@ -241,7 +247,7 @@ def execute_plan(
     ensure_ray(cfg.ray)
     kwargs = {
         "gallery_uri": g.uri,
-        "storage": g.storage,
+        "storage": _for_workers(g.storage),
         "target": target,
         "target_model": cfg.new_model.name,
         "chains": chains,

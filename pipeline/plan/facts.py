@@ -80,7 +80,8 @@ def gather_facts(
         w["chain"] = "identity" if "identity" in chains else None
     kwargs = {
         "chains": chains,
-        "storage": g.storage,
+        # credentials resolved on the driver: workers may not share its environment
+        "storage": g.storage.resolved() if g.storage is not None else None,
         "target_model": target_model,
         "quantiles": quantiles,
     }

@@ -31,22 +31,27 @@ def _model_for_version(ctx: Context, version: str) -> ModelConfig:
 
 def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
     """Embed one image file with the model that produced `version`."""
+    if not image.is_file():
+        raise FileNotFoundError(f"no such image file: {image}")
+    return embed_bytes(ctx, _model_for_version(ctx, version), image.read_bytes(), str(image))
+
+
+def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.ndarray:
+    """Embed one encoded image with `model`; a bad image names `what`."""
     from pipeline.data.decode import decode_images
     from pipeline.models.store import build_model, resolve_blob
 
-    if not image.is_file():
-        raise FileNotFoundError(f"no such image file: {image}")
-    model = _model_for_version(ctx, version)
     blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
-    dec = decode_images([image.read_bytes()], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
+    dec = decode_images([data], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
     if not dec.ok[0]:
-        raise ValueError(f"{image}: {dec.errors[0]}")
+        raise ValueError(f"{what}: {dec.errors[0]}")
     with torch.inference_mode():
         return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
 
 
-def load_adapter(ctx: Context, kind: str) -> torch.nn.Module:
-    """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling."""
+def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
+    """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling. It must
+    map into the space of `version`'s model."""
     import json
 
     from safetensors.torch import load
@@ -60,6 +65,12 @@ def load_adapter(ctx: Context, kind: str) -> torch.nn.Module:
             f"no fitted {kind!r} adapter at {d}: run `carryover evaluate` (adapters.kinds)"
         )
     meta = json.loads((d / MODEL_FILE).read_text())
+    space = ctx.gallery.manifest(version).get("model")
+    if meta.get("to_model") != space:
+        raise ConfigError(
+            f"the {kind} adapter maps into {meta.get('to_model')!r}'s space, but version "
+            f"{version!r} holds {space!r} embeddings"
+        )
     adapter = build_adapter(meta["adapter"])
     adapter.load_state_dict(load((d / WEIGHTS_FILE).read_bytes()))
     return adapter.eval()
@@ -81,20 +92,6 @@ def image_bytes_of_key(ctx: Context, key: str) -> bytes:
     raise GalleryError(f"key {key!r} has no image in {ctx.cfg.images_uri}")
 
 
-def embed_new(ctx: Context, data: bytes, what: str) -> np.ndarray:
-    """Embed one encoded image with the configured new model."""
-    from pipeline.data.decode import decode_images
-    from pipeline.models.store import build_model, resolve_blob
-
-    model = ctx.cfg.new_model
-    blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
-    dec = decode_images([data], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
-    if not dec.ok[0]:
-        raise ValueError(f"{what}: {dec.errors[0]}")
-    with torch.inference_mode():
-        return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
-
-
 def search_gallery(
     ctx: Context,
     key: str | None = None,
@@ -114,9 +111,8 @@ def search_gallery(
             raise FileNotFoundError(f"no such image file: {image}")
         data = Path(image).read_bytes() if image is not None else image_bytes_of_key(ctx, key)
         with torch.inference_mode():
-            q = load_adapter(ctx, adapter)(
-                torch.from_numpy(embed_new(ctx, data, str(image or key)))
-            )
+            new = embed_bytes(ctx, ctx.cfg.new_model, data, str(image or key))
+            q = load_adapter(ctx, adapter, version)(torch.from_numpy(new))
         scores, keys = idx.search(q.numpy(), k + (key is not None))
         pairs = [(kk, s) for kk, s in zip(keys[0], scores[0], strict=True) if kk != key][:k]
     elif key is not None:

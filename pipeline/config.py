@@ -253,6 +253,12 @@ class PlanConfig(_Model):
     target_top1: float | None = Field(
         None, ge=0, le=100, description="stop spending once the estimated top-1 reaches this"
     )
+    min_gain: float = Field(
+        0.5,
+        ge=0,
+        description="re-embed only what must be when a full backfill would gain less top-1 "
+        "(points) than this over the transformation: re-embedding would not pay",
+    )
     full_threshold: float = Field(
         0.7, gt=0, le=1, description="re-embed a whole shard once this fraction of it is chosen"
     )

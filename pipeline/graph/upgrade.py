@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ IDENTITY_KEYS = (
     "plan.target_top1",
     "plan.full_threshold",
     "plan.min_partial_fraction",
+    "plan.min_gain",
     "plan.no_side_info",
 )
 
@@ -177,6 +178,13 @@ def compute_plan(
     pc = cfg.plan
     rules = PlanRules(pc.full_threshold, pc.min_partial_fraction, pc.target_top1)
     curve = _curve(report)
+    gain = curve.full_top1 - curve.transform_top1
+    if gain < pc.min_gain and (budget.images != 0 or budget.seconds is not None):
+        budget = replace(budget, images=0, seconds=None)
+        notes.append(
+            f"a full backfill would gain {gain:+.2f} top-1 over the transformation "
+            f"(< plan.min_gain {pc.min_gain}): nothing is re-embedded but what must be"
+        )
     plan = make_plan(facts, cfg.target_version, curve, budget, rules)
     plan.warnings.extend(notes)
     if plan.ok:

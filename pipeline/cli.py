@@ -24,6 +24,14 @@ data_app = typer.Typer(
     help="Image shards: prepare Parquet shards from datasets.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+jobs_app = typer.Typer(
+    help="Jobs on a Ray cluster (and local ones) with the gallery's journal of submissions "
+    "and scheduler ticks.",
+    no_args_is_help=True,
+)
+app.add_typer(jobs_app, name="jobs")
+lock_app = typer.Typer(help="The gallery's upgrade lock.", no_args_is_help=True)
+app.add_typer(lock_app, name="lock")
 # Off a terminal (CI logs, `ray job logs`) rich would wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -38,6 +46,32 @@ SetOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        "-a",
+        help="Ray job API, http://HEAD:8265 (else ray.submit_address or RAY_API_SERVER_ADDRESS; "
+        "unset: run here on a local Ray)",
+    ),
+]
+TokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="Ray auth token file (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    ),
+]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--env",
+        "-e",
+        help="KEY=VALUE for the job's environment, or KEY to forward this shell's value "
+        "(values are never printed; prefer the cluster's own secrets for credentials)",
+    ),
+]
+EXIT_LOCKED = 3
 
 
 def _errors(fn):
@@ -45,10 +79,12 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from pipeline.gallery.lock import LockHeld
         from pipeline.gallery.store import GalleryError
         from pipeline.graph.dag import GraphError
         from pipeline.io.uri import StorageError
         from pipeline.models.store import ModelLoadError
+        from pipeline.ops.jobs import JobsError
         from pipeline.plan.planner import PlanError
 
         try:
@@ -56,7 +92,10 @@ def _errors(fn):
         except (ConfigError, FileNotFoundError, ModelLoadError, PlanError, GraphError) as e:
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
-        except (GalleryError, StorageError) as e:
+        except LockHeld as e:
+            err.print(f"[bold yellow]locked:[/] {e}")
+            raise typer.Exit(EXIT_LOCKED) from None
+        except (GalleryError, StorageError, JobsError) as e:
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(1) from None
         except Exception as e:
@@ -384,6 +423,278 @@ def demo(
     from pipeline.flows import run_demo
 
     run_demo(workdir, set_, console, quiet)
+
+
+# -- operations: jobs on a cluster, schedules, lineage, the lock ----------------------------
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+@_errors
+def submit(
+    job_args: Annotated[
+        list[str] | None, typer.Argument(help="arguments for the entrypoint, after --")
+    ] = None,
+    address: AddressOpt = None,
+    job: Annotated[str, typer.Option(help="the jobs/<JOB>.py entrypoint")] = "upgrade",
+    follow: Annotated[bool, typer.Option(help="stream the job's logs until it ends")] = False,
+    env: EnvOpt = None,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Submit a jobs/ entrypoint with the config to a Ray cluster's job API (the package and
+    the resolved config travel as its working directory); prints the submission id.
+
+    Without an address the job runs here, in the foreground, on a local Ray. Exit 0 once
+    submitted (with --follow or locally: 0 if the job succeeded, 1 if it failed)."""
+    from pipeline.ops import jobs
+
+    cfg = _cfg(config, set_)
+    addr = jobs.job_address(address, cfg)
+    if addr is None:
+        sub = jobs.run_here(cfg, job, job_args or [], env)
+        console.print(f"local job {sub.id}: {sub.status}")
+        raise typer.Exit(0 if sub.status == "SUCCEEDED" else 1)
+    sub = jobs.submit(cfg, addr, job, job_args or [], env, token_file)
+    console.print(f"submitted {sub.id} to {addr}: {sub.entrypoint}")
+    console.print(f"environment: {', '.join(sub.env_names)} (values not shown)")
+    if follow:
+        rec = jobs.follow(sub.id, addr, token_file, lambda c: console.out(c, end=""))
+        console.print(f"job {sub.id}: {rec['status']}")
+        raise typer.Exit(0 if rec["status"] == "SUCCEEDED" else 1)
+    console.print(f"follow: carryover jobs logs {sub.id} --address {addr} --follow")
+    print(sub.id)  # the last line, alone, for scripts
+
+
+def _journal(config: Path | None, set_: list[str] | None, gallery: str | None):
+    from pipeline.ops.journal import Journal
+
+    cfg = _cfg(config, set_, gallery)
+    return cfg, Journal(cfg.gallery_uri, cfg.storage)
+
+
+@jobs_app.command("list")
+@_errors
+def jobs_list(
+    address: AddressOpt = None,
+    gallery: Annotated[str | None, typer.Option(help="gallery URI (default: config)")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """carryover's jobs on the cluster and the gallery's journal: submissions, local runs and
+    scheduler ticks (no-op, submitted, refused by the lock, failed, missed), newest first."""
+    from pipeline.ops import jobs
+
+    cfg, journal = _journal(config, set_, gallery)
+    rows = jobs.list_jobs(jobs.job_address(address, cfg), token_file, journal)[:limit]
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    t = Table(title=f"jobs and ticks of {cfg.gallery_uri}")
+    for c in ("when", "id", "kind", "trigger", "status", "detail"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        detail = r.get("message") or r.get("entrypoint") or ""
+        if r.get("job_id"):
+            detail = f"{detail} [job {r['job_id']}]"
+        t.add_row(
+            _when(r.get("created_at")),
+            r["id"],
+            str(r.get("kind")),
+            str(r.get("trigger") or "-"),
+            str(r.get("status")),
+            detail,
+        )
+    console.print(t)
+
+
+@jobs_app.command("status")
+@_errors
+def jobs_status(
+    job_id: str,
+    address: AddressOpt = None,
+    wait: Annotated[bool, typer.Option(help="poll until the job ends")] = False,
+    timeout: Annotated[float | None, typer.Option(help="give up waiting after seconds")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A job's status. Exit 0 if it succeeded or is still running, 1 if it failed or was
+    stopped (with --wait: once it ends; 4 if --timeout passed first)."""
+    from pipeline.ops import jobs
+
+    cfg, journal = _journal(config, set_, None)
+    addr = jobs.job_address(address, cfg)
+    if wait:
+        rec = jobs.wait(job_id, addr, token_file, journal, timeout=timeout)
+    else:
+        rec = jobs.status(job_id, addr, token_file, journal)
+    if as_json:
+        console.print_json(json.dumps(rec, default=str))
+    else:
+        msg = f" — {rec['message']}" if rec.get("message") else ""
+        console.print(f"{job_id}: {rec['status']}{msg}")
+    if rec["status"] in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+    if wait and rec["status"] not in jobs.TERMINAL:
+        raise typer.Exit(4)
+
+
+@jobs_app.command("logs")
+@_errors
+def jobs_logs(
+    job_id: str,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option(help="stream until the job ends")] = False,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A job's driver logs (local jobs: from the gallery's journal)."""
+    from pipeline.ops import jobs
+
+    cfg, journal = _journal(config, set_, None)
+    addr = jobs.job_address(address, cfg)
+    if follow and addr:
+        jobs.follow(job_id, addr, token_file, lambda c: console.out(c, end=""))
+        return
+    console.out(jobs.logs(job_id, addr, token_file, journal), end="")
+
+
+@jobs_app.command("stop")
+@_errors
+def jobs_stop(
+    job_id: str,
+    address: AddressOpt = None,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Ask the cluster to stop a job (its shards already committed stay; a rerun resumes)."""
+    from pipeline.ops import jobs
+
+    addr = jobs.job_address(address, _cfg(config, set_))
+    if addr is None:
+        raise ConfigError("jobs stop needs --address (a local job stops with Ctrl-C)")
+    stopped = jobs.stop(job_id, addr, token_file)
+    console.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@app.command()
+@_errors
+def schedule(
+    cron: Annotated[
+        str | None, typer.Option(help="5-field cron, e.g. '0 2 * * *' (default: schedule.cron)")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option(help="one tick now, then exit (for cron, systemd timers, tests)")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="wait for a submitted upgrade to end before the tick ends")
+    ] = True,
+    address: AddressOpt = None,
+    env: EnvOpt = None,
+    token_file: TokenOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Nightly upgrades: at each tick, under the gallery's lock, upgrade when the registry's
+    `candidate` embedder is newer than `serving`, else record a no-op. Every tick is in
+    `carryover jobs list`. --once exits 0 (no-op or upgraded), 1 (the upgrade failed) or 3
+    (another upgrade holds the gallery's lock)."""
+    import signal
+    import threading
+
+    from pipeline.ops.schedule import run_schedule
+
+    sets = list(set_ or []) + ([f"schedule.cron={cron}"] if cron else [])
+    cfg = _cfg(config, sets)
+    from pipeline.ops import jobs
+
+    addr = jobs.job_address(address, cfg)
+    echo = console.print
+    if once:
+        r = run_schedule(cfg, addr, token_file, once=True, wait=wait, env=env, echo=echo)
+        style = {"locked": "yellow", "failed": "red", "error": "red"}.get(r.outcome, "green")
+        console.print(f"[{style}]tick {r.id}: {r.outcome}[/]: {r.reason}")
+        raise typer.Exit(r.exit_code)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    where = addr or "a local Ray"
+    console.print(f"scheduling {cfg.gallery_uri} at '{cfg.schedule.cron}' on {where}; Ctrl-C stops")
+    run_schedule(cfg, addr, token_file, once=False, wait=wait, env=env, echo=echo, stop=stop)
+
+
+@app.command()
+@_errors
+def lineage(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    version: Annotated[str | None, typer.Option(help="only this version")] = None,
+    shard: Annotated[int | None, typer.Option(help="only this shard id")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Where every embedding came from: per version the embedder (registry version, run) that
+    serves it; per shard the method, source version, transformation versions, run and time."""
+    from pipeline.graph.lineage import gallery_lineage
+
+    lin = gallery_lineage(_ctx(_cfg(config, set_, gallery)), version, shard)
+    if as_json:
+        print(lin.to_json())
+        return
+    for t in lin.tables():
+        console.print(t)
+    console.print(f"runs and models: {lin.tracking_uri}")
+
+
+@lock_app.command("show")
+@_errors
+def lock_show(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Who holds the gallery's upgrade lock, if anyone. Exit 3 while it is held."""
+    from pipeline.gallery.lock import holder_of
+
+    cfg = _cfg(config, set_, gallery)
+    info = holder_of(cfg.gallery_uri, cfg.storage)
+    if info is None:
+        console.print(f"{cfg.gallery_uri}: not locked")
+        return
+    console.print(f"{cfg.gallery_uri}: locked by {info.describe()}")
+    if not info.expired:
+        raise typer.Exit(EXIT_LOCKED)
+
+
+@lock_app.command("break")
+@_errors
+def lock_break(
+    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Remove the lock whoever holds it: only when its holder is gone for sure (an upgrade it
+    interrupts resumes later; two upgrades at once would not be safe)."""
+    from pipeline.gallery.lock import break_lock
+
+    cfg = _cfg(config, set_, gallery)
+    info = break_lock(cfg.gallery_uri, cfg.storage)
+    console.print(
+        f"{cfg.gallery_uri}: removed the lock of {info.describe()}" if info else "not locked"
+    )
 
 
 def main() -> None:

@@ -194,6 +194,11 @@ class RayConfig(_Model):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+    submit_address: str | None = Field(
+        None,
+        description="Ray job submission address, http://HEAD:8265 (carryover submit / schedule; "
+        "RAY_API_SERVER_ADDRESS also works); unset: jobs run here on a local Ray",
+    )
 
 
 class EmbedConfig(_Model):
@@ -280,6 +285,34 @@ class PlanConfig(_Model):
     retries: int = Field(2, ge=0, description="re-runs of a shard after a transient failure")
 
 
+class ScheduleConfig(_Model):
+    """Nightly upgrades: when to look, which registry aliases to compare, the gallery lock."""
+
+    cron: str = Field("0 2 * * *", description="when `carryover schedule` ticks (5-field cron)")
+    candidate_alias: str = "candidate"
+    serving_alias: str = "serving"
+    job: str = Field("upgrade", pattern=r"^[a-z_]+$", description="the jobs/ entrypoint to submit")
+    lock_ttl_seconds: float = Field(
+        900, ge=10, description="gallery lock lease; renewed every third of it while held"
+    )
+    poll_seconds: float = Field(5, gt=0, description="job status polling while a tick waits")
+    misfire_grace_seconds: float = Field(
+        300, ge=0, description="a tick starting later than this after its time counts as missed"
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        if len(v.split()) != 5 or not croniter.is_valid(v):
+            raise ValueError(
+                f"{v!r} is not a 5-field cron expression (minute hour day month weekday), "
+                "e.g. '0 2 * * *' for 02:00 every day"
+            )
+        return v
+
+
 class DataConfig(_Model):
     """Image shards prepared for the demo and benchmarks."""
 
@@ -311,6 +344,7 @@ class UpgradeConfig(_Model):
     index: IndexConfig = IndexConfig()
     evaluate: EvalConfig = EvalConfig()
     plan: PlanConfig = PlanConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @property
     def side_info_model(self) -> SideInfoConfig:

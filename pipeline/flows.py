@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from pipeline.config import UpgradeConfig, load_config
 from pipeline.graph import steps
+from pipeline.graph.dag import Stage
 from pipeline.io import uri as uri_io
 
 
@@ -70,37 +72,74 @@ def run_upgrade(
     until: str | None = None,
     restart: bool = False,
 ) -> UpgradeReport:
-    """Run the upgrade graph (resuming any recorded stage) and report what it did."""
+    """Run the upgrade graph (resuming any recorded stage) under the gallery's lock, one MLflow
+    child run per stage under the upgrade's parent run, and report what it did."""
+    from pipeline.gallery.lock import TOKEN_ENV, GalleryLock
     from pipeline.graph.dag import GraphError, StageLog, run_stages
     from pipeline.graph.upgrade import check_identity, upgrade_stages
+    from pipeline.ops.journal import JOB_ID_ENV
 
     ctx = steps.Context(cfg, quiet=quiet)
     console = console or Console()
-    if prepare_source:
-        ensure_images(cfg, prepare_source)
     names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
     if until is not None and until not in names:
         raise GraphError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
-    log = StageLog(ctx.gallery, cfg.target_version)
-    check_identity(ctx, log, restart)
-    stages: dict[str, dict[str, Any]] = {}
-    tags = ctx.tags(step="upgrade", from_version=cfg.old_model.name, to_version=cfg.target_version)
-    with ctx.tracker.run("upgrade", tags) as parent:
+    target = cfg.target_version
+    job_id = os.environ.get(JOB_ID_ENV)
+    lock = GalleryLock(
+        cfg.gallery_uri,
+        cfg.storage,
+        cfg.schedule.lock_ttl_seconds,
+        owner=f"carryover upgrade ({job_id or 'cli'})",
+        purpose=f"upgrade to {target}",
+        token=os.environ.get(TOKEN_ENV) or None,
+    )
+    with lock:
+        if prepare_source:
+            ensure_images(cfg, prepare_source)
+        log = StageLog(ctx.gallery, target)
+        check_identity(ctx, log, restart)
+        source = ctx.gallery.current() or cfg.old_model.name
+        lineage = {"from_version": source, "to_version": target}
+        if job_id:
+            lineage["job_id"] = job_id
+        stages: dict[str, dict[str, Any]] = {}
+        with ctx.tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
+            current: list[Any] = [parent]
 
-        def on_event(name: str, event: str, secs: float) -> None:
-            if event == "start":
-                console.print(f"[bold cyan]▶ {name}[/]")
-                return
-            stages[name] = {"status": event, "seconds": secs}
-            mark = "✓" if event == "done" else "↻"
-            note = "" if event == "done" else " (done in an earlier run)"
-            console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
-            parent.set_tags({f"carryover.stage.{name}": event})
-            if event == "done":
-                parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
+            def in_child_run(stage: Stage) -> Stage:
+                def run(inputs: dict[str, Any]) -> Any:
+                    lock.renew()  # LockLost if another holder took the gallery meanwhile
+                    tags = ctx.tags(step=stage.name, stage=stage.name, **lineage)
+                    with ctx.tracker.run(stage.name, tags, parent.run_id) as child:
+                        current.append(child)
+                        try:
+                            return stage.run(inputs)
+                        finally:
+                            current.pop()
 
-        graph = upgrade_stages(ctx, lambda: parent.run_id, lambda: parent, console)
-        results = run_stages(graph, log, on_event, until)
+                return replace(stage, run=run)
+
+            def on_event(name: str, event: str, secs: float) -> None:
+                if event == "start":
+                    console.print(f"[bold cyan]▶ {name}[/]")
+                    return
+                stages[name] = {"status": event, "seconds": secs}
+                mark = "✓" if event == "done" else "↻"
+                note = "" if event == "done" else " (done in an earlier run)"
+                console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
+                parent.set_tags({f"carryover.stage.{name}": event})
+                if event == "done":
+                    parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
+
+            graph = upgrade_stages(
+                ctx,
+                lambda: current[-1].run_id,
+                lambda: current[-1],
+                console,
+                lambda: parent,
+            )
+            results = run_stages([in_child_run(s) for s in graph], log, on_event, until)
     return _report(ctx, results, stages, parent.run_id, until)
 
 

@@ -169,9 +169,13 @@ class ShardExecutor:
         embed_cfg: EmbedConfig,
         side_dim: int,
         retries: int = 2,
+        lineage: dict[str, Any] | None = None,
     ):
         from pipeline.embed.stages import EmbedStage
 
+        # Where each shard came from, for `carryover lineage`: the run, the new model's registry
+        # version, and per chain the registered transformation versions it applies.
+        self.lineage = lineage or {}
         self.g = Gallery(gallery_uri, storage)
         self.target, self.model_name = target, target_model
         self.chains = {k: TransformChain(v) for k, v in chains.items()}
@@ -322,6 +326,14 @@ class ShardExecutor:
             "fallback_rows": len(acc.fallbacks),
             "sources": acc.counts,
             "chain": c.spec.label() if c else None,
+            "transformation": (
+                self.lineage.get("chains", {}).get(w.get("chain") or "")
+                if any(k.startswith("transform:") for k in acc.counts)
+                else None
+            ),
+            "model": self.model_name,
+            "model_registry_version": self.lineage.get("model_registry_version"),
+            "run_id": self.lineage.get("run_id"),
             "source_version": w["source_version"],
             "image_file": w.get("image_file"),
             "checksum": self.g.file_checksum(out_uri),

@@ -49,15 +49,14 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
 
     from pipeline.compat.losses import synthesize_old_classifier
     from pipeline.embed.features import collect, paired_features
-    from pipeline.models.store import load_trained
 
     old = ctx.cfg.old_model
-    if old.uri is not None:
+    net, meta = _with_classifier(ctx, old)
+    if net is None:
         raise ModelLoadError(
             "new_model.train.loss=bct needs the old model's classifier: train the old model "
-            "here (old_model.uri unset); a model brought as TorchScript has no classifier"
+            "here or bring a carryover model (models:/...); TorchScript has no classifier"
         )
-    net, meta = load_trained(ctx.model_dir(old))
     known = meta.get("trained_classes") or list(range(net.classifier.out_features))
     ensure_ray(ctx.cfg.ray)
     feats = collect(
@@ -78,21 +77,32 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
 
 def new_classifier(ctx: Context) -> dict[str, list]:
     """The new model's frozen classifier (FastFill's loss); zeros when the model has none."""
-    from pipeline.models.store import load_trained
-
     new = ctx.cfg.new_model
-    if new.uri is None:
-        net, _ = load_trained(ctx.model_dir(new))
+    net, _ = _with_classifier(ctx, new)
+    if net is not None:
         return {
             "weight": net.classifier.weight.detach().numpy().tolist(),
             "bias": net.classifier.bias.detach().numpy().tolist(),
         }
     if ctx.cfg.transformation.loss == "fastfill":
         raise ModelLoadError(
-            "transformation.loss=fastfill needs the new model's classifier; a model brought "
-            "from elsewhere has none: set transformation.loss=fct"
+            "transformation.loss=fastfill needs the new model's classifier; a TorchScript "
+            "model has none: set transformation.loss=fct"
         )
-    return {"weight": [[0.0] * new.architecture.embedding_dim], "bias": [0.0]}
+    return {"weight": [[0.0] * blob_of(ctx, new).embedding_dim], "bias": [0.0]}
+
+
+def _with_classifier(ctx: Context, model: Any) -> tuple[Any, dict[str, Any]]:
+    """A carryover embedder with its classifier head (trained here, or from the registry),
+    and its model.json; (None, {}) for a TorchScript model, which has no head."""
+    from pipeline.models.store import build_model, load_trained
+
+    if model.uri is None:
+        return load_trained(ctx.model_dir(model))
+    blob = blob_of(ctx, model)
+    if blob.kind != "carryover":
+        return None, {}
+    return build_model(blob), blob.meta
 
 
 def transformation_dir(ctx: Context, tc: Any = None) -> Path:

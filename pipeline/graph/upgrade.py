@@ -109,6 +109,37 @@ def chains_for(ctx: steps.Context, space: str) -> dict[str, ChainSpec]:
     return out
 
 
+def chain_models(ctx: steps.Context, spec: ChainSpec) -> list[dict[str, Any]]:
+    """The registered transformation versions a chain applies, in order (for lineage)."""
+    out = []
+    for name, meta in zip(spec.names, spec.metas, strict=True):
+        info = steps.find_model_version(
+            ctx, "carryover.config_hash", str(meta.get("config_hash")), "transformation"
+        )
+        out.append(
+            {
+                "name": name,
+                "from_model": meta.get("from_model"),
+                "to_model": meta.get("to_model"),
+                "registry_name": ctx.registry_name("transformation"),
+                "registry_version": info.version if info else None,
+                "run_id": info.run_id if info else None,
+            }
+        )
+    return out
+
+
+def _id_ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (shard ids fit a tag however many there are)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 # -- planning -------------------------------------------------------------------------------
 def _for_workers(storage: Any) -> Any:
     """Storage settings with credentials resolved here: Ray workers may not share the driver's
@@ -263,7 +294,13 @@ def execute_plan(
         "embed_cfg": cfg.embed,
         "side_dim": int(g.manifest(source).get("side_info_dim") or 0),
         "retries": cfg.plan.retries,
+        "lineage": {
+            "run_id": run.run_id,
+            "model_registry_version": steps.registry_version_of(ctx, cfg.new_model),
+            "chains": {k: chain_models(ctx, spec) for k, spec in chains.items()},
+        },
     }
+    run.set_tags({"carryover.shards": _id_ranges(sorted(int(w["shard_id"]) for w in items))})
     t0, rows, records = time.perf_counter(), 0, []
     prog = shard_progress(f"execute {target}", len(plan.shards), quiet)
     prog.update(prog.task_ids[0], completed=len(done))
@@ -378,9 +415,18 @@ def plan_of(output: dict[str, Any]) -> Plan:
     return Plan.from_json(json.dumps(output))
 
 
-def upgrade_stages(ctx: steps.Context, pid: Any, run: Any, console: Console) -> list[Stage]:
-    """The graph's nodes, in a topological order; `pid()` is the parent MLflow run id."""
+def upgrade_stages(
+    ctx: steps.Context, pid: Any, run: Any, console: Console, parent: Any = None
+) -> list[Stage]:
+    """The graph's nodes, in a topological order. `run()` is the running stage's MLflow run
+    and `pid()` its id (runs a stage starts nest under it); `parent()` the upgrade's run."""
     cfg, quiet = ctx.cfg, ctx.quiet
+    parent = parent or run
+
+    def log_both(obj: dict[str, Any], name: str) -> None:
+        for r in {id(x): x for x in (run(), parent())}.values():
+            r.log_dict(obj, name)
+
     old, new = cfg.old_model, cfg.new_model
 
     def ingest(_: dict) -> dict[str, Any]:
@@ -402,12 +448,17 @@ def upgrade_stages(ctx: steps.Context, pid: Any, run: Any, console: Console) -> 
         console.print(p.table())
         for w in p.warnings:
             console.print(f"[yellow]warning:[/] {w}")
-        run().log_dict(json.loads(p.to_json()), "plan.json")
+        log_both(json.loads(p.to_json()), "plan.json")
         return {**json.loads(p.to_json()), "_work": work}
 
     def execute(inp: dict) -> dict[str, Any]:
         out = inp["plan"]
         return execute_plan(ctx, plan_of(_strip(out)), out["_work"], run(), quiet)
+
+    def index(inp: dict) -> dict[str, Any]:
+        out = finalize_target(ctx, plan_of(_strip(inp["plan"])), parent().run_id)
+        log_both(ctx.gallery.manifest(cfg.target_version), "manifest.json")
+        return out
 
     def promote(_: dict) -> dict[str, Any]:
         return steps.promote_step(ctx, cfg.target_version)
@@ -428,11 +479,7 @@ def upgrade_stages(ctx: steps.Context, pid: Any, run: Any, console: Console) -> 
         Stage("evaluate", evaluate, ("transformation",)),
         Stage("plan", plan, ("ingest", "evaluate")),
         Stage("execute", execute, ("plan",)),
-        Stage(
-            "index",
-            lambda i: finalize_target(ctx, plan_of(_strip(i["plan"])), pid()),
-            ("plan", "execute"),
-        ),
+        Stage("index", index, ("plan", "execute")),
         Stage(
             "validate",
             lambda i: validate_target(ctx, plan_of(_strip(i["plan"]))),

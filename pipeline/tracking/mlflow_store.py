@@ -412,6 +412,11 @@ class Tracker(Registry):
         with _errors(f"get run {run_id} at {self.tracking_uri}"):
             return _run_dict(self._client.get_run(run_id))
 
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        """Artifact paths directly under `path` of a run (files and folders)."""
+        with _errors(f"list artifacts of run {run_id} at {self.tracking_uri}"):
+            return [f.path for f in self._client.list_artifacts(run_id, path)]
+
 
 def download_model(tracking_uri: str | None, model_uri: str, dst_dir: str | Path) -> str:
     """Download `models:/NAME@ALIAS` or `models:/NAME/VERSION`; returns the model.json dir."""

@@ -110,6 +110,25 @@ def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path)
     assert run["tags"]["carryover.stage.execute"] == "done"
     assert run["metrics"]["stage_seconds_execute"] > 0
     assert (wd / "gallery" / "versions" / "v2" / "_graph" / "plan.json").exists()
+    # lineage from the manifests and MLflow: every shard's method, source, run, transformation
+    out = _cli("lineage", "--json", "--version", "v2", *_flags(_sets(wd)))
+    assert out.returncode == 0, out.stderr
+    (v2,) = json.loads(out.stdout)["versions"]
+    assert v2["run_id"] == report.parent_run_id and v2["embedder"]["model"] == "v2"
+    lin = {s["shard_id"]: s for s in v2["shards"]}
+    assert {i: s["method"] for i, s in lin.items()} == {i: p["method"] for i, p in plan.items()}
+    execute_runs = {s["run_id"] for s in lin.values()}
+    assert len(execute_runs) == 1 and all(s["run_found"] for s in lin.values())
+    (execute_run,) = execute_runs
+    assert ctx.tracker.get_run(execute_run)["parent"] == report.parent_run_id
+    assert all(s["source_version"] == "v1" for s in lin.values())
+    assert lin[7]["transformation"] is None  # fully re-embedded: no transformation involved
+    (h,) = lin[6]["transformation"]
+    assert h["from_model"] == "v1" and h["to_model"] == "v2"
+    info = ctx.tracker.model_version(h["registry_name"], h["registry_version"])
+    assert info.run_id == h["run_id"] and info.tags["carryover.to_model"] == "v2"
+    one = json.loads(_cli("lineage", "--json", "--shard", "6", *_flags(_sets(wd))).stdout)
+    assert [[s["shard_id"] for s in v["shards"]] for v in one["versions"]] == [[6], [6]]
     # promotion moved the alias with CURRENT; rollback moves both back
     serving = ctx.tracker.get_alias("plan-embedder", "serving")
     assert serving.version == g.manifest("v2")["registry_version"]

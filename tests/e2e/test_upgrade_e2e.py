@@ -18,6 +18,7 @@ from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
 from pipeline.gallery.store import Gallery
 from pipeline.graph import steps
+from pipeline.graph.lineage import gallery_lineage
 from pipeline.graph.search import search_gallery
 from pipeline.io import uri
 
@@ -116,6 +117,20 @@ def test_upgrade_all_on_s3_with_mlflow_server(
     # registry: serving alias on v2's model, lineage runs exist on the server
     info = ctx.tracker.get_alias("e2e-embedder", "serving")
     assert info is not None and info.version == g.manifest("v2")["registry_version"]
+    lin = gallery_lineage(ctx)
+    assert [v.version for v in lin.versions] == ["v1", "v2"] and lin.serving == "v2"
+    assert lin.versions[1].embedder["version"] == info.version
+    assert lin.versions[1].run["name"] == "upgrade" and lin.versions[1].run["status"] == "FINISHED"
+    for v in lin.versions:
+        assert len(v.shards) == 3 and all(s.run_found for s in v.shards)
+        assert {s.method for s in v.shards} <= {"embed", "transform", "partial", "full"}
+    assert all(s.source_version == "v1" and s.transformation for s in lin.versions[1].shards)
+    # the plan and the manifest are artifacts of the upgrade run, stored on the S3 endpoint
+    arts = ctx.tracker.list_artifacts(report.parent_run_id)
+    assert {"plan.json", "manifest.json"} <= set(arts)
+    exp_id = ctx.tracker.experiment_id
+    on_s3 = uri.join(s3_server.uri("mlflow-artifacts"), exp_id, report.parent_run_id, "artifacts")
+    assert {"plan.json", "manifest.json"} <= set(uri.list_dir(on_s3, cfg.storage))
     # rollback moves both back
     steps.rollback_step(ctx)
     assert g.current() == "v1"

@@ -1,0 +1,1 @@
+"""Operations: job submission, the job journal, nightly schedules."""

@@ -1,0 +1,378 @@
+"""Jobs: submit a `jobs/` entrypoint to a Ray cluster (Job Submission API) or run it here on a
+local Ray; list, follow, stop. Every job is also written to the gallery's journal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, UpgradeConfig
+from pipeline.ops.journal import JOB_ID_ENV, Journal, new_id
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+LOCAL = "local"
+
+
+class JobsError(RuntimeError):
+    """A job could not be submitted, found or followed; the message says where and why."""
+
+
+@dataclass
+class Submission:
+    """One submitted (or locally run) job."""
+
+    id: str
+    address: str
+    job: str
+    entrypoint: str
+    env_names: list[str] = field(default_factory=list)
+    status: str = "PENDING"
+
+
+def find_token(token_file: str | Path | None = None) -> str | None:
+    """The Ray auth token: --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get(TOKEN_ENV) and token_file is None:
+        return os.environ[TOKEN_ENV].strip()
+    for path in (token_file, os.environ.get(TOKEN_PATH_ENV), Path.home() / ".ray" / "auth_token"):
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        if p.is_file():
+            return p.read_text().strip() or None
+        if path is token_file:
+            raise ConfigError(f"--token-file {p}: no such file")
+    return None
+
+
+def job_address(address: str | None, cfg: UpgradeConfig | None = None) -> str | None:
+    """--address, else ray.submit_address, else RAY_API_SERVER_ADDRESS; None = run here."""
+    return address or (cfg.ray.submit_address if cfg else None) or os.environ.get(ADDRESS_ENV)
+
+
+def connect(address: str, token_file: str | Path | None = None) -> Any:
+    """A JobSubmissionClient for `address`, with the bearer token if one is found."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    # Ray's SDK logs every package upload at INFO; our own lines say what matters.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--address {address!r}: expected the Ray dashboard's job API, http://HEAD:8265"
+        )
+    token = find_token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        client = JobSubmissionClient(address, headers=headers)
+        client.list_jobs()  # the version probe does not check the token: this does
+    except Exception as e:
+        raise JobsError(_explain(address, e, token is not None)) from None
+    return client
+
+
+def _explain(address: str, e: Exception, had_token: bool) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Unauthorized" in str(e) or "Missing authentication token" in str(e):
+        return (
+            f"Ray at {address} requires a token and none was found: set RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or --token-file (`ray get-auth-token` on the head prints it)"
+        )
+    if "Forbidden" in str(e) or "Invalid authentication token" in str(e):
+        return f"Ray at {address} refused the token: it is not this cluster's token"
+    if "Failed to connect" in str(e) or isinstance(e, ConnectionError):
+        return (
+            f"cannot reach Ray's job API at {address}: is the head up (`ray start --head "
+            "--dashboard-host 0.0.0.0`) and the port (8265) open?"
+        )
+    return f"Ray job API at {address}: {text}"
+
+
+# -- what travels with a job ---------------------------------------------------------------
+def _local_abs(value: str | None) -> str | None:
+    if value is None or "://" in value or value.startswith("models:/"):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def job_config(cfg: UpgradeConfig) -> dict[str, Any]:
+    """The config a job runs with: local paths made absolute (the job's working directory is
+    a temporary copy), and no credentials (the cluster's own environment provides them)."""
+    data = cfg.model_dump(mode="json")
+    data["storage"]["access_key_id"] = data["storage"]["secret_access_key"] = None
+    data["workdir"] = _local_abs(data["workdir"])
+    for key in ("gallery", "images"):
+        data[key] = _local_abs(data[key])
+    data["tracking"]["artifact_location"] = _local_abs(data["tracking"]["artifact_location"])
+    data["evaluate"]["report_dir"] = _local_abs(data["evaluate"]["report_dir"])
+    uri = data["tracking"]["uri"]
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        data["tracking"]["uri"] = "sqlite:///" + _local_abs(uri[len("sqlite:///") :])
+    for m in ("old_model", "new_model", "side_info"):
+        data[m]["uri"] = _local_abs(data[m]["uri"])
+    return data
+
+
+def jobs_dir() -> Path:
+    d = Path(__file__).resolve().parents[2] / "jobs"
+    if not d.is_dir():
+        raise JobsError(f"no jobs/ folder beside the pipeline package ({d}): use a source checkout")
+    return d
+
+
+def make_bundle(cfg: UpgradeConfig, job: str, dst: Path) -> Path:
+    """The job's working directory: the pipeline package, jobs/ and config.yaml (small: the
+    cluster brings the dependencies; only our code and the config travel)."""
+    src = jobs_dir()
+    if not (src / f"{job}.py").is_file():
+        choices = sorted(p.stem for p in src.glob("*.py"))
+        raise ConfigError(f"--job {job!r}: no jobs/{job}.py; choose one of {choices}")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(src.parent / "pipeline", dst / "pipeline", ignore=ignore)
+    shutil.copytree(src, dst / "jobs", ignore=ignore)
+    (dst / "config.yaml").write_text(yaml.safe_dump(job_config(cfg), sort_keys=False))
+    return dst
+
+
+def _env(env: list[str] | None, lock_token: str | None, job_id: str) -> dict[str, str]:
+    """KEY=VALUE pairs, or KEY to forward this shell's value (never printed)."""
+    out = {"PYTHONUNBUFFERED": "1", JOB_ID_ENV: job_id}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not key.isidentifier():
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE or KEY")
+        if not sep:
+            if key not in os.environ:
+                raise ConfigError(f"--env {key}: not set in this environment")
+            value = os.environ[key]
+        out[key] = value
+    if lock_token:
+        from pipeline.gallery.lock import TOKEN_ENV as LOCK_ENV
+
+        out[LOCK_ENV] = lock_token
+    return out
+
+
+def entrypoint(job: str, args: list[str], python: str = "python") -> str:
+    import shlex
+
+    return " ".join([python, f"jobs/{job}.py", "--config", "config.yaml", *map(shlex.quote, args)])
+
+
+def submit(
+    cfg: UpgradeConfig,
+    address: str,
+    job: str = "upgrade",
+    args: list[str] | None = None,
+    env: list[str] | None = None,
+    token_file: str | Path | None = None,
+    trigger: str = "manual",
+    lock_token: str | None = None,
+) -> Submission:
+    """Submit `jobs/<job>.py` with the config to the cluster at `address`; journal it."""
+    client = connect(address, token_file)
+    sid = new_id("carryover", cfg.gallery_name)
+    env_vars = _env(env, lock_token, sid)
+    ep = entrypoint(job, args or [])
+    with tempfile.TemporaryDirectory(prefix="carryover-job-") as tmp:
+        bundle = make_bundle(cfg, job, Path(tmp))
+        try:
+            client.submit_job(
+                entrypoint=ep,
+                submission_id=sid,
+                runtime_env={"working_dir": str(bundle), "env_vars": env_vars},
+                metadata={
+                    "carryover.job": job,
+                    "carryover.gallery": cfg.gallery_name,
+                    "carryover.gallery_uri": cfg.gallery_uri,
+                    "carryover.target": cfg.target_version,
+                    "carryover.trigger": trigger,
+                },
+            )
+        except Exception as e:
+            raise JobsError(_explain(address, e, True)) from None
+    sub = Submission(sid, address, job, ep, sorted(env_vars))
+    _journal(cfg).put(_entry(cfg, sub, trigger))
+    return sub
+
+
+def _journal(cfg: UpgradeConfig) -> Journal:
+    return Journal(cfg.gallery_uri, cfg.storage)
+
+
+def _entry(cfg: UpgradeConfig, sub: Submission, trigger: str) -> dict[str, Any]:
+    return {
+        "id": sub.id,
+        "kind": "job",
+        "job": sub.job,
+        "trigger": trigger,
+        "address": sub.address,
+        "gallery": cfg.gallery_name,
+        "target": cfg.target_version,
+        "entrypoint": sub.entrypoint,
+        "env": sub.env_names,
+        "status": sub.status,
+        "created_at": time.time(),
+    }
+
+
+def run_here(
+    cfg: UpgradeConfig,
+    job: str = "upgrade",
+    args: list[str] | None = None,
+    env: list[str] | None = None,
+    trigger: str = "manual",
+    lock_token: str | None = None,
+    echo: Callable[[str], None] = lambda line: print(line, end=""),
+) -> Submission:
+    """Run the job in the foreground on a local Ray (no --address), journalled like the rest."""
+    sid = new_id(LOCAL, cfg.gallery_name)
+    journal = _journal(cfg)
+    with tempfile.TemporaryDirectory(prefix="carryover-job-") as tmp:
+        bundle = make_bundle(cfg, job, Path(tmp))
+        ep = entrypoint(job, args or [], sys.executable)
+        env_vars = _env(env, lock_token, sid)
+        sub = Submission(sid, LOCAL, job, ep, sorted(env_vars), "RUNNING")
+        journal.put(_entry(cfg, sub, trigger))
+        lines: list[str] = []
+        proc = subprocess.Popen(
+            ep,
+            shell=True,
+            cwd=bundle,
+            env={**os.environ, **env_vars, "PYTHONPATH": str(bundle)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            echo(line)
+        rc = proc.wait()
+    sub.status = "SUCCEEDED" if rc == 0 else "FAILED"
+    journal.write_log(sid, "".join(lines))
+    journal.update(sid, status=sub.status, exit_code=rc, ended_at=time.time())
+    return sub
+
+
+# -- inspecting jobs -------------------------------------------------------------------------
+def _info_dict(info: Any) -> dict[str, Any]:
+    md = info.metadata or {}
+    return {
+        "id": info.submission_id,
+        "kind": "job",
+        "status": str(getattr(info.status, "value", info.status)),
+        "job": md.get("carryover.job"),
+        "gallery": md.get("carryover.gallery"),
+        "target": md.get("carryover.target"),
+        "trigger": md.get("carryover.trigger"),
+        "entrypoint": info.entrypoint,
+        "message": info.message,
+        "created_at": (info.start_time or 0) / 1000,
+        "ended_at": (info.end_time or 0) / 1000 or None,
+    }
+
+
+def list_jobs(
+    address: str | None, token_file: str | Path | None = None, journal: Journal | None = None
+) -> list[dict[str, Any]]:
+    """Jobs on the cluster (carryover's), merged with the journal's jobs and ticks; newest
+    first. A journalled job the cluster still knows takes the cluster's live status."""
+    live: dict[str, dict[str, Any]] = {}
+    if address:
+        client = connect(address, token_file)
+        for info in client.list_jobs():
+            if info.submission_id and (info.metadata or {}).get("carryover.job"):
+                live[info.submission_id] = _info_dict(info)
+    rows = dict(live)
+    for e in journal.entries(limit=200) if journal else []:
+        rows[e["id"]] = {**e, **live.get(e["id"], {})}
+    return sorted(rows.values(), key=lambda r: r.get("created_at") or 0, reverse=True)
+
+
+def status(
+    job_id: str, address: str | None, token_file=None, journal: Journal | None = None
+) -> dict[str, Any]:
+    """One job's record: from the cluster when it has an address, else from the journal."""
+    if address and not job_id.startswith(f"{LOCAL}-"):
+        client = connect(address, token_file)
+        try:
+            return _info_dict(client.get_job_info(job_id))
+        except Exception as e:
+            if journal is None or journal.get(job_id) is None:
+                raise JobsError(f"job {job_id!r} not found at {address}: {e}") from None
+    entry = journal.get(job_id) if journal else None
+    if entry is None:
+        where = "the journal" if journal else "anywhere (give --address or --config)"
+        raise JobsError(f"job {job_id!r} not found in {where}")
+    return entry
+
+
+def wait(
+    job_id: str,
+    address: str | None,
+    token_file=None,
+    journal: Journal | None = None,
+    poll: float = 2.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Poll until the job is terminal (or `timeout` seconds pass)."""
+    t0 = time.time()
+    while True:
+        rec = status(job_id, address, token_file, journal)
+        if rec["status"] in TERMINAL:
+            if journal is not None and address and journal.get(job_id) is not None:
+                journal.update(job_id, status=rec["status"], ended_at=rec.get("ended_at"))
+            return rec
+        if timeout is not None and time.time() - t0 > timeout:
+            return rec
+        time.sleep(poll)
+
+
+def logs(job_id: str, address: str | None, token_file=None, journal: Journal | None = None) -> str:
+    if address and not job_id.startswith(f"{LOCAL}-"):
+        try:
+            return connect(address, token_file).get_job_logs(job_id)
+        except JobsError:
+            raise
+        except Exception as e:
+            raise JobsError(f"logs of {job_id!r} at {address}: {e}") from None
+    text = journal.read_log(job_id) if journal else None
+    if text is None:
+        raise JobsError(f"no logs for {job_id!r} (local jobs keep them in the gallery's journal)")
+    return text
+
+
+def follow(job_id: str, address: str, token_file=None, echo=print) -> dict[str, Any]:
+    """Stream the job's logs until it ends; returns its final record."""
+    client = connect(address, token_file)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            echo(chunk)
+
+    asyncio.run(tail())
+    return wait(job_id, address, token_file)
+
+
+def stop(job_id: str, address: str, token_file=None) -> bool:
+    try:
+        return bool(connect(address, token_file).stop_job(job_id))
+    except JobsError:
+        raise
+    except Exception as e:
+        raise JobsError(f"stop {job_id!r} at {address}: {e}") from None

@@ -1,7 +1,7 @@
 """Entrypoint submitted to Ray: one planned upgrade from a config (`--config` + `--set`).
 
-Exit codes: 0 upgraded, 1 failed (validation, storage, a stage's error), 2 bad config,
-3 the gallery is locked by another upgrade."""
+Exit codes: 0 upgraded, 1 failed (validation, storage, a stage's error), 2 bad config or
+missing input, 3 the gallery is locked by another upgrade."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def main(cfg: UpgradeConfig, report: str | None = None) -> int:
     except LockHeld as e:
         console.print(f"locked: {e}")
         return 3
+    except (ConfigError, FileNotFoundError) as e:
+        console.print(f"error: {e}")
+        return 2
     except GalleryError as e:
         console.print(f"error: {e}")
         return 1

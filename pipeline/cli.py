@@ -617,7 +617,7 @@ def schedule(
 
     from pipeline.ops.schedule import run_schedule
 
-    sets = list(set_ or []) + ([f"schedule.cron={cron}"] if cron else [])
+    sets = list(set_ or []) + ([f"schedule.cron={json.dumps(cron)}"] if cron else [])  # quoted YAML
     cfg = _cfg(config, sets)
     from pipeline.ops import jobs
 

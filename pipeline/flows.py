@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import UpgradeConfig, load_config
+from pipeline.config import UpgradeConfig, dump_config, load_config
 from pipeline.graph import steps
 from pipeline.graph.dag import Stage
 from pipeline.io import uri as uri_io
@@ -105,13 +105,16 @@ def run_upgrade(
             lineage["job_id"] = job_id
         stages: dict[str, dict[str, Any]] = {}
         with ctx.tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
+            parent.log_dict(dump_config(cfg), "config.yaml")  # secrets masked
             current: list[Any] = [parent]
+            stage_runs: dict[str, str] = {}
 
             def in_child_run(stage: Stage) -> Stage:
                 def run(inputs: dict[str, Any]) -> Any:
                     lock.renew()  # LockLost if another holder took the gallery meanwhile
                     tags = ctx.tags(step=stage.name, stage=stage.name, **lineage)
                     with ctx.tracker.run(stage.name, tags, parent.run_id) as child:
+                        stage_runs[stage.name] = child.run_id
                         current.append(child)
                         try:
                             return stage.run(inputs)
@@ -129,6 +132,10 @@ def run_upgrade(
                 note = "" if event == "done" else " (done in an earlier run)"
                 console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
                 parent.set_tags({f"carryover.stage.{name}": event})
+                if event == "resumed":  # point at the run of the upgrade attempt that did it
+                    earlier = (log.get(name) or {}).get("run_id")
+                    if earlier:
+                        parent.set_tags({f"carryover.stage.{name}.run_id": earlier})
                 if event == "done":
                     parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
 
@@ -139,7 +146,13 @@ def run_upgrade(
                 console,
                 lambda: parent,
             )
-            results = run_stages([in_child_run(s) for s in graph], log, on_event, until)
+            results = run_stages(
+                [in_child_run(s) for s in graph],
+                log,
+                on_event,
+                until,
+                lambda name: {"run_id": stage_runs.get(name)},
+            )
     return _report(ctx, results, stages, parent.run_id, until)
 
 
@@ -242,8 +255,6 @@ def run_demo(workdir: str, overrides: list[str] | None, console: Console, quiet:
     """The embedded demo end to end; leaves report.json and the resolved config.yaml behind so
     later commands (`carryover evaluate -c <workdir>/config.yaml`) address the same gallery."""
     import yaml
-
-    from pipeline.config import dump_config
 
     cfg = demo_config(workdir, overrides)
     Path(workdir).mkdir(parents=True, exist_ok=True)

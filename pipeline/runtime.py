@@ -31,7 +31,9 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        # "local": always a fresh Ray of our own. A bare ray.init() would join any cluster a
+        # `ray start` left on this machine (another user's, or a stopped test's).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

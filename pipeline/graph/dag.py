@@ -69,10 +69,12 @@ def run_stages(
     log: StageLog,
     on_event: Callable[[str, str, float], None] = lambda name, event, secs: None,
     until: str | None = None,
+    annotate: Callable[[str], dict[str, Any]] = lambda name: {},
 ) -> dict[str, Any]:
     """Run stages in order, skipping those with a completion record; stop after `until`.
 
     Events: ("start", 0), ("done", seconds), ("resumed", seconds of the original run).
+    `annotate(name)` adds fields to a finished stage's record (e.g. the run that did it).
     """
     check_order(stages)
     if until is not None and until not in {s.name for s in stages}:
@@ -91,7 +93,13 @@ def run_stages(
             if s.remember:
                 log.put(
                     s.name,
-                    {"stage": s.name, "output": out, "seconds": secs, "finished_at": time.time()},
+                    {
+                        "stage": s.name,
+                        "output": out,
+                        "seconds": secs,
+                        "finished_at": time.time(),
+                        **annotate(s.name),
+                    },
                 )
             results[s.name] = out
             on_event(s.name, "done", secs)

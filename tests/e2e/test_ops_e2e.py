@@ -97,7 +97,9 @@ def test_submitted_upgrade_succeeds_with_logs_and_lineage(submitted) -> None:
     execute = next(k for k in kids if k["name"] == "execute")
     assert execute["tags"]["carryover.shards"] == "0-3"
     assert execute["tags"]["carryover.from_version"] == "v1"
-    assert {"plan.json", "manifest.json"} <= set(tracker.list_artifacts(parent["run_id"]))
+    assert {"plan.json", "manifest.json", "config.yaml"} <= set(
+        tracker.list_artifacts(parent["run_id"])
+    )
 
 
 def test_nightly_ticks_noop_then_upgrade_and_lock_refuses(submitted, ray_head) -> None:

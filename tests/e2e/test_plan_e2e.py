@@ -18,6 +18,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
+from pipeline.gallery.lock import holder_of
 from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_arrow
 from pipeline.graph import steps
 from pipeline.graph.search import search_gallery
@@ -167,6 +168,8 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     committed = set(g.committed_shards("v2"))
     assert 1 <= len(committed) < SHARDS, committed
     assert not g.has_version("v2") and g.current() == "v1"
+    held = holder_of(g.uri)  # the dead driver's lease is left behind, taken over on rerun
+    assert held is not None and held.pid == p.pid and not held.expired
 
     r = _cli("upgrade", "-q", *_flags(sets))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -178,6 +181,12 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     got = g.manifest("v2")["shards"]
     assert [s["checksum"] for s in got] == [s["checksum"] for s in ref]  # same result
     assert sum(s["rows"] for s in got) == ROWS
+    assert holder_of(g.uri) is None
+    # the resumed upgrade's run points at the earlier run of each stage it did not redo
+    tracker = steps.Context(load_config(None, sets), quiet=True).tracker
+    tags = tracker.get_run(g.manifest("v2")["run_id"])["tags"]
+    assert tags["carryover.stage.plan"] == "resumed" and tags["carryover.stage.execute"] == "done"
+    assert tracker.get_run(tags["carryover.stage.plan.run_id"])["name"] == "plan"
 
 
 def test_failed_validation_leaves_current_and_serving_alias(evaluated, tmp_path) -> None:

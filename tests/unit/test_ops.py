@@ -243,3 +243,52 @@ def test_schedule_decides_from_the_registry(tmp_path: Path) -> None:
     assert up.new_model.uri == "models:/sched-embedder/2" and up.new_model.name == "v2"
     assert up.target_version == "v2"  # the candidate's name, not a fixed plan.target_version
     assert yaml.safe_load(yaml.safe_dump(jobs.job_config(up)))["new_model"]["name"] == "v2"
+
+
+def test_once_journals_missed_ticks_then_a_noop(tmp_path: Path) -> None:
+    from pipeline.ops.schedule import run_schedule
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "gallery_name=miss"])
+    j = Journal(cfg.gallery_uri)
+    three_days_ago = time.time() - 3 * 24 * 3600 - 60
+    j.put({"id": "tick-old", "kind": "tick", "status": "NOOP", "created_at": three_days_ago})
+    r = run_schedule(cfg, None, once=True, echo=lambda _: None)
+    assert r.outcome == "noop" and r.exit_code == 0 and "no miss-embedder@candidate" in r.reason
+    ticks = j.entries(kind="tick")
+    assert [t["status"] for t in ticks] == ["NOOP", "MISSED", "NOOP"]
+    missed = ticks[1]
+    assert missed["missed"] == 2 and "2 tick(s) missed" in missed["message"]
+    assert holder_of(cfg.gallery_uri) is None  # the tick released the lock
+
+
+@pytest.mark.slow
+def test_submit_without_address_runs_here_and_journals(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+    }
+    sets = ["--set", f"workdir={tmp_path}", "--set", "gallery_name=local"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "submit", *sets],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 1, (
+        out.stdout + out.stderr
+    )  # no images: the job fails (exit 2), clearly
+    text = " ".join(out.stdout.split())  # rich may wrap long lines
+    assert "error: no such file or directory:" in text and "local job local-local-" in text
+    (entry,) = Journal(str(tmp_path / "gallery")).entries()
+    assert entry["status"] == "FAILED" and entry["exit_code"] == 2 and entry["trigger"] == "manual"
+    logs = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "jobs", "logs", entry["id"], *sets],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert logs.returncode == 0 and "no such file or directory" in " ".join(logs.stdout.split())

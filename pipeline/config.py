@@ -209,6 +209,11 @@ class EmbedConfig(_Model):
     # Fractional CPUs: whole-CPU actors can deadlock a Ray Data pipeline on 2 cores.
     actor_num_cpus: float = Field(0.5, gt=0)
     decode_num_cpus: float = Field(0.5, gt=0)
+    fuse_decode: bool = Field(
+        False,
+        description="decode inside the embed actors (no decoded pixels through the object "
+        "store) instead of in separate tasks",
+    )
     torch_threads: int = Field(1, ge=1)
     max_decoded_pixels: int = Field(
         64_000_000, ge=1, description="reject images larger than this (decompression bombs)"
@@ -280,6 +285,14 @@ class PlanConfig(_Model):
     )
     scan_rows_per_second: float = Field(
         20_000, gt=0, description="cost model: rows/s to scan an image shard for chosen keys"
+    )
+    transform_rows_per_second: float | None = Field(
+        None, gt=0, description="cost model: rows/s of applying h (default: the profile's)"
+    )
+    throughput_profile: str | None = Field(
+        None,
+        description="measured throughputs (JSON from `make bench` / jobs/benchmark.py --profile): "
+        "images/s of embedding and rows/s of transforming, which price transform vs backfill",
     )
     parallel_shards: int = Field(2, ge=1, description="shards executed at once (actor pool)")
     retries: int = Field(2, ge=0, description="re-runs of a shard after a transient failure")

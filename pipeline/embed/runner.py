@@ -241,6 +241,22 @@ def _pipeline(
     import ray.data
 
     pre: PreprocessConfig = blob.preprocess
+    if cfg.fuse_decode:
+        from pipeline.embed.stages import DecodeEmbedStage
+
+        return ds.map_batches(
+            DecodeEmbedStage,
+            fn_constructor_kwargs={
+                "blob": blob,
+                "threads": cfg.torch_threads,
+                "side_blob": side_blob,
+                "max_pixels": cfg.max_decoded_pixels,
+                "shard_of_path": shard_of_path,
+            },
+            batch_size=cfg.batch_size,
+            num_cpus=cfg.actor_num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        )
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={

@@ -104,6 +104,16 @@ def scan_shard(
     return ShardScan(k, n, lv, has_side)
 
 
+def reembed_order(scan: ShardScan) -> np.ndarray:
+    """Row indices still to upgrade, the most deserving of re-embedding first: highest h
+    log-variance (FastFill's order), or a seeded random order when the shard has none. The
+    executor re-embeds a prefix of it; the plan's simulation ranks validation rows by it."""
+    todo = np.flatnonzero(~scan.native)
+    if scan.log_var is None or not np.isfinite(scan.log_var[todo]).any():
+        return np.random.default_rng(0).permutation(todo)
+    return todo[np.argsort(-scan.log_var[todo], kind="stable")]
+
+
 class FactsStage:
     """Ray Data actor: per source shard, rows, native rows, side-info presence and the
     quantiles of h's log-variance over the rows still to upgrade."""
@@ -114,9 +124,13 @@ class FactsStage:
         storage: StorageConfig | None,
         target_model: str,
         quantiles: int,
+        probe_keys: list[str] | None = None,
     ):
         self.chains = {k: TransformChain(v) for k, v in chains.items()}
         self.storage, self.target, self.q = storage, target_model, quantiles
+        # Validation keys: their rank in the executor's order lets the plan's simulation pick
+        # exactly the rows a partial backfill will re-embed.
+        self.probe = pa.array(sorted(set(probe_keys or [])), pa.string())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"record": np.array([json.dumps(self.one(json.loads(w))) for w in batch["work"]])}
@@ -139,6 +153,12 @@ class FactsStage:
             vals = vals[np.isfinite(vals)]  # rows with no stored uncertainty have no order
             if len(vals):
                 qs = np.quantile(vals, np.linspace(0, 1, self.q)).astype(float).tolist()
+        ranks: dict[str, int] = {}
+        if len(self.probe) and todo.any():
+            order = reembed_order(scan)
+            ordered = pa.array(scan.keys[order], pa.string())
+            hit = np.flatnonzero(pc.is_in(ordered, value_set=self.probe).to_numpy(False))
+            ranks = dict(zip(ordered.take(pa.array(hit)).to_pylist(), hit.tolist(), strict=True))
         return {
             "shard_id": w["shard_id"],
             "rows": int(len(scan.keys)),
@@ -146,6 +166,7 @@ class FactsStage:
             "has_side_info": bool(scan.has_side_info),
             "chain": used,
             "uncertainty": qs,
+            "probe_ranks": ranks,
         }
 
 
@@ -244,16 +265,10 @@ class ShardExecutor:
         return rec
 
     def _choose(self, scan: ShardScan, w: dict[str, Any]) -> set[str]:
-        """The keys to re-embed: all non-native rows (full) or the most uncertain ones."""
-        todo = np.flatnonzero(~scan.native)
-        no_order = scan.log_var is None or not np.isfinite(scan.log_var[todo]).any()
-        if w["method"] == "full" or no_order:
-            n = len(todo) if w["method"] == "full" else int(w["reembed_rows"])
-            # Without an uncertainty head the order is a seeded random one.
-            pick = todo if w["method"] == "full" else np.random.default_rng(0).permutation(todo)[:n]
-        else:
-            lv = scan.log_var[todo]
-            pick = todo[np.argsort(-lv, kind="stable")[: int(w["reembed_rows"])]]
+        """The keys to re-embed: all non-native rows (full) or the first `reembed_rows` of the
+        re-embed order (partial)."""
+        order = reembed_order(scan)
+        pick = order if w["method"] == "full" else order[: int(w["reembed_rows"])]
         return set(scan.keys[pick].tolist())
 
     def _embed(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,7 +141,7 @@ class Gallery:
         uri_io.write_json(self.record_uri(version, int(record["shard_id"])), record, self.storage)
 
     def file_checksum(self, file_uri: str) -> str:
-        return "sha256:" + hashlib.sha256(uri_io.read_bytes(file_uri, self.storage)).hexdigest()
+        return "sha256:" + uri_io.sha256(file_uri, self.storage)
 
     def finalize(self, version: str, meta: dict[str, Any]) -> dict[str, Any]:
         """Write the manifest last, from the commit records: the version becomes visible."""

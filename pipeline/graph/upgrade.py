@@ -18,7 +18,15 @@ from pipeline.gallery.store import GalleryError
 from pipeline.graph import compat_steps as cs
 from pipeline.graph import steps
 from pipeline.graph.dag import Stage, StageLog
-from pipeline.plan.planner import Budget, Plan, PlanRules, QualityCurve, ShardFacts, make_plan
+from pipeline.plan.planner import (
+    TRANSFORM_SPEEDUP,
+    Budget,
+    Plan,
+    PlanRules,
+    QualityCurve,
+    ShardFacts,
+    make_plan,
+)
 from pipeline.runtime import ensure_ray
 
 DEFAULT_EMBED_RPS = 500.0
@@ -148,25 +156,47 @@ def _for_workers(storage: Any) -> Any:
 
 
 def budget_of(ctx: steps.Context, facts: list[ShardFacts], source: str) -> tuple[Budget, list]:
-    """The configured budget in images and seconds, with measured throughputs."""
+    """The configured budget in images and seconds, priced with measured throughputs: embedding
+    from plan.embed_rows_per_second, else the source version's ingest, else the throughput
+    profile; transforming from plan.transform_rows_per_second, else the profile."""
     pc, notes = ctx.cfg.plan, []
     total = sum(f.rows for f in facts)
     caps = [pc.budget_images] if pc.budget_images is not None else []
     if pc.budget_fraction is not None:
         caps.append(int(round(pc.budget_fraction * total)))
+    profile = _profile(pc.throughput_profile)
     rps = pc.embed_rows_per_second or ctx.gallery.manifest(source).get("rows_per_second")
+    rps = rps or (profile.embed_images_per_second if profile else None)
     if not rps:
         rps = DEFAULT_EMBED_RPS
         notes.append(f"no measured embedding throughput for {source}: assuming {rps:.0f} rows/s")
+    trps = pc.transform_rows_per_second or (profile.transform_rows_per_second if profile else None)
+    if not trps and pc.budget_seconds is not None:
+        notes.append(
+            "no measured transformation throughput (plan.throughput_profile): a transform is "
+            f"priced at 1/{TRANSFORM_SPEEDUP:.0f} of an embedding"
+        )
     return (
         Budget(
             images=min(caps) if caps else None,
             seconds=pc.budget_seconds,
             embed_rows_per_second=float(rps),
             scan_rows_per_second=pc.scan_rows_per_second,
+            transform_rows_per_second=float(trps) if trps else None,
         ),
         notes,
     )
+
+
+def _profile(path: str | None) -> Any:
+    if not path:
+        return None
+    from pipeline.bench.profile import ThroughputProfile
+
+    try:
+        return ThroughputProfile.load(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"plan.throughput_profile {path!r}: cannot read it: {e}") from None
 
 
 def load_report(ctx: steps.Context) -> dict[str, Any]:
@@ -246,6 +276,10 @@ def _facts(ctx, source, chains, quiet) -> tuple[list[ShardFacts], list[dict[str,
         prog.update(prog.task_ids[0], advance=1, rows=rows[0], rps=rps)
 
     e = ctx.cfg.embed
+    try:  # the simulation's validation rows; without images there is nothing to simulate
+        probe = steps.validation_labels(ctx.cfg)["key"].to_pylist()
+    except (FileNotFoundError, ValueError):
+        probe = None
     with prog:
         return gather_facts(
             ctx.gallery,
@@ -256,6 +290,7 @@ def _facts(ctx, source, chains, quiet) -> tuple[list[ShardFacts], list[dict[str,
             e.actor_num_cpus,
             ctx.cfg.plan.parallel_shards,
             tick,
+            probe,
         )
 
 
@@ -612,6 +647,7 @@ def simulate_plan(
     if ok.sum() < 2:
         return
     keys_ok = np.flatnonzero(ok)
+    keys_ok_names = [keys[i] for i in keys_ok]
     new, shard, labels = new[keys_ok], src["shard"][keys_ok], labels[keys_ok]
     old = src["emb"][keys_ok]
     side = src["side"][keys_ok] if src["side"] is not None else None
@@ -630,13 +666,18 @@ def simulate_plan(
         if sp.method in ("transform", "skip"):
             planned[idx] = pred
         elif sp.method == "partial":
-            f = by_fact[sp.shard_id]
-            frac = sp.reembed_rows / max(f.rows - f.native_rows, 1)
-            if lv is None or not f.uncertainty:
-                keep = np.random.default_rng(0).random(len(idx)) >= frac
-            else:
-                q = np.linspace(0, 1, len(f.uncertainty))
-                keep = lv < np.interp(1 - frac, q, f.uncertainty)
+            ranks = by_work[sp.shard_id].get("probe_ranks")
+            if ranks:  # exactly the rows the executor will re-embed: its order's prefix
+                rank = np.array([ranks.get(keys_ok_names[i], -1) for i in idx])
+                keep = (rank < 0) | (rank >= sp.reembed_rows)
+            else:  # approximate: the shard's uncertainty quantiles
+                f = by_fact[sp.shard_id]
+                frac = sp.reembed_rows / max(f.rows - f.native_rows, 1)
+                q = np.linspace(0, 1, max(len(f.uncertainty), 2))
+                if lv is None or not f.uncertainty:
+                    keep = np.random.default_rng(0).random(len(idx)) >= frac
+                else:
+                    keep = lv < np.interp(1 - frac, q, f.uncertainty)
             planned[idx[keep]] = pred[keep]
 
     def top1(gal: np.ndarray) -> float:

@@ -118,6 +118,25 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         raise FileNotFoundError(f"no such file: {uri}") from None
 
 
+def sha256(uri: str, storage: StorageConfig | None = None, chunk: int = 8 << 20) -> str:
+    """Hex SHA-256 of an object, streamed in `chunk`-byte reads (never the whole file in memory)."""
+    import hashlib
+
+    loc = resolve(uri, storage)
+
+    def _hash() -> str:
+        h = hashlib.sha256()
+        with loc.fs.open_input_stream(loc.path) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    try:
+        return with_retries(_hash, f"read {uri}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {uri}") from None
+
+
 @contextlib.contextmanager
 def open_atomic(uri: str, storage: StorageConfig | None = None) -> Iterator[Any]:
     """Open an output stream whose content becomes visible at `uri` only once complete.

@@ -68,6 +68,7 @@ def gather_facts(
     num_cpus: float,
     parallel: int,
     progress: Any = None,
+    probe_keys: list[str] | None = None,
 ) -> tuple[list[ShardFacts], list[dict[str, Any]]]:
     """Facts of every shard of the source version (and the work items, with the chain key).
 
@@ -84,12 +85,14 @@ def gather_facts(
         "storage": g.storage.resolved() if g.storage is not None else None,
         "target_model": target_model,
         "quantiles": quantiles,
+        "probe_keys": probe_keys,
     }
     by_id = {w["shard_id"]: w for w in work}
     facts: dict[int, ShardFacts] = {}
     for rec in run_shards(FactsStage, kwargs, work, num_cpus, parallel):
         w = by_id[rec["shard_id"]]
         w["chain"] = rec["chain"]
+        w["probe_ranks"] = rec.get("probe_ranks") or {}
         spec = chains.get(rec["chain"]) if rec["chain"] else None
         facts[w["shard_id"]] = ShardFacts(
             shard_id=w["shard_id"],

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 METHODS = ("skip", "transform", "partial", "full", "blocked")
-# Applying h is a small network over stored vectors, roughly 50x cheaper per row than decoding and
-# embedding an image: a transform is costed at rows / (TRANSFORM_SPEEDUP * embed_rows_per_second).
+# Only when nothing was measured (no throughput profile, no explicit rate): applying h is a small
+# network over stored vectors, taken as 50x cheaper per row than decoding and embedding an image.
 TRANSFORM_SPEEDUP = 50.0
 _BISECT_STEPS = 50
 _TARGET_STEPS = 30
@@ -130,6 +130,11 @@ class Budget:
     seconds: float | None = None
     embed_rows_per_second: float = 500.0
     scan_rows_per_second: float = 20000.0
+    transform_rows_per_second: float | None = None  # measured; None: TRANSFORM_SPEEDUP × embed
+
+    @property
+    def transform_rate(self) -> float:
+        return self.transform_rows_per_second or TRANSFORM_SPEEDUP * self.embed_rows_per_second
 
 
 @dataclass
@@ -316,7 +321,7 @@ def _validate(facts: Sequence[ShardFacts], budget: Budget, rules: PlanRules) -> 
         raise PlanError(f"budget images must be >= 0, got {budget.images}")
     if budget.seconds is not None and not 0 <= budget.seconds < math.inf:
         raise PlanError(f"budget seconds must be finite and >= 0, got {budget.seconds}")
-    rates = (budget.embed_rows_per_second, budget.scan_rows_per_second)
+    rates = (budget.embed_rows_per_second, budget.scan_rows_per_second, budget.transform_rate)
     if not all(0 < r < math.inf for r in rates):
         raise PlanError(f"budget throughputs (rows per second) must be finite and > 0, got {rates}")
     if not 0 < rules.full_threshold <= 1:
@@ -436,7 +441,7 @@ def _fits(cost: np.ndarray, remaining: np.ndarray) -> bool:
 
 def _shard_seconds(f: ShardFacts, method: str, n: int, budget: Budget) -> float:
     embed, scan = budget.embed_rows_per_second, budget.scan_rows_per_second
-    transform = f.nonnative / (TRANSFORM_SPEEDUP * embed)
+    transform = f.nonnative / budget.transform_rate
     if method == "transform":
         return transform
     if method == "partial":

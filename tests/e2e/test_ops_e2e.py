@@ -25,6 +25,10 @@ FAST = [
     "gallery_name=ops",
     "side_info.enabled=false",
     "adapters.kinds=[procrustes]",
+    "evaluate.orderings=[uncertainty]",
+    "old_model.train.epochs=1",
+    "new_model.train.epochs=2",
+    "transformation.train.epochs=2",
     "schedule.poll_seconds=1",
 ]
 
@@ -112,7 +116,7 @@ def test_nightly_ticks_noop_then_upgrade_and_lock_refuses(submitted, ray_head) -
     # a new embedder becomes the candidate
     train = _carryover(
         "train", "--which", "new", "--alias", "candidate",
-        *_flags(wd, "new_model.name=v3", "new_model.train.epochs=2"),
+        *_flags(wd, "new_model.name=v3", "new_model.train.epochs=1"),
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     ctx = steps.Context(cfg, quiet=True)

@@ -74,6 +74,11 @@ def test_zero_budget_transforms_every_eligible_shard():
     assert plan.reembed_rows == 0
     assert plan.expected_top1 == CURVE.transform_top1
     assert plan.shard(2).cost_seconds == pytest.approx(10_000 / (50 * 500.0))
+    # a measured transformation throughput (the profile's) prices transforms, not the constant
+    measured = _plan(Budget(images=0, transform_rows_per_second=2_000_000.0), facts)
+    assert measured.shard(2).cost_seconds == pytest.approx(10_000 / 2_000_000.0)
+    with pytest.raises(PlanError, match="throughputs"):
+        _plan(Budget(images=0, transform_rows_per_second=float("inf")), facts)
 
 
 def test_unlimited_budget_backfills_every_eligible_shard():

@@ -540,7 +540,22 @@ def test_facts_without_side_info_has_no_chain(tmp_path: Path) -> None:
         "has_side_info": False,
         "chain": None,
         "uncertainty": [],
+        "probe_ranks": {},
     }
+
+
+def test_probe_ranks_name_exactly_the_rows_a_partial_backfill_reembeds(tmp_path: Path) -> None:
+    w = _world(tmp_path)
+    probe = w.keys[::2] + ["not-in-this-shard"]
+    facts = FactsStage({"side": w.spec}, None, "v2", 11, probe).one(w.work("transform", None))
+    ranks = facts["probe_ranks"]
+    assert set(ranks) == set(w.keys[::2])  # every probe key of the shard, nothing else
+    w.run(w.work("partial", reembed=6))
+    chosen = {k for k, r in w.output().items() if r["source"] != "transform:v1->v2"}
+    chosen |= set(_side_table(w.g.fallbacks_uri("v2", 0)).to_pydict()["key"])  # image failed
+    # the simulation's rule (rank < reembed_rows) is the executor's choice, row for row
+    assert {k for k, r in ranks.items() if r < 6} == chosen & set(ranks)
+    assert sorted(ranks.values()) == sorted(set(ranks.values()))
 
 
 def test_facts_with_side_info_uses_side_chain(tmp_path: Path) -> None:

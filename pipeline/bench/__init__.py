@@ -1,0 +1,1 @@
+"""Benchmarks of the hot paths against their physical floors (`make bench`, jobs/benchmark.py)."""

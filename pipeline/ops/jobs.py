@@ -23,6 +23,7 @@ from pipeline.ops.journal import JOB_ID_ENV, Journal, new_id
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+AGENT_WAIT_S = 120.0  # how long a submission waits for a fresh head's job agent
 LOCAL = "local"
 
 
@@ -190,21 +191,28 @@ def submit(
     ep = entrypoint(job, args or [])
     with tempfile.TemporaryDirectory(prefix="carryover-job-") as tmp:
         bundle = make_bundle(cfg, job, Path(tmp))
-        try:
-            client.submit_job(
-                entrypoint=ep,
-                submission_id=sid,
-                runtime_env={"working_dir": str(bundle), "env_vars": env_vars},
-                metadata={
-                    "carryover.job": job,
-                    "carryover.gallery": cfg.gallery_name,
-                    "carryover.gallery_uri": cfg.gallery_uri,
-                    "carryover.target": cfg.target_version,
-                    "carryover.trigger": trigger,
-                },
-            )
-        except Exception as e:
-            raise JobsError(_explain(address, e, True)) from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=ep,
+                    submission_id=sid,
+                    runtime_env={"working_dir": str(bundle), "env_vars": env_vars},
+                    metadata={
+                        "carryover.job": job,
+                        "carryover.gallery": cfg.gallery_name,
+                        "carryover.gallery_uri": cfg.gallery_uri,
+                        "carryover.target": cfg.target_version,
+                        "carryover.trigger": trigger,
+                    },
+                )
+                break
+            except Exception as e:
+                # A head that just started (or is busy) answers 500 "No available agent"
+                # until its job agent is up: that one is worth waiting for.
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise JobsError(_explain(address, e, True)) from None
+                time.sleep(2.0)
     sub = Submission(sid, address, job, ep, sorted(env_vars))
     _journal(cfg).put(_entry(cfg, sub, trigger))
     return sub

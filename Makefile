@@ -24,6 +24,10 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Every hot path beside its physical floor, measured in one run; rewrites docs/benchmarks.md.
+bench: venv
+	$(BIN)/python jobs/benchmark.py --profile .carryover-bench-profile.json $(BENCH_ARGS)
+
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

@@ -42,20 +42,28 @@ def _distances(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor | None) -> t
     return (q * q).sum(1, keepdim=True) + g_sq[None, :] - 2.0 * (q @ g.T)
 
 
-def _stable_order(dist: np.ndarray) -> np.ndarray:
-    """Column indices of each row sorted by (distance, column), from one int64 sort.
+def _keys(dist: np.ndarray) -> np.ndarray:
+    """Unique, order-preserving int64 keys of each row's distances: (distance, column).
 
     numpy's SIMD quicksort on int64 is several times faster than a stable argsort, so the
     column index is packed into the low bits of an order-preserving integer image of the
-    float64 distance: keys are unique, hence the order equals a stable sort. Distances closer
-    than ~2**-(52 - log2(cols)) relative become ties, broken by column (deterministic).
+    float64 distance: keys are unique within a row, hence their order equals a stable sort.
+    Distances closer than ~2**-(52 - log2(cols)) relative become ties, broken by column
+    (deterministic). Works in place: `dist` is a scratch buffer owned by the caller.
     """
     bits = max(1, (dist.shape[1] - 1).bit_length())
     dist += 0.0  # turns -0.0 into +0.0 so both zeros get one key
-    key = dist.view(np.int64)  # in place: dist is a scratch buffer owned by the caller
+    key = dist.view(np.int64)
     key ^= (key >> 63) & np.int64(0x7FFFFFFFFFFFFFFF)  # negative floats: reverse magnitude
     key &= ~np.int64((1 << bits) - 1)
     key |= np.arange(dist.shape[1], dtype=np.int64)
+    return key
+
+
+def _stable_order(dist: np.ndarray) -> np.ndarray:
+    """Column indices of each row sorted by (distance, column), from one int64 sort."""
+    bits = max(1, (dist.shape[1] - 1).bit_length())
+    key = _keys(dist)
     key.sort(axis=1)
     return key & np.int64((1 << bits) - 1)
 
@@ -218,21 +226,98 @@ def backfill_curve(
     ql, gl = _labels(labels, labels)
     if len(ql) != n:
         raise ValueError(f"{len(ql)} labels for {n} gallery rows")
-    gallery = gt.clone()
-    fractions, top1, maps, done = [], [], [], 0
-    for i in range(steps + 1):
-        upto = round(i * n / steps)
-        idx = perm[done:upto]
-        gallery[idx] = gn[idx]  # incremental: each step only swaps in the newly backfilled rows
-        done = upto
-        m = _metrics(q, gallery, ql, gl, metric, (1,), True, chunk)
-        fractions.append(i / steps)
-        top1.append(m["top1"])
-        maps.append(m["map"])
+    if metric == "cosine":
+        q, gt, gn = (torch.nn.functional.normalize(x, dim=1) for x in (q, gt, gn))
+        gt_sq = gn_sq = None
+    else:
+        gt_sq, gn_sq = (gt * gt).sum(1), (gn * gn).sum(1)
+    # Step i swaps in rows perm[round((i-1)n/steps) : round(i n/steps)]: piece i of the order.
+    bounds = [round(i * n / steps) for i in range(steps + 1)]
+    perm = perm.numpy()
+    pieces = [perm[:0]] + [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    step_of = np.empty(n, dtype=np.int64)
+    for i, cols in enumerate(pieces):
+        step_of[cols] = i
+
+    def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        kt = _keys(_distances(q[lo:hi], gt, gt_sq).numpy())
+        kn = _keys(_distances(q[lo:hi], gn, gn_sq).numpy())
+        return _curve_stats(kt, kn, ql[lo:hi], gl, np.arange(lo, hi), pieces, step_of)
+
+    workers = max(1, min(_MAX_THREADS, torch.get_num_threads()))
+    step = max(1, -(-chunk // workers))
+    row_bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda b: run(*b), row_bounds))
+    first = np.concatenate([p[0] for p in parts], axis=1)
+    ap = np.concatenate([p[1] for p in parts], axis=1)
+    has = np.concatenate([p[2] for p in parts]) > 0
+    top1 = [100.0 * float(np.mean(f < 1)) for f in first]
+    maps = [100.0 * float(a[has].mean()) if has.any() else float("nan") for a in ap]
     return BackfillCurve(
-        fractions=fractions,
+        fractions=[i / steps for i in range(steps + 1)],
         top1=top1,
         map=maps,
         auc_top1=float(np.mean(top1)),
         auc_map=float(np.mean(maps)),
     )
+
+
+def _curve_stats(
+    kt: np.ndarray,
+    kn: np.ndarray,
+    ql: np.ndarray,
+    gl: np.ndarray,
+    self_idx: np.ndarray,
+    pieces: list[np.ndarray],
+    step_of: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First-hit rank and AP of each query at every curve point, plus relevant counts.
+
+    `kt`/`kn` are the rows' keys against the transformed/new gallery. At point s a column c
+    holds kn if it was swapped in by then (step_of[c] <= s), else kt, so the rank of a
+    relevant item with key x is  sum over pieces v > s of #{kt in v < x}  +  sum over v <= s of
+    #{kn in v < x}  + 1. Each piece is sorted once and only the relevant items' keys are
+    searched in it: the work is about two sorts of each row instead of one per point.
+    """
+    n, ng = kt.shape
+    points = len(pieces)
+    r = np.arange(n)
+    top = np.iinfo(np.int64).max
+    kt[r, self_idx] = top  # the self-match counts as closer than nothing
+    kn[r, self_idx] = top
+    rel = gl[None, :] == ql[:, None]
+    rel[r, self_idx] = False
+    n_rel = rel.sum(1)
+    kmax = int(n_rel.max()) if n else 0
+    first = np.full((points, n), ng, dtype=np.int64)
+    ap = np.zeros((points, n))
+    if kmax == 0:
+        return first, ap, n_rel
+    rows, cols = np.nonzero(rel)
+    slot = np.arange(len(rows)) - (np.cumsum(n_rel) - n_rel)[rows]
+    x = np.full((n, 2 * kmax), top, dtype=np.int64)  # each relevant item: [its kt | its kn]
+    x[rows, slot] = kt[rows, cols]
+    x[rows, kmax + slot] = kn[rows, cols]
+    swapped_at = np.full((n, kmax), points, dtype=np.int64)  # padding: never
+    swapped_at[rows, slot] = step_of[cols]
+    xs = torch.from_numpy(x)
+    less_t = np.zeros((points, n, 2 * kmax), dtype=np.int64)
+    less_n = np.zeros_like(less_t)
+    for v, piece in enumerate(pieces):
+        for keys, less in ((kt, less_t), (kn, less_n)):
+            if len(piece):
+                sorted_piece = np.ascontiguousarray(keys[:, piece])
+                sorted_piece.sort(axis=1)
+                less[v] = torch.searchsorted(torch.from_numpy(sorted_piece), xs)
+    np.cumsum(less_t, axis=0, out=less_t)
+    np.cumsum(less_n, axis=0, out=less_n)
+    valid = np.arange(kmax)[None, :] < n_rel[:, None]
+    j = np.arange(1, kmax + 1, dtype=np.float64)
+    for s in range(points):
+        less = less_t[-1] - less_t[s] + less_n[s]
+        rank = np.where(swapped_at <= s, less[:, kmax:], less[:, :kmax]) + 1
+        rank = np.sort(np.where(valid, rank, top), axis=1)
+        ap[s] = np.where(valid, j / rank, 0.0).sum(1) / np.maximum(n_rel, 1)
+        first[s] = np.where(n_rel > 0, rank[:, 0] - 1, ng)
+    return first, ap, n_rel

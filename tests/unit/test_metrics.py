@@ -143,3 +143,21 @@ def test_backfill_curve_rejects_a_non_permutation():
     g_new, g_tr, labels, order = _curve_data(n=10)
     with pytest.raises(ValueError, match="permutation"):
         backfill_curve(g_tr, g_new, g_new, labels, np.zeros(10, dtype=int))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize(("n", "steps", "chunk"), [(84, 21, 1024), (30, 40, 7)])
+def test_every_curve_point_equals_metrics_on_its_mixed_gallery(metric, n, steps, chunk):
+    """The curve counts ranks per piece of the order instead of re-ranking at each point;
+    every point must still equal a full ranking of that point's gallery (ties included, and
+    more points than rows, so some pieces are empty)."""
+    g_new, g_tr, labels, order = _curve_data(n=n)
+    g_tr[3] = g_tr[5]  # exact ties between transformed rows
+    g_tr[8] = g_new[8]  # and between a row's two versions
+    curve = backfill_curve(g_tr, g_new, g_new, labels, order, metric, steps, chunk=chunk)
+    for i in range(steps + 1):
+        mixed = g_tr.copy()
+        upto = round(i * n / steps)
+        mixed[order[:upto]] = g_new[order[:upto]]
+        want = retrieval_metrics(g_new, mixed, labels, labels, metric, (1,), exclude_self=True)
+        assert (curve.top1[i], curve.map[i]) == pytest.approx((want["top1"], want["map"]))

@@ -27,6 +27,8 @@ TINY = {
     "eval_queries": 500,
     "train_steps": 3,
     "cost_seconds": 0.5,
+    "cost_batch": 2,
+    "cost_rows": 20_000,
     "workers": "1",
     "shards": 4,
 }
@@ -40,7 +42,9 @@ def run(args: argparse.Namespace, console: Console) -> list:
     todo = {
         "transform": lambda: transform.run_transform(wd, rows=args.rows, shards=args.shards),
         "backfill": lambda: backfill.run_backfill(wd, images=args.images, shards=args.shards),
-        "cost": lambda: cost.run_cost(seconds=args.cost_seconds),
+        "cost": lambda: cost.run_cost(
+            batch=args.cost_batch, seconds=args.cost_seconds, rows=args.cost_rows
+        ),
         "index": lambda: index.run_index(rows=args.index_rows),
         "training": lambda: training.run_training(
             workers=tuple(int(w) for w in args.workers.split(",")), steps=args.train_steps
@@ -109,7 +113,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-queries", type=int, default=10_000, help="evaluation: queries=gallery")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--workers", default="1,2", help="training: worker counts")
-    ap.add_argument("--cost-seconds", type=float, default=20.0, help="cost: seconds per model")
+    ap.add_argument("--cost-seconds", type=float, default=20.0, help="cost: ResNet-50 seconds")
+    ap.add_argument("--cost-batch", type=int, default=16, help="cost: ResNet-50 batch")
+    ap.add_argument("--cost-rows", type=int, default=200_000, help="cost: transformation rows")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke run in seconds")
     ap.add_argument("--workdir", help="where generated data goes (default: a temp dir)")
     ap.add_argument("--out", default="docs/benchmarks.md", help="markdown report ('' = none)")

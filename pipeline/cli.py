@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -79,6 +79,7 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from pipeline.data.shards import DataError
         from pipeline.gallery.lock import LockHeld
         from pipeline.gallery.store import GalleryError
         from pipeline.graph.dag import GraphError
@@ -89,7 +90,14 @@ def _errors(fn):
 
         try:
             return fn(*a, **kw)
-        except (ConfigError, FileNotFoundError, ModelLoadError, PlanError, GraphError) as e:
+        except (
+            ConfigError,
+            DataError,
+            FileNotFoundError,
+            ModelLoadError,
+            PlanError,
+            GraphError,
+        ) as e:
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         except LockHeld as e:
@@ -256,8 +264,24 @@ def promote(version: str, config: ConfigOpt = None, set_: SetOpt = None) -> None
     """Serve VERSION: move CURRENT and the MLflow `serving` alias together."""
     from pipeline.graph import steps
 
-    state = steps.promote_step(_ctx(_cfg(config, set_)), version)
+    cfg = _cfg(config, set_)
+    with _gallery_lock(cfg, f"promote {version}"):  # never beside an upgrade's own promote
+        state = steps.promote_step(_ctx(cfg), version)
     console.print(f"serving {state['version']} (previous: {state['history'][:1] or '-'})")
+
+
+def _gallery_lock(cfg: Any, purpose: str) -> Any:
+    """The gallery's lease for a command that moves CURRENT: refused (exit 3) while an upgrade
+    or another promote holds it, so no two writers interleave CURRENT's history."""
+    from pipeline.gallery.lock import GalleryLock
+
+    return GalleryLock(
+        cfg.gallery_uri,
+        cfg.storage,
+        cfg.schedule.lock_ttl_seconds,
+        owner=f"carryover {purpose.split()[0]}",
+        purpose=purpose,
+    )
 
 
 @app.command()
@@ -270,7 +294,9 @@ def rollback(
     """Restore the previously served version (CURRENT and the `serving` alias)."""
     from pipeline.graph import steps
 
-    state = steps.rollback_step(_ctx(_cfg(config, set_, gallery)))
+    cfg = _cfg(config, set_, gallery)
+    with _gallery_lock(cfg, "rollback"):
+        state = steps.rollback_step(_ctx(cfg))
     console.print(f"rolled back {state['rolled_back_from']} → serving {state['version']}")
 
 
@@ -283,9 +309,12 @@ def versions(
 ) -> None:
     """List the gallery's complete versions and which one is serving."""
     from pipeline.gallery.store import Gallery
+    from pipeline.io import uri as uri_io
 
     cfg = _cfg(config, set_, gallery)
     g = Gallery(cfg.gallery_uri, cfg.storage)
+    if not uri_io.exists(g.uri, g.storage):  # a mistyped path is not an empty gallery
+        raise FileNotFoundError(f"no gallery at {g.uri}")
     cur = g.current()
     t = Table(title=f"gallery {g.uri}")
     for c in ("version", "serving", "model", "method", "rows", "rejected", "shards", "index"):

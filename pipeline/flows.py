@@ -15,6 +15,7 @@ from pipeline.config import UpgradeConfig, dump_config, load_config
 from pipeline.graph import steps
 from pipeline.graph.dag import Stage
 from pipeline.io import uri as uri_io
+from pipeline.io.redact import redact_text
 
 
 @dataclass
@@ -84,6 +85,9 @@ def run_upgrade(
     names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
     if until is not None and until not in names:
         raise GraphError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
+    # Connect to MLflow first: an unreachable server fails the upgrade here, in seconds,
+    # before it takes the gallery's lock, prepares images or writes any record.
+    tracker = ctx.tracker
     target = cfg.target_version
     job_id = os.environ.get(JOB_ID_ENV)
     lock = GalleryLock(
@@ -104,7 +108,7 @@ def run_upgrade(
         if job_id:
             lineage["job_id"] = job_id
         stages: dict[str, dict[str, Any]] = {}
-        with ctx.tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
+        with tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
             parent.log_dict(dump_config(cfg), "config.yaml")  # secrets masked
             current: list[Any] = [parent]
             stage_runs: dict[str, str] = {}
@@ -166,8 +170,9 @@ def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until:
         versions[v] = {
             k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
         } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
+    # The report is printed and written to files: URIs lose any user:password@ they carry.
     return UpgradeReport(
-        gallery=cfg.gallery_uri,
+        gallery=redact_text(cfg.gallery_uri),
         serving=g.current(),
         target=cfg.target_version,
         parent_run_id=run_id,
@@ -177,7 +182,7 @@ def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until:
         execute=results.get("execute") or {},
         validation=results.get("validate") or {},
         timings={k: v["seconds"] for k, v in stages.items()},
-        tracking_uri=cfg.tracking_uri,
+        tracking_uri=redact_text(cfg.tracking_uri),
         ui_hint=_ui_hint(cfg.tracking_uri),
         transformation=results.get("transformation") or {},
         compat=ev.get("report") or {},

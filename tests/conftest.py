@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.mlflow_server",
     "tests.fixtures.s3",
+    "tests.fixtures.s3_faults",
     "tests.fixtures.ray_local",
     "tests.fixtures.ray_head",
 ]

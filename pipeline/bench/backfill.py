@@ -139,6 +139,10 @@ def run_backfill(
             loop,
             0.9,
             note=note,
+            tried="Ray Data fuses decode into the embed actor (no decoded pixels through the "
+            "object store); batches of 256; inference_mode; Arrow→NumPy→torch without copies "
+            "(torch.from_numpy on the decoded buffer); one torch thread per actor so actors do "
+            "not oversubscribe the cores; shard files are written by the driver as rows arrive",
             extra={"images": images, "shards": shards, "embed": cfg.model_dump()},
         )
     ]

@@ -16,7 +16,8 @@ class Figure:
     """One measured figure and, where it has one, the baseline measured in the same run.
 
     `target` is the ratio value/baseline the figure must reach (`higher_is_better`), or must
-    stay under (lower is better, e.g. memory). `met` is None when there is no target."""
+    stay under (lower is better, e.g. memory). `met` is None when there is no target. `note`
+    says what was measured and, where the section can, the profile behind the figure."""
 
     section: str
     name: str
@@ -28,6 +29,7 @@ class Figure:
     higher_is_better: bool = True
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    tried: str = ""  # what the path already does to reach its target (shown when it misses)
 
     @property
     def ratio(self) -> float | None:

@@ -97,12 +97,13 @@ def measure_transformation(
     dim: int = 128, side_dim: int = 32, rows: int = 200_000, batch: int = TRANSFORM_BATCH
 ) -> Throughput:
     """rows/s of production's transformation (FastFill head on, default inner width)."""
-    from pipeline.models.compat import Transformation
+    from pipeline.models.compat import Transformation, fold_batchnorm
     from pipeline.train.transformation import apply_transformation
 
     torch.manual_seed(0)
     arch = {"old_dim": dim, "new_dim": dim, "side_dim": side_dim, "inner_dim": None}
-    model = Transformation(**arch, uncertainty=True).eval()
+    # As the executor's TransformChain runs it: eval mode, BatchNorm folded into the Linears.
+    model = fold_batchnorm(Transformation(**arch, uncertainty=True).eval())
     rng = np.random.default_rng(0)
     old = rng.standard_normal((rows, dim), dtype=np.float32)
     side = rng.standard_normal((rows, side_dim), dtype=np.float32) if side_dim else None
@@ -114,7 +115,7 @@ def measure_transformation(
     if pred.shape != (rows, dim) or log_var is None or not np.isfinite(pred).all():
         raise RuntimeError(f"transformation returned {pred.shape}, log_var={log_var is not None}")
     info = {
-        "model": f"FCT transformation {model.config()}",
+        "model": f"FCT transformation {model.config()}, BatchNorm folded",
         "arch": model.config(),
         "batch": batch,
         "params": sum(p.numel() for p in model.parameters()),

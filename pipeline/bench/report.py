@@ -50,6 +50,24 @@ def table(figs: list[Figure]) -> Table:
     return t
 
 
+def _targets(figs: list[Figure]) -> list[str]:
+    """How many targets were met; for each one missed: the gap, the profile, what was tried."""
+    judged = [f for f in figs if f.met is not None]
+    missed = [f for f in judged if not f.met]
+    lines = ["", "## Targets", "", f"{len(judged) - len(missed)} of {len(judged)} targets met."]
+    for f in missed:
+        lines += [
+            "",
+            f"### Not met: {f.section} / {f.name}",
+            "",
+            f"- gap: {f.ratio:.2f}× against a target of {_target(f)} "
+            f"({_num(f.value)} {f.unit} vs {_num(f.baseline_value)} {f.unit} for {f.baseline})",
+            f"- profile: {f.note or '—'}",
+            f"- already done: {f.tried or '—'}",
+        ]
+    return lines
+
+
 def markdown(
     figs: list[Figure],
     machine: dict[str, Any],
@@ -81,6 +99,7 @@ def markdown(
             f"| {f.section} | {f.name} | {_num(f.value)} | {f.unit} | {f.baseline or '—'} | "
             f"{_num(f.baseline_value)} | {ratio} | {_target(f)} | {_met(f)} |"
         )
+    lines += _targets(figs)
     lines += ["", "## Notes per figure", ""]
     for f in figs:
         if f.note:

@@ -19,6 +19,10 @@ _WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 
 
+class _Rejected(Exception):
+    """An image that opens but must not be used; the message is the row's reason."""
+
+
 @dataclass
 class DecodeResult:
     """Decoded rows: `pixels` holds only the rows where `ok` is true, in input order."""
@@ -61,6 +65,9 @@ def _to_channels(img: Image.Image, channels: int, size: int) -> np.ndarray:
     """Resize and convert one opened image to an (H, W) or (H, W, 3) array in 0..255."""
     if img.mode in _WIDE_INT_MODES or img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
+        if img.mode == "F" and not np.isfinite(arr).all():
+            # np.clip keeps NaN: it would reach the model (or a training batch) as pixels.
+            raise _Rejected("image has NaN or infinite pixel values")
         # 16-bit data is rescaled (65535 -> 255), not clipped, so contrast survives.
         arr = np.clip(arr / 257.0 if img.mode != "F" else arr, 0.0, 255.0)
         img = Image.fromarray(arr, "F")
@@ -96,6 +103,10 @@ def _decode_one(data: Any, pre: PreprocessConfig, max_pixels: int) -> np.ndarray
             return _to_channels(img, pre.channels, pre.input_size)
     except Image.DecompressionBombError as e:
         return f"image too large: {e}"
+    except _Rejected as e:
+        return str(e)
+    except Image.UnidentifiedImageError:  # its message holds a memory address: no use in a log
+        return "cannot decode image: not a recognised image format"
     except Exception as e:  # any decoder failure is a per-row rejection, not a crash
         return f"cannot decode image: {type(e).__name__}: {e}"
 

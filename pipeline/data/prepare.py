@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.shards import make_image_table, shard_id_from_name, shard_name, split_for_key
+from pipeline.data.shards import (
+    DataError,
+    make_image_table,
+    shard_id_from_name,
+    shard_name,
+    split_for_key,
+)
 from pipeline.io import uri
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -84,7 +91,7 @@ def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.
     images has its own seeded generator, so image i is the same whatever n is.
     """
     if n < 1:
-        raise ValueError(f"synthetic_n must be >= 1, got {n}")
+        raise DataError(f"synthetic_n must be >= 1, got {n}")
     images = np.empty((n, size, size), dtype=np.uint8)
     labels = np.empty(n, dtype=np.int64)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -110,15 +117,20 @@ def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.
 
 
 def _npz_source(path: Path) -> _Source:
-    with np.load(path, allow_pickle=False) as npz:
-        for name in ("images", "labels"):
-            if name not in npz.files:
-                raise ValueError(f"{path}: missing array {name!r} (has {', '.join(npz.files)})")
-        images, labels = npz["images"], npz["labels"]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = npz.files
+            arrays = {k: npz[k] for k in ("images", "labels") if k in names}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # empty, cut, pickled
+        raise DataError(f"{path}: not a readable .npz file: {e}") from None
+    for name in ("images", "labels"):
+        if name not in arrays:
+            raise DataError(f"{path}: missing array {name!r} (has {', '.join(names)})")
+    images, labels = arrays["images"], arrays["labels"]
     if images.dtype != np.uint8:
-        raise ValueError(f"{path}: array 'images' must be uint8, got {images.dtype}")
+        raise DataError(f"{path}: array 'images' must be uint8, got {images.dtype}")
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3, 4))):
-        raise ValueError(
+        raise DataError(
             f"{path}: array 'images' must be (N, H, W) or (N, H, W, C) with C in 1/3/4, "
             f"got shape {images.shape}"
         )
@@ -127,7 +139,7 @@ def _npz_source(path: Path) -> _Source:
         or len(labels) != len(images)
         or not np.issubdtype(labels.dtype, np.integer)
     ):
-        raise ValueError(
+        raise DataError(
             f"{path}: array 'labels' must be integer (N,) with N={len(images)}, "
             f"got {labels.dtype} {labels.shape}"
         )
@@ -137,7 +149,10 @@ def _npz_source(path: Path) -> _Source:
 
 def _image_bytes(path: Path) -> bytes:
     """File bytes, converted to PNG unless already PNG/JPEG."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable (permissions) or gone since the folder was listed
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     if path.suffix.lower() in _PASSTHROUGH_EXTENSIONS:
         return data
     try:
@@ -148,13 +163,13 @@ def _image_bytes(path: Path) -> bytes:
             img.save(buf, format="PNG")
             return buf.getvalue()
     except Exception as e:
-        raise ValueError(f"{path}: cannot convert to PNG: {e}") from e
+        raise DataError(f"{path}: cannot convert to PNG: {e}") from e
 
 
 def _folder_source(root: Path) -> _Source:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
     files: list[str] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
@@ -183,12 +198,12 @@ def _open_source(source: str, data: DataConfig, synthetic_n: int) -> _Source:
     if not path.exists():
         if looks_like_path:
             raise FileNotFoundError(f"source not found: {source}")
-        raise ValueError(f"unknown source {source!r}: expected {VALID_SOURCES}")
+        raise DataError(f"unknown source {source!r}: expected {VALID_SOURCES}")
     if path.is_dir():
         return _folder_source(path)
     if path.suffix.lower() == ".npz":
         return _npz_source(path)
-    raise ValueError(f"source {source!r} is a file but not a .npz: expected {VALID_SOURCES}")
+    raise DataError(f"source {source!r} is a file but not a .npz: expected {VALID_SOURCES}")
 
 
 def _remove_stale_shards(out_uri: str, keep: int, storage: StorageConfig | None) -> None:
@@ -219,23 +234,23 @@ def prepare(
     """
     t0 = time.perf_counter()
     if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
+        raise DataError(f"shards must be >= 1, got {shards}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise DataError(f"limit must be >= 1, got {limit}")
     src = _open_source(source, data, synthetic_n)
     if src.n == 0:
-        raise ValueError(f"source {source!r} has no images")
+        raise DataError(f"source {source!r} has no images")
     # Shuffle before sharding: array sources are often sorted by label.
     if order not in ("shuffle", "label"):
-        raise ValueError(f"order must be 'shuffle' or 'label', got {order!r}")
+        raise DataError(f"order must be 'shuffle' or 'label', got {order!r}")
     perm = np.random.default_rng(data.seed).permutation(src.n)[:limit]
     if order == "label":
         if src.labels is None:
-            raise ValueError(f"source {source!r} has no labels to order the shards by")
+            raise DataError(f"source {source!r} has no labels to order the shards by")
         perm = perm[np.argsort(src.labels[perm], kind="stable")]
     order = perm
     if len(order) < shards:
-        raise ValueError(f"source {source!r} has {len(order)} rows, fewer than shards={shards}")
+        raise DataError(f"source {source!r} has {len(order)} rows, fewer than shards={shards}")
     timings = {"read": time.perf_counter() - t0, "encode": 0.0, "write": 0.0}
     files: list[str] = []
     rows_per_shard: list[int] = []

@@ -79,6 +79,7 @@ class _ShardSink:
         self.writers: dict[int, uri_io.ParquetStreamWriter] = {}
         self.rejects: dict[int, list[tuple[str, str]]] = {}
         self.seen: dict[int, int] = dict.fromkeys(expected, 0)
+        self.keys: dict[int, set[str]] = {}  # keys written per open shard
         self.records: list[dict[str, Any]] = []
         self.t0: dict[int, float] = {}
         self.progress, self.task = progress, task
@@ -91,11 +92,31 @@ class _ShardSink:
             )
         return self.writers[sid]
 
+    def _key_errors(self, sid: int, keys: np.ndarray, error: np.ndarray) -> np.ndarray:
+        """`error` with null keys and repeats of a key already seen in this shard rejected:
+        the gallery maps search results by key, and which of two rows is right is unknowable.
+        Memory: the keys of the shards in flight, never the gallery's."""
+        seen = self.keys.setdefault(sid, set())
+        out = error.astype(object)
+        for i, k in enumerate(keys.tolist()):
+            if out[i]:
+                continue  # already rejected (decode): its key is not taken
+            if k is None:
+                out[i] = "key is null"
+            elif k in seen:
+                out[i] = "duplicate key in this shard (the first row with it is kept)"
+            else:
+                seen.add(k)
+        return out
+
     def add(self, batch: dict[str, np.ndarray]) -> None:
         shards = batch["shard"]
         for sid in np.unique(shards):
             sid = int(sid)
             m = shards == sid
+            error = batch["error"].copy()
+            error[m] = self._key_errors(sid, batch["key"][m], batch["error"][m])
+            batch = {**batch, "error": error}
             ok = m & (batch["error"] == "")
             bad = m & ~ok
             if ok.any():
@@ -142,6 +163,7 @@ class _ShardSink:
         self.g.commit_shard(self.version, rec)
         self.records.append(rec)
         del self.writers[sid]
+        self.keys.pop(sid, None)
 
     def abort(self) -> None:
         for w in self.writers.values():
@@ -170,7 +192,7 @@ def embed_images_to_version(
     t0 = time.perf_counter()
     done = gallery.committed_shards(version)
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
-    expected = {sid: uri_io.parquet_num_rows(f, storage) for sid, f in todo.items()}
+    expected = {sid: _image_shard_rows(f, storage) for sid, f in todo.items()}
     rows_in = sum(expected.values())
     progress = Progress(
         TextColumn(f"embed {version}"),
@@ -228,6 +250,16 @@ def embed_images_to_version(
         rows_per_second=round(rows_in / secs, 1) if secs else 0.0,
         records=sink.records,
     )
+
+
+def _image_shard_rows(file_uri: str, storage: StorageConfig | None) -> int:
+    """Rows of an image shard, from its footer, once its columns are what the pipeline reads:
+    a bad file stops the run before any image is decoded, naming the file and column."""
+    from pipeline.data.shards import read_footer, validate_image_table
+
+    schema, rows = read_footer(file_uri, storage)
+    validate_image_table(schema, file_uri)
+    return rows
 
 
 def _pipeline(

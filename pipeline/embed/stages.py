@@ -50,7 +50,8 @@ class EmbedStage:
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
         side = None if self.side is None else np.zeros((len(ok), self.side_dim), np.float32)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).view(self.shape)
+            pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy when all ok
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).view(self.shape)
             with torch.inference_mode():
                 out = self.model(x).float().numpy()
                 if side is not None:

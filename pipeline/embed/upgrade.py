@@ -254,8 +254,8 @@ class ShardExecutor:
         new, errors = self._embed(w.get("image_file"), chosen) if chosen else ({}, {})
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
-        rec = self._write(w, src, chain, new, errors, chosen)
-        timings["write"] = time.perf_counter() - t
+        rec, timings["transform"] = self._write(w, src, chain, new, errors, chosen)
+        timings["write"] = time.perf_counter() - t - timings["transform"]
         rec.update(
             seconds=round(time.perf_counter() - t0, 3),
             timings={k: round(v, 3) for k, v in timings.items()},
@@ -314,8 +314,9 @@ class ShardExecutor:
         new: dict[str, np.ndarray],
         errors: dict[str, str],
         chosen: set[str],
-    ) -> dict[str, Any]:
-        """Pass over the source shard in order: new embedding, else transformed, else rejected."""
+    ) -> tuple[dict[str, Any], float]:
+        """Pass over the source shard in order: new embedding, else transformed, else rejected.
+        Returns the commit record and the seconds spent inside the transformation."""
         sid = int(w["shard_id"])
         out_uri = self.g.shard_uri(self.target, sid)
         writer = uri_io.ParquetStreamWriter(out_uri, self.schema, self.g.storage)
@@ -330,7 +331,7 @@ class ShardExecutor:
             raise
         self._side_tables(sid, acc.rejects, acc.fallbacks)
         c = self.chains.get(w.get("chain") or "")
-        return {
+        rec = {
             "shard_id": sid,
             "path": shard_file(sid),
             "rows": writer.rows,
@@ -353,6 +354,7 @@ class ShardExecutor:
             "image_file": w.get("image_file"),
             "checksum": self.g.file_checksum(out_uri),
         }
+        return rec, acc.transform_seconds
 
     def _side_tables(self, sid: int, rejects: list, fallbacks: list) -> None:
         for rows, uri in (
@@ -380,6 +382,7 @@ class _Merge:
         self.fallbacks: list[tuple[str, str]] = []
         self.counts: dict[str, int] = {}
         self.rows_in = self.reembedded = 0
+        self.transform_seconds = 0.0  # inside h: the compute share of the write pass
 
     def batch(self, b: pa.RecordBatch, chain: TransformChain | None, schema: pa.Schema):
         n, names = b.num_rows, b.schema.names
@@ -402,7 +405,9 @@ class _Merge:
                 for k in keys[rest]
             ]
         elif rest.any():
+            t = time.perf_counter()
             pred, lv = chain(arrow_to_embeddings(b.column("embedding")), side)
+            self.transform_seconds += time.perf_counter() - t
             emb[rest] = pred[rest]
             if not chain.spec.names:  # identity: rows already in the target space
                 source[rest] = (

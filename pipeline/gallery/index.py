@@ -289,6 +289,12 @@ def build_index(
     if index.ntotal == 0:
         raise ValueError("cannot build an index over an empty gallery (no rows in any batch)")
     all_keys = np.concatenate(keys)
-    if len(set(all_keys.tolist())) != len(all_keys):
-        raise ValueError("gallery keys must be unique: search results map ids back to keys")
+    seen: set[str] = set()
+    for k in all_keys.tolist():
+        if k in seen:
+            raise ValueError(
+                f"gallery keys must be unique (search results map ids back to keys): {k!r} is "
+                "in more than one row; two image shards share it"
+            )
+        seen.add(k)
     return GalleryIndex(index, all_keys, cfg.metric, dim, kind, nprobe, recall)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,17 @@ def embedding_schema(dim: int, with_side_info: int = 0, uncertainty: bool = Fals
     return pa.schema(fields)
 
 
+def check_name(value: Any, what: str) -> str:
+    """A version, model or shard file name as stored: one plain path segment (it becomes part
+    of an object key, so "..", "a/b", absolute paths and control characters are refused)."""
+    if not isinstance(value, str) or not re.fullmatch(VERSION_PATTERN, value):
+        raise GalleryError(
+            f"{what} {value!r} is not a plain name (a letter or digit, then letters, digits, "
+            "'_', '.', '-'; at most 64)"
+        )
+    return value
+
+
 REJECT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("reason", pa.string())])
 
 
@@ -53,15 +65,26 @@ def embeddings_to_arrow(emb: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
 
 
+def check_embedding_type(typ: pa.DataType, dim: int | None = None) -> str | None:
+    """Why an Arrow type cannot hold embeddings (of `dim` values), or None when it can."""
+    if not pa.types.is_fixed_size_list(typ) or not pa.types.is_floating(typ.value_type):
+        return f"must be a fixed-size list of float32, got {typ}"
+    if dim is not None and typ.list_size != dim:
+        return f"holds {typ.list_size}-d vectors, expected {dim}-d"
+    return None
+
+
 def arrow_to_embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Arrow fixed-size list column → (n, d) float32 (zero-copy per chunk where possible)."""
+    if why := check_embedding_type(col.type):
+        raise ValueError(f"embedding column {why}")
     if isinstance(col, pa.ChunkedArray):
         if col.num_chunks == 0:
             return np.zeros((0, col.type.list_size), np.float32)
         col = pa.concat_arrays(col.chunks) if col.num_chunks > 1 else col.chunk(0)
     d = col.type.list_size
     flat = col.flatten() if col.offset else col.values
-    return flat.to_numpy(zero_copy_only=False).reshape(-1, d)
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
 
 
 @dataclass
@@ -72,6 +95,8 @@ class Gallery:
     storage: StorageConfig | None = None
 
     def path(self, *parts: str) -> str:
+        if len(parts) > 1 and parts[0] == "versions":  # every version's objects pass here
+            check_name(parts[1], "version")
         return uri_io.join(self.uri, *parts)
 
     def version_uri(self, version: str) -> str:
@@ -109,6 +134,8 @@ class Gallery:
         """Complete versions (those whose manifest exists), oldest first."""
         created: dict[str, float] = {}
         for v in uri_io.list_dir(self.path("versions"), self.storage):
+            if not re.fullmatch(VERSION_PATTERN, v):
+                continue  # not a version carryover could have written
             try:  # one read per version: a missing manifest means the version is unfinished
                 m = uri_io.read_json(self.path("versions", v, MANIFEST), self.storage)
             except FileNotFoundError:
@@ -120,10 +147,18 @@ class Gallery:
         return uri_io.exists(self.path("versions", version, MANIFEST), self.storage)
 
     def manifest(self, version: str) -> dict[str, Any]:
+        """A version's manifest; names in it that later become paths must be plain names."""
+        uri = self.path("versions", version, MANIFEST)
         try:
-            return uri_io.read_json(self.path("versions", version, MANIFEST), self.storage)
+            m = uri_io.read_json(uri, self.storage)
         except FileNotFoundError:
             raise GalleryError(f"{self.uri}: version {version!r} has no manifest") from None
+        for key in ("model", "source_version"):
+            if m.get(key) is not None:
+                check_name(m[key], f"{uri}: {key}")
+        for rec in m.get("shards", []):
+            check_name(rec.get("path"), f"{uri}: shard {rec.get('shard_id')} path")
+        return m
 
     # -- shards -----------------------------------------------------------------------------
     def committed_shards(self, version: str) -> dict[int, dict[str, Any]]:
@@ -165,20 +200,44 @@ class Gallery:
         batch_size: int = 65536,
         records: list[dict[str, Any]] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Stream every row of a version shard by shard (its manifest's, or the given records)."""
+        """Stream every row of a version shard by shard (its manifest's, or the given records).
+
+        A shard file lacking a column, or whose embeddings are not the manifest's dimension,
+        raises GalleryError naming the file (pyarrow would silently drop a missing column).
+        """
+        dim = None
         if records is None:
-            records = self.manifest(version)["shards"]
+            m = self.manifest(version)
+            records, dim = m["shards"], m.get("embedding_dim")
         for rec in records:
-            yield from uri_io.iter_parquet_batches(
-                self.path("versions", version, rec["path"]), self.storage, list(columns), batch_size
-            )
+            file_uri = self.path("versions", version, rec["path"])
+            batches = uri_io.iter_parquet_batches(file_uri, self.storage, list(columns), batch_size)
+            for i, b in enumerate(batches):
+                if i == 0:  # one schema per file
+                    self._check_columns(file_uri, b.schema, columns, dim)
+                yield b
+
+    @staticmethod
+    def _check_columns(
+        file_uri: str, schema: pa.Schema, columns: tuple[str, ...], dim: int | None
+    ) -> None:
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise GalleryError(f"{file_uri}: missing column(s) {missing} (has {schema.names})")
+        for c in ("embedding", "side_info"):
+            if c in columns:
+                why = check_embedding_type(schema.field(c).type, dim if c == "embedding" else None)
+                if why:
+                    raise GalleryError(f"{file_uri}: column {c!r} {why}")
 
     # -- serving pointer --------------------------------------------------------------------
     def current_state(self) -> dict[str, Any] | None:
         try:
-            return uri_io.read_json(self.path(CURRENT), self.storage)
+            state = uri_io.read_json(self.path(CURRENT), self.storage)
         except FileNotFoundError:
             return None
+        check_name(state.get("version"), f"{self.path(CURRENT)}: version")
+        return state
 
     def current(self) -> str | None:
         state = self.current_state()

@@ -56,9 +56,11 @@ def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
 
     from safetensors.torch import load
 
-    from pipeline.models.compat import build_adapter
+    from pipeline.models.compat import ADAPTERS, build_adapter
     from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
 
+    if kind not in ADAPTERS:  # it names a directory: "../x" must not reach the filesystem
+        raise ConfigError(f"--adapter {kind!r}: expected one of {', '.join(ADAPTERS)}")
     d = Path(ctx.cfg.workdir) / "models" / f"adapter-{kind}"
     if not (d / MODEL_FILE).exists():
         raise FileNotFoundError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,10 +21,15 @@ import pyarrow.parquet as pq
 from pipeline.config import StorageConfig
 
 T = TypeVar("T")
+READ_ATTEMPTS = 5  # tries of one streamed read, as with_retries' default
 
 
 class StorageError(OSError):
     """A storage operation failed permanently; the message names the object."""
+
+
+class UnsafeFileError(StorageError):
+    """A stored file holds what carryover refuses to read (it could run code when read)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,12 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts under a URI, refusing anything that would escape it (.., absolute)."""
+    """Join path parts under a URI, refusing anything that would escape it (.., absolute) or
+    that a filesystem would cut short (NUL and other control characters)."""
     out = uri.rstrip("/")
     for part in parts:
+        if not isinstance(part, str) or any(ord(c) < 32 or c == "\x7f" for c in part):
+            raise ValueError(f"path part {part!r} under {uri!r}: not a plain name")
         for piece in PurePosixPath(part).parts:
             if piece in ("..", "/", "") or "\\" in piece or piece.startswith("/"):
                 raise ValueError(f"path part {part!r} would escape {uri!r}")
@@ -141,33 +151,56 @@ def sha256(uri: str, storage: StorageConfig | None = None, chunk: int = 8 << 20)
 def open_atomic(uri: str, storage: StorageConfig | None = None) -> Iterator[Any]:
     """Open an output stream whose content becomes visible at `uri` only once complete.
 
-    Local: write a hidden temporary sibling, then rename over the target (atomic on POSIX).
-    S3: a PUT or multipart upload is only visible once completed, so write in place; on
-    error the upload is aborted and nothing appears.
+    Write a hidden temporary sibling, then move it over the target: a rename on a local disk
+    (atomic on POSIX), a server-side copy on S3 (atomic per object) and a delete. On S3 the
+    stream never writes to `uri` itself: pyarrow's S3 streams cannot be aborted from Python,
+    and closing one (a Parquet writer closes its sink even on error) completes the upload,
+    which would publish a partial object.
     """
     loc = resolve(uri, storage)
     parent = str(PurePosixPath(loc.path).parent)
-    if not loc.is_s3:
+    if not loc.is_s3:  # S3 has no directories to make
         loc.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{PurePosixPath(loc.path).name}"
-        try:
-            with loc.fs.open_output_stream(tmp) as f:
-                yield f
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{PurePosixPath(loc.path).name}"
+    try:
+        with loc.fs.open_output_stream(tmp) as f:
+            yield f
+        if loc.is_s3:
+            _s3_move(tmp, loc, storage)
+        else:
             loc.fs.move(tmp, loc.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if loc.is_s3:
+                _s3_delete(tmp, storage)
+            else:
                 loc.fs.delete_file(tmp)
-            raise
-    else:
-        stream = loc.fs.open_output_stream(loc.path)
-        try:
-            yield stream
-        except BaseException:
-            # Aborting avoids completing a partial multipart upload.
-            with contextlib.suppress(Exception):
-                stream.abort()
-            raise
-        stream.close()
+        raise
+
+
+def _s3_move(tmp: str, dst: Location, storage: StorageConfig | None) -> None:
+    """Copy a finished temporary object over `dst` server side, then delete it. Through
+    botocore: pyarrow's move would also write an empty directory-marker object each time."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = dst.path.partition("/")
+    src = {"Bucket": bucket, "Key": tmp.partition("/")[2]}
+    try:
+        _s3_client(storage).copy_object(Bucket=bucket, Key=key, CopySource=src)
+    except (BotoCoreError, ClientError) as e:
+        raise OSError(f"copy {src['Key']} to {dst.uri}: {e}") from e
+    with contextlib.suppress(OSError):  # the object is in place; a hidden leftover is harmless
+        _s3_delete(tmp, storage)
+
+
+def _s3_delete(path: str, storage: StorageConfig | None) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = path.partition("/")
+    try:
+        _s3_client(storage).delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as e:
+        raise OSError(f"delete s3://{path}: {e}") from e
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -180,8 +213,59 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     with_retries(_write, f"write {uri}")
 
 
+_S3_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_S3_CLIENTS_LOCK = threading.Lock()
+
+
+def _s3_client(storage: StorageConfig | None) -> Any:
+    """A botocore S3 client for these settings, made once per process (a client is
+    thread-safe, but must not cross a fork)."""
+    st = (storage or StorageConfig()).resolved()
+    creds = None
+    if st.access_key_id and st.secret_access_key and not st.anon:
+        creds = (st.access_key_id.get_secret_value(), st.secret_access_key.get_secret_value())
+    key = (os.getpid(), st.endpoint_url, st.region, st.anon, creds, st.retries)
+    with _S3_CLIENTS_LOCK:
+        if key not in _S3_CLIENTS:
+            import botocore.session
+            from botocore import UNSIGNED
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": max(1, st.retries), "mode": "standard"},
+                signature_version=UNSIGNED if st.anon else None,
+            )
+            kw = {"aws_access_key_id": creds[0], "aws_secret_access_key": creds[1]} if creds else {}
+            _S3_CLIENTS[key] = botocore.session.get_session().create_client(
+                "s3", region_name=st.region, endpoint_url=st.endpoint_url, config=config, **kw
+            )
+        return _S3_CLIENTS[key]
+
+
+def _read_s3_whole(uri: str, storage: StorageConfig | None) -> bytes:
+    """An S3 object in one GET, so every byte comes from one version of it. pyarrow reads an
+    object's size with a HEAD, then GETs that byte range: one replaced in between (CURRENT on a
+    promote) reads as its new bytes cut to, or padded out to, its old length."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = resolve(uri, storage).path.partition("/")
+    try:
+        return _s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            raise FileNotFoundError(f"no such file: {uri}") from None
+        raise OSError(str(e)) from e
+    except BotoCoreError as e:  # connection lost, body cut short: with_retries tries again
+        raise OSError(str(e)) from e
+
+
 def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
-    raw = read_bytes(uri, storage)
+    """A JSON object, read whole. JSON objects (CURRENT, stage and journal records) are
+    replaced while others read them: on S3 they are read in one GET, never a HEAD + ranged GET."""
+    if is_s3(uri):
+        raw = with_retries(lambda: _read_s3_whole(uri, storage), f"read {uri}")
+    else:
+        raw = read_bytes(uri, storage)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
@@ -204,10 +288,16 @@ def delete(uri: str, storage: StorageConfig | None = None) -> None:
     """Delete a file or a directory tree; missing is fine."""
     loc = resolve(uri, storage)
     info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {uri}")
-    if info.type == pafs.FileType.Directory:
-        with_retries(lambda: loc.fs.delete_dir(loc.path), f"delete {uri}")
-    elif info.type == pafs.FileType.File:
-        with_retries(lambda: loc.fs.delete_file(loc.path), f"delete {uri}")
+    if info.type == pafs.FileType.NotFound:
+        return
+    remove = loc.fs.delete_dir if info.type == pafs.FileType.Directory else loc.fs.delete_file
+
+    def _delete() -> None:
+        # FileNotFoundError: an earlier try got there before its answer was lost: done.
+        with contextlib.suppress(FileNotFoundError):
+            remove(loc.path)
+
+    with_retries(_delete, f"delete {uri}")
 
 
 def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
@@ -238,11 +328,13 @@ def read_table(
 ) -> pa.Table:
     loc = resolve(uri, storage)
     try:
-        return with_retries(
+        table = with_retries(
             lambda: pq.read_table(loc.path, filesystem=loc.fs, columns=columns), f"read {uri}"
         )
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {uri}") from None
+    check_plain_schema(table.schema, uri)
+    return table
 
 
 def iter_parquet_batches(
@@ -251,10 +343,77 @@ def iter_parquet_batches(
     columns: list[str] | None = None,
     batch_size: int = 65536,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream a Parquet file in record batches (bounded memory)."""
+    """Stream a Parquet file in record batches (bounded memory), retrying transient errors.
+
+    A stream cannot be retried as one call: a read that fails part-way reopens the file and
+    skips the batches already handed out (re-decoding them, only on that rare path)."""
     loc = resolve(uri, storage)
-    with loc.fs.open_input_file(loc.path) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+    def _batches(skip: int) -> Iterator[pa.RecordBatch]:
+        with loc.fs.open_input_file(loc.path) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            check_plain_schema(
+                pa.schema([schema.field(c) for c in columns if c in schema.names])
+                if columns is not None
+                else schema,
+                uri,
+            )
+            for i, b in enumerate(pf.iter_batches(batch_size=batch_size, columns=columns)):
+                if i >= skip:
+                    yield b
+
+    done = failures = 0
+    it = _batches(0)
+    try:
+        while True:
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            except (FileNotFoundError, StorageError):
+                raise
+            except OSError as e:  # as in with_retries: jittered exponential backoff
+                failures += 1
+                if failures >= READ_ATTEMPTS:
+                    raise StorageError(f"read {uri}: failed after {failures} attempts: {e}") from e
+                time.sleep(0.2 * 2 ** (failures - 1) * (0.5 + random.random()))
+                it.close()
+                it = _batches(done)
+                continue
+            yield b
+            done += 1
+    finally:
+        it.close()
+
+
+def _extension_in(typ: pa.DataType) -> str | None:
+    """The name of an Arrow extension type in `typ` (nested in lists/structs/maps), if any."""
+    if isinstance(typ, pa.BaseExtensionType):
+        return getattr(typ, "extension_name", str(typ))
+    children: list[pa.DataType] = []
+    if isinstance(typ, (pa.ListType, pa.LargeListType, pa.FixedSizeListType)):
+        children = [typ.value_type]
+    elif isinstance(typ, pa.StructType):
+        children = [typ.field(i).type for i in range(typ.num_fields)]
+    elif isinstance(typ, pa.MapType):
+        children = [typ.key_type, typ.item_type]
+    for child in children:
+        if found := _extension_in(child):
+            return found
+    return None
+
+
+def check_plain_schema(schema: pa.Schema, uri: str) -> None:
+    """Refuse stored Parquet columns of an extension type. Once Ray Data is imported, a column
+    tagged `ray.data.arrow_pickled_object` unpickles its values when read: a crafted shard
+    would run code. carryover's shards hold plain Arrow types only."""
+    for field in schema:
+        if ext := _extension_in(field.type):
+            raise UnsafeFileError(
+                f"{uri}: column {field.name!r} has the Arrow extension type {ext!r}; carryover "
+                "reads plain Arrow types only (an extension type can unpickle code when read)"
+            )
 
 
 def write_table(table: pa.Table, uri: str, storage: StorageConfig | None = None) -> None:
@@ -273,18 +432,32 @@ class ParquetStreamWriter:
     def __init__(self, uri: str, schema: pa.Schema, storage: StorageConfig | None = None):
         self.uri = uri
         self.rows = 0
-        self._ctx = open_atomic(uri, storage)
-        self._stream = self._ctx.__enter__()
+
+        def _open() -> tuple[Any, Any]:
+            ctx = open_atomic(uri, storage)
+            return ctx, ctx.__enter__()
+
+        # Opening is retried; appends cannot be (a stream is not replayable), so a failed
+        # write raises naming the file and its caller redoes the shard whole.
+        self._ctx, self._stream = with_retries(_open, f"open {uri} for writing")
         self._writer = pq.ParquetWriter(self._stream, schema)
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if batch.num_rows:
-            self._writer.write(batch)
+            try:
+                self._writer.write(batch)
+            except OSError as e:
+                raise StorageError(f"write {self.uri}: {e}") from e
             self.rows += batch.num_rows
 
     def close(self) -> None:
-        self._writer.close()
-        self._ctx.__exit__(None, None, None)
+        """Finish the file and make it visible at `uri`; if that fails, nothing appears."""
+        try:
+            self._writer.close()
+            self._ctx.__exit__(None, None, None)
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"write {self.uri}: {e}") from e
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
@@ -47,6 +48,32 @@ def save_model_dir(model: nn.Module, meta: dict[str, Any], out_dir: str | Path) 
     (out / WEIGHTS_FILE).write_bytes(save(state))
     (out / MODEL_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
     return out
+
+
+def load_state(data: bytes, what: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes. Never unpickles: a pickle (or anything else) planted in
+    place of the weights is refused with ModelLoadError naming the file."""
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as e:
+        raise ModelLoadError(f"{what}: not a safetensors file ({e}); refused") from None
+
+
+def restore_training_state(d: str | Path, module: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Resume from a Ray Train checkpoint dir: weights from safetensors, the optimizer's state
+    with `weights_only=True` (tensors and plain containers only), the next epoch to run."""
+    d = Path(d)
+    module.load_state_dict(
+        load_state((d / "train.safetensors").read_bytes(), d / "train.safetensors")
+    )
+    try:
+        state = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a planted pickle; corrupt files vary
+        raise ModelLoadError(
+            f"{d / 'optimizer.pt'}: refused: not a plain optimizer state dict ({e})"
+        ) from None
+    opt.load_state_dict(state)
+    return int(json.loads((d / "progress.json").read_text())["epoch"]) + 1
 
 
 def embedder_meta(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
@@ -151,9 +178,15 @@ def build_model(blob: ModelBlob) -> nn.Module:
     if blob.kind == "carryover":
         arch = ArchitectureConfig.model_validate(blob.meta["architecture"])
         model: nn.Module = EmbeddingNet(arch, in_channels=blob.preprocess.channels)
-        model.load_state_dict(load(blob.files[WEIGHTS_FILE]))
+        model.load_state_dict(load_state(blob.files[WEIGHTS_FILE], f"model {blob.name!r}"))
     elif blob.kind == "torchscript":
-        model = torch.jit.load(io.BytesIO(blob.files["model.ts"]), map_location="cpu")
+        try:  # TorchScript's own unpickler resolves only TorchScript types, never Python code
+            model = torch.jit.load(io.BytesIO(blob.files["model.ts"]), map_location="cpu")
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(
+                f"model {blob.name!r}: not a loadable TorchScript archive: {msg}"
+            ) from None
     elif blob.kind == "pickle":
         # Only reached when the user opted in with allow_pickle for this model.
         model = torch.load(
@@ -190,5 +223,5 @@ def load_trained(d: str | Path) -> tuple[EmbeddingNet, dict[str, Any]]:
     arch = ArchitectureConfig.model_validate(meta["architecture"])
     pre = PreprocessConfig.model_validate(meta["preprocess"])
     model = EmbeddingNet(arch, in_channels=pre.channels)
-    model.load_state_dict(load((d / WEIGHTS_FILE).read_bytes()))
+    model.load_state_dict(load_state((d / WEIGHTS_FILE).read_bytes(), d / WEIGHTS_FILE))
     return model.eval(), meta

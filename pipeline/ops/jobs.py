@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, UpgradeConfig
-from pipeline.ops.journal import JOB_ID_ENV, Journal, new_id
+from pipeline.io.redact import is_secret_key, redact_text, uri_has_credentials
+from pipeline.ops.journal import JOB_ID_ENV, Journal, check_job_id, new_id
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -29,6 +30,9 @@ LOCAL = "local"
 
 class JobsError(RuntimeError):
     """A job could not be submitted, found or followed; the message says where and why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))  # Ray's errors may echo an address or a header
 
 
 @dataclass
@@ -115,6 +119,7 @@ def job_config(cfg: UpgradeConfig) -> dict[str, Any]:
     a temporary copy), and no credentials (the cluster's own environment provides them)."""
     data = cfg.model_dump(mode="json")
     data["storage"]["access_key_id"] = data["storage"]["secret_access_key"] = None
+    _refuse_uri_credentials(data)
     data["workdir"] = _local_abs(data["workdir"])
     for key in ("gallery", "images"):
         data[key] = _local_abs(data[key])
@@ -126,6 +131,20 @@ def job_config(cfg: UpgradeConfig) -> dict[str, Any]:
     for m in ("old_model", "new_model", "side_info"):
         data[m]["uri"] = _local_abs(data[m]["uri"])
     return data
+
+
+def _refuse_uri_credentials(data: dict[str, Any], prefix: str = "") -> None:
+    """The job's config.yaml is uploaded to the cluster (readable there): no user:password@."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _refuse_uri_credentials(value, f"{name}.")
+        elif isinstance(value, str) and uri_has_credentials(value):
+            raise ConfigError(
+                f"{name}: the URI carries credentials, and a job's config travels to the cluster; "
+                "give them through the cluster's environment instead (MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD, AWS_* variables, or --env NAME)"
+            )
 
 
 def jobs_dir() -> Path:
@@ -154,8 +173,8 @@ def _env(env: list[str] | None, lock_token: str | None, job_id: str) -> dict[str
     out = {"PYTHONUNBUFFERED": "1", JOB_ID_ENV: job_id}
     for item in env or []:
         key, sep, value = item.partition("=")
-        if not key.isidentifier():
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE or KEY")
+        if not key.isidentifier():  # the value is not echoed: it may be a secret
+            raise ConfigError(f"--env {key!r}=...: expected KEY=VALUE or KEY")
         if not sep:
             if key not in os.environ:
                 raise ConfigError(f"--env {key}: not set in this environment")
@@ -168,9 +187,26 @@ def _env(env: list[str] | None, lock_token: str | None, job_id: str) -> dict[str
     return out
 
 
+def _names_secret(name: str) -> bool:
+    n = name.lower().rstrip("-_")
+    return is_secret_key(n) and not n.endswith(("file", "path"))  # --token-file names a file
+
+
 def entrypoint(job: str, args: list[str], python: str = "python") -> str:
+    """The job's command line. Ray keeps it in the job's record, the journal keeps it too, so
+    an argument that carries a credential (`--set storage.secret_access_key=...`) is refused."""
     import shlex
 
+    for arg in args:
+        names = arg.split("=")[:-1] if "=" in arg else [arg] if arg.startswith("-") else []
+        secret = [n for n in names if _names_secret(n)]
+        if secret or uri_has_credentials(arg):
+            what = secret[0] if secret else "<URI>"
+            raise ConfigError(
+                f"job argument {what!r} carries a credential, and a job's command line is "
+                "stored in its record: pass it with --env NAME (the value is not recorded) or "
+                "through the cluster's environment"
+            )
     return " ".join([python, f"jobs/{job}.py", "--config", "config.yaml", *map(shlex.quote, args)])
 
 
@@ -201,7 +237,7 @@ def submit(
                     metadata={
                         "carryover.job": job,
                         "carryover.gallery": cfg.gallery_name,
-                        "carryover.gallery_uri": cfg.gallery_uri,
+                        "carryover.gallery_uri": redact_text(cfg.gallery_uri),
                         "carryover.target": cfg.target_version,
                         "carryover.trigger": trigger,
                     },
@@ -316,6 +352,7 @@ def status(
     job_id: str, address: str | None, token_file=None, journal: Journal | None = None
 ) -> dict[str, Any]:
     """One job's record: from the cluster when it has an address, else from the journal."""
+    check_job_id(job_id)  # it becomes a path in the journal and a URL path in the job API
     if address and not job_id.startswith(f"{LOCAL}-"):
         client = connect(address, token_file)
         try:
@@ -352,6 +389,7 @@ def wait(
 
 
 def logs(job_id: str, address: str | None, token_file=None, journal: Journal | None = None) -> str:
+    check_job_id(job_id)
     if address and not job_id.startswith(f"{LOCAL}-"):
         try:
             return connect(address, token_file).get_job_logs(job_id)
@@ -367,6 +405,7 @@ def logs(job_id: str, address: str | None, token_file=None, journal: Journal | N
 
 def follow(job_id: str, address: str, token_file=None, echo=print) -> dict[str, Any]:
     """Stream the job's logs until it ends; returns its final record."""
+    check_job_id(job_id)
     client = connect(address, token_file)
 
     async def tail() -> None:
@@ -378,6 +417,7 @@ def follow(job_id: str, address: str, token_file=None, echo=print) -> dict[str, 
 
 
 def stop(job_id: str, address: str, token_file=None) -> bool:
+    check_job_id(job_id)
     try:
         return bool(connect(address, token_file).stop_job(job_id))
     except JobsError:

@@ -4,6 +4,7 @@ Every tick (no-op, submitted, refused by the lock, failed, missed) goes into the
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from croniter import croniter
 
 from pipeline.config import UpgradeConfig
 from pipeline.gallery.lock import GalleryLock, LockHeld
+from pipeline.gallery.store import VERSION_PATTERN
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal, new_id
 
@@ -72,6 +74,12 @@ def decide(cfg: UpgradeConfig) -> Decision:
         )
     elif "carryover.model" not in cand.tags:
         d.reason = f"{name} version {cand.version} has no carryover.model tag (its version name)"
+    elif not re.fullmatch(VERSION_PATTERN, cand.tags["carryover.model"]):
+        # it becomes a model directory and a gallery version: never a path like "../x"
+        d.reason = (
+            f"{name} version {cand.version}: carryover.model tag "
+            f"{cand.tags['carryover.model']!r} is not a plain name; refused"
+        )
     else:
         m = ctx.gallery.manifest(current)
         d.source_model = m.get("model") or current

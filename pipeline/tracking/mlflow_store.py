@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipeline.io.redact import redact, redact_text, uri_has_credentials
 from pipeline.tracking.params import MAX_TAG_VALUE_LENGTH, to_params, to_tags, to_text
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests runs by it
@@ -30,6 +32,10 @@ PROBE_TIMEOUT_S = 5.0
 
 class TrackingError(RuntimeError):
     """MLflow could not do what was asked; the message names the URI or entity involved."""
+
+    def __init__(self, message: str) -> None:
+        # Messages name the tracking URI, which may carry user:password@: never show that.
+        super().__init__(redact_text(message))
 
 
 @dataclass
@@ -81,8 +87,11 @@ def _is_http(uri: str) -> bool:
 
 def _probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Fail fast if an HTTP tracking server does not answer (MLflow itself retries for minutes)."""
+    parts = urllib.parse.urlsplit(uri)
+    # /health needs no login, and urllib would take user:password@ for part of the host name.
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(f"{bare.rstrip('/')}/health", timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered (maybe 401/404 behind a proxy): reachable is all we check here
@@ -116,6 +125,10 @@ def _artifact_root(tracking_uri: str, artifact_location: str | None) -> str | No
 def _client(tracking_uri: str) -> MlflowClient:
     if _is_http(tracking_uri):
         _probe(tracking_uri)
+        if uri_has_credentials(tracking_uri):
+            # MLflow prints "View run ... at: <tracking URI>/#/..." on every run's end: with
+            # user:password@ in the URI that line would put the password in every job log.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     else:
         _prepare_local_store(tracking_uri)
     # The registry URI is given explicitly: MLflow's default may differ from the tracking URI.
@@ -152,9 +165,9 @@ class RunHandle:
             self._client.log_batch(self.run_id, tags=items)
 
     def log_dict(self, obj: dict[str, Any] | list[Any], artifact_file: str) -> None:
-        """JSON or YAML by the file's extension."""
+        """JSON or YAML by the file's extension; secret-named keys and credentials masked."""
         with _errors(f"log {artifact_file} to run {self.run_id}"):
-            self._client.log_dict(self.run_id, obj, artifact_file)
+            self._client.log_dict(self.run_id, redact(obj), artifact_file)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a directory's contents, under `artifact_path`."""
@@ -377,6 +390,13 @@ class Tracker(Registry):
 
     def _end_failed(self, run_id: str, error: BaseException) -> None:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        if _is_http(self.tracking_uri):
+            try:
+                _probe(self.tracking_uri)
+            except TrackingError:
+                # The server is gone: each call below would retry for minutes (MLflow's
+                # MLFLOW_HTTP_REQUEST_MAX_RETRIES) only to fail. The run stays RUNNING.
+                return
         # Best effort: never let a tracking hiccup hide the error that ended the run.
         with contextlib.suppress(Exception):
             message = to_text(f"{type(error).__name__}: {error}", MAX_TAG_VALUE_LENGTH)
@@ -426,7 +446,8 @@ def download_model(tracking_uri: str | None, model_uri: str, dst_dir: str | Path
 
 
 def ui_hint(tracking_uri: str) -> str:
-    """How to look at the runs and models in the MLflow UI."""
+    """How to look at the runs and models in the MLflow UI (credentials in the URI masked)."""
+    tracking_uri = redact_text(tracking_uri)
     if _is_http(tracking_uri):
         return f"MLflow UI: open {tracking_uri}"
     return (

@@ -7,17 +7,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-MASK = "***"
-# Substrings of a key that mark its value as a credential. Over-matching (e.g. "tokenizer")
-# only hides a harmless value; under-matching would leak a secret into a shared server.
-SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "api_key", "credential")
+# One place decides what is a secret and how it is masked: pipeline.io.redact.
+from pipeline.io.redact import MASK, is_secret_key, redact_text
+
 # MLflow's own limits (mlflow.utils.validation); longer values are rejected, not clipped.
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 
-# user:password@ inside a URI value (e.g. a database or S3 endpoint URL).
-_URI_CREDENTIALS = re.compile(r"(://)[^/\s:@]+:[^/\s@]+@")
 # Characters MLflow accepts in param and metric keys.
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- /:]")
 
@@ -34,26 +31,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def is_secret_key(key: str) -> bool:
-    """True if the key's name says its value is a credential."""
-    k = key.lower().replace("-", "_")
-    return any(marker in k for marker in SECRET_MARKERS)
-
-
 def clean_key(key: str) -> str:
     """A key MLflow accepts: bad characters become `_`, clipped to MLflow's length limit."""
     return _BAD_KEY_CHARS.sub("_", key)[:MAX_KEY_LENGTH]
 
 
 def to_text(value: Any, limit: int) -> str:
-    """Stringify a value (lists as JSON), hide URI credentials, clip to `limit` characters."""
+    """Stringify a value (lists as JSON), hide credentials (URI parts, secret environment
+    values), clip to `limit` characters."""
     if type(value).__name__ == "SecretStr":  # pydantic secret: never reveal, whatever the key
         return MASK
     if isinstance(value, (list, tuple, dict)):
         text = json.dumps(value, default=str, sort_keys=True)
     else:
         text = str(value)
-    text = _URI_CREDENTIALS.sub(r"\1***:***@", text)
+    text = redact_text(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -37,9 +37,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: build the task, stream the shard, train, checkpoint."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load
 
-    from pipeline.models.store import save_model_dir
+    from pipeline.models.store import restore_training_state, save_model_dir
 
     tc = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
@@ -50,11 +49,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     start = 0
     ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume after a worker failure or a re-created trainer
+    if ckpt:  # resume after a worker failure or a re-created trainer; nothing is unpickled
         with ckpt.as_directory() as d:
-            task.train.load_state_dict(load((Path(d) / "train.safetensors").read_bytes()))
-            opt.load_state_dict(torch.load(Path(d) / "optimizer.pt", weights_only=True))
-            start = json.loads((Path(d) / "progress.json").read_text())["epoch"] + 1
+            start = restore_training_state(d, task.train, opt)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, last_epoch=start - 1)
     model = ray.train.torch.prepare_model(task.train)
     device = ray.train.torch.get_device()

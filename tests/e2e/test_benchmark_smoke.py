@@ -47,7 +47,10 @@ def test_benchmark_tiny_writes_report_figures_and_profile(tmp_path: Path) -> Non
         assert math.isfinite(f["value"]) and f["value"] > 0, f
         if f["baseline_value"] is not None:
             assert math.isfinite(f["ratio"]) and f["ratio"] > 0, f
+    (train,) = [f for f in figs if f["section"] == "training"]
+    assert train["name"] == "steps/s (1 worker)" and train["extra"]["timed_steps"] == 3
     text = out.read_text()
+    assert "## Targets" in text and "targets met." in text
     assert "| transform | transform rows/s |" in text and "## Machine" in text
     assert "python jobs/benchmark.py --tiny" in text
     p = ThroughputProfile.load(prof)

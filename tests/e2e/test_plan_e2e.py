@@ -141,6 +141,27 @@ def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path)
     )
 
 
+def _start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _kill_when(p: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL the driver as soon as `ready()` holds (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not ready():
+        assert p.poll() is None, f"the driver ended (exit {p.returncode}) before the kill point"
+        time.sleep(0.02)
+    assert ready(), "the kill point was never reached"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(1)
+
+
 def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_path) -> None:
     ref_wd = _copy(evaluated, tmp_path / "ref")
     wd = _copy(evaluated, tmp_path / "wd")
@@ -150,19 +171,9 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     g = Gallery(str(wd / "gallery"))
     run_upgrade(load_config(None, sets), quiet=True, until="plan")
     shards_dir = wd / "gallery" / "versions" / "v2" / "_shards"
-    p = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "upgrade", "-q", *_flags(sets)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    p = _start_cli("upgrade", "-q", *_flags(sets))
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(shards_dir.glob("*.json")):
-            time.sleep(0.02)
-        os.kill(p.pid, signal.SIGKILL)  # the driver dies mid-execution
-        p.wait()
-        time.sleep(1)
+        _kill_when(p, lambda: bool(list(shards_dir.glob("*.json"))))  # mid-execution
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # reap what the dead driver's local Ray left
     committed = set(g.committed_shards("v2"))
@@ -170,6 +181,17 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     assert not g.has_version("v2") and g.current() == "v1"
     held = holder_of(g.uri)  # the dead driver's lease is left behind, taken over on rerun
     assert held is not None and held.pid == p.pid and not held.expired
+
+    # Second kill: between the manifest (written last by the index stage) and the promotion,
+    # while the version is validated. The complete v1 keeps serving; v2 is complete, unserved.
+    indexed = wd / "gallery" / "versions" / "v2" / "_graph" / "index.json"
+    p = _start_cli("upgrade", "-q", *_flags(sets))
+    try:
+        _kill_when(p, indexed.exists)  # manifest written and recorded; validation under way
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+    assert g.has_version("v2") and g.current() == "v1"
+    assert g.manifest("v2")["rows"] + g.manifest("v2")["rejected"] == ROWS
 
     r = _cli("upgrade", "-q", *_flags(sets))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -182,11 +204,14 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     assert [s["checksum"] for s in got] == [s["checksum"] for s in ref]  # same result
     assert sum(s["rows"] for s in got) == ROWS
     assert holder_of(g.uri) is None
-    # the resumed upgrade's run points at the earlier run of each stage it did not redo
+    # the last upgrade run points at the earlier run of each stage it did not redo
     tracker = steps.Context(load_config(None, sets), quiet=True).tracker
-    tags = tracker.get_run(g.manifest("v2")["run_id"])["tags"]
-    assert tags["carryover.stage.plan"] == "resumed" and tags["carryover.stage.execute"] == "done"
+    runs = tracker.search_runs(order_by=["attributes.start_time DESC"])
+    tags = next(r for r in runs if r["name"] == "upgrade")["tags"]
+    assert tags["carryover.stage.plan"] == "resumed" and tags["carryover.stage.promote"] == "done"
+    assert tags["carryover.stage.execute"] == tags["carryover.stage.index"] == "resumed"
     assert tracker.get_run(tags["carryover.stage.plan.run_id"])["name"] == "plan"
+    assert tracker.get_run(tags["carryover.stage.execute.run_id"])["name"] == "execute"
 
 
 def test_failed_validation_leaves_current_and_serving_alias(evaluated, tmp_path) -> None:

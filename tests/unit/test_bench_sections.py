@@ -71,12 +71,3 @@ def test_evaluation_section_figures():
     assert curve.extra["curve_equals_rerank"] is True
     assert total.value == pytest.approx(metrics.value + curve.value) and total.target == 1.0
     assert 0 < metrics.extra["top1"] <= 100
-
-
-@pytest.mark.slow
-def test_training_section_figures(ray_local):
-    from pipeline.bench.training import run_training
-
-    figs = run_training(workers=(1,), steps=3, batch_size=16, seed=0)
-    _check(figs, "training", {"steps/s (1 worker)": "steps/s"})
-    assert figs[0].extra["timed_steps"] == 3 and figs[0].extra["global_batch"] == 16

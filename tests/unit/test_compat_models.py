@@ -159,3 +159,27 @@ def test_simclr_augment_strength_zero_is_identity_and_half_keeps_dtype() -> None
     assert torch.equal(simclr_augment(x, strength=0.0), x)
     h = simclr_augment(x.half(), torch.Generator().manual_seed(0))
     assert h.dtype == torch.float16 and h.shape == x.shape
+
+
+def test_fold_batchnorm_keeps_outputs_and_removes_every_batchnorm() -> None:
+    from pipeline.models.compat import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = Transformation(old_dim=8, new_dim=6, side_dim=4, inner_dim=16, uncertainty=True)
+    model.train()
+    for _ in range(5):  # non-trivial running statistics and affine parameters
+        model(torch.randn(32, 8) * 3 + 1, torch.randn(32, 4))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())  # a copy
+    old, side = torch.randn(64, 8), torch.randn(64, 4)
+    with torch.no_grad():
+        (p, v), (fp, fv) = model(old, side), folded(old, side)
+    torch.testing.assert_close(fp, p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fv, v, rtol=1e-4, atol=1e-5)

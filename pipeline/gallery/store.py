@@ -144,6 +144,10 @@ class Gallery:
         return sorted(created, key=lambda v: created[v])
 
     def has_version(self, version: str) -> bool:
+        """Whether a complete version of that name exists; a name no version can have (a
+        label such as "v2 (planned)", a path) is simply not one, never a path to look at."""
+        if not isinstance(version, str) or not re.fullmatch(VERSION_PATTERN, version):
+            return False
         return uri_io.exists(self.path("versions", version, MANIFEST), self.storage)
 
     def manifest(self, version: str) -> dict[str, Any]:
@@ -245,6 +249,7 @@ class Gallery:
 
     def promote(self, version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Point CURRENT at a complete version in one atomic object write."""
+        check_name(version, "version")
         if not self.has_version(version):
             raise GalleryError(f"{self.uri}: cannot promote {version!r}: it has no manifest")
         prev = self.current_state()

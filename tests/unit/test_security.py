@@ -338,6 +338,7 @@ def test_gallery_version_and_shard_names_cannot_escape(tmp_path: Path) -> None:
     g.finalize("v1", {"model": "v1"})
     (tmp_path / "gallery" / "versions" / "not a version").mkdir()
     assert g.versions() == ["v1"]  # a stray folder is no version
+    assert not g.has_version("v1 (planned)")  # a label, not a version: no path is built
 
 
 def test_tampered_manifest_and_current_are_refused(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ CLI); a killed or paused lease holder is taken over and cannot clobber its succe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -12,6 +13,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,20 +254,27 @@ def _hold(uri: str, ready, done) -> None:
         done.wait(60)
 
 
-def test_cli_upgrade_exits_3_naming_the_holder(tmp_path: Path, no_tracking: None) -> None:
-    from pipeline.cli import EXIT_LOCKED, app
-
-    uri = str(tmp_path / "gallery")
+@contextlib.contextmanager
+def _held_elsewhere(uri: str) -> Iterator[Any]:
+    """Another process holds the gallery's lease (as "nightly") for the duration."""
     ready, done = FORK.Event(), FORK.Event()
     holder = FORK.Process(target=_hold, args=(uri, ready, done))
     holder.start()
     try:
         assert ready.wait(30)
-        flags = ["--set", f"workdir={tmp_path}", "--set", f"gallery={uri}"]
-        res = CliRunner().invoke(app, ["upgrade", *flags])
+        yield holder
     finally:
         done.set()
         holder.join(30)
+
+
+def test_cli_upgrade_exits_3_naming_the_holder(tmp_path: Path, no_tracking: None) -> None:
+    from pipeline.cli import EXIT_LOCKED, app
+
+    uri = str(tmp_path / "gallery")
+    flags = ["--set", f"workdir={tmp_path}", "--set", f"gallery={uri}"]
+    with _held_elsewhere(uri) as holder:
+        res = CliRunner().invoke(app, ["upgrade", *flags])
     text = " ".join(res.output.split())
     assert res.exit_code == EXIT_LOCKED == 3, text
     assert f"locked: gallery {uri} is locked by nightly (upgrade to v9)" in text
@@ -282,19 +291,12 @@ def test_cli_promote_and_rollback_are_refused_while_locked(
     from pipeline.cli import EXIT_LOCKED, app
 
     uri = str(tmp_path / "gallery")
-    ready, done = FORK.Event(), FORK.Event()
-    holder = FORK.Process(target=_hold, args=(uri, ready, done))
-    holder.start()
-    try:
-        assert ready.wait(30)
-        flags = ["--set", f"workdir={tmp_path}", "--set", f"gallery={uri}"]
+    flags = ["--set", f"workdir={tmp_path}", "--set", f"gallery={uri}"]
+    with _held_elsewhere(uri):
         results = [
             CliRunner().invoke(app, ["promote", "v1", *flags]),
             CliRunner().invoke(app, ["rollback", *flags]),
         ]
-    finally:
-        done.set()
-        holder.join(30)
     for res in results:
         text = " ".join(res.output.split())
         assert res.exit_code == EXIT_LOCKED, text

@@ -21,6 +21,10 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     # Ray Data's own progress bars would fight with ours; warnings only from Ray's loggers.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train's controller polls its workers every 2 s by default; each start-up phase and
+    # the end of a run wait for a poll. At 0.25 s a small fit takes ~5 s less (20 s vs 26 s
+    # measured on 2 cores); the polls cost nothing noticeable. Propagated to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Worker logs are noisy (Ray Train's controller polling); errors still reach the driver as
     # exceptions. CARRYOVER_RAY_LOGS=1 forwards them for debugging.
     kwargs: dict = {

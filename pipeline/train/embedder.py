@@ -34,6 +34,7 @@ class TrainResult:
     use_gpu: bool
     config_hash: str
     cached: bool = False
+    resumed_from_epoch: int = 0  # > 0: a killed run went on from its last checkpoint
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -41,6 +42,7 @@ class TrainResult:
             "final_loss": self.final_loss,
             "final_accuracy": self.final_accuracy,
             "train_seconds": self.seconds,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
 
 
@@ -191,6 +193,7 @@ def train_embedder(
         num_workers=tc.num_workers,
         use_gpu=tc.use_gpu,
         config_hash=h,
+        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
     )
     extra = {"compat_loss": tc.loss, "bct_from": bct["from_model"]} if bct else {}
     meta = embedder_meta(

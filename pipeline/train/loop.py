@@ -47,11 +47,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     task = _builder(config["builder"])(config)
     params = [p for p in task.train.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    start = 0
+    start, last = 0, {}
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a worker failure or a re-created trainer; nothing is unpickled
         with ckpt.as_directory() as d:
             start = restore_training_state(d, task.train, opt)
+            last = json.loads((Path(d) / "progress.json").read_text()).get("metrics", {})
+            if start >= tc.epochs:  # the driver died after the last checkpoint: report it again
+                _report({**last, "resumed_from_epoch": start}, d, ctx.get_world_rank() == 0)
+                return
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, last_epoch=start - 1)
     model = ray.train.torch.prepare_model(task.train)
     device = ray.train.torch.get_device()
@@ -71,6 +75,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         sched.step()
         metrics = {"epoch": epoch, "loss": tot / max(seen, 1), "rows": seen}
+        metrics["resumed_from_epoch"] = start  # 0: a fresh run
         metrics.update({k: v / max(seen, 1) for k, v in sums.items()})
         # A report (+ checkpoint) synchronises the workers with the controller and costs
         # seconds: on small data, one per epoch takes longer than the epochs. Every rank
@@ -80,10 +85,16 @@ def worker_loop(config: dict[str, Any]) -> None:
             continue
         with tempfile.TemporaryDirectory() as d:
             if ctx.get_world_rank() == 0:
-                _save_ckpt(task, opt, epoch, d, save_model_dir)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+                _save_ckpt(task, opt, metrics, d, save_model_dir)
+            _report(metrics, d, ctx.get_world_rank() == 0)
+
+
+def _report(metrics: dict[str, Any], d: str, with_checkpoint: bool) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint in `d`."""
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(d) if with_checkpoint else None
+    ray.train.report(metrics, checkpoint=ckpt)
 
 
 class _EpochBatches:
@@ -116,14 +127,17 @@ class _EpochBatches:
             yield {k: v[idx] for k, v in self.cache.items()}
 
 
-def _save_ckpt(task: Task, opt: torch.optim.Optimizer, epoch: int, d: str, save_dir) -> None:
+def _save_ckpt(
+    task: Task, opt: torch.optim.Optimizer, metrics: dict[str, Any], d: str, save_dir
+) -> None:
     from safetensors.torch import save
 
+    epoch = int(metrics["epoch"])
     save_dir(task.save, {"epoch": epoch}, d)  # weights.safetensors: the model to keep
     state = {k: v.detach().cpu().contiguous() for k, v in task.train.state_dict().items()}
     (Path(d) / "train.safetensors").write_bytes(save(state))
     torch.save(opt.state_dict(), Path(d) / "optimizer.pt")
-    (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+    (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "metrics": metrics}))
 
 
 def fit(

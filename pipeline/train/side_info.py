@@ -79,6 +79,7 @@ def train_side_info(
         num_workers=cfg.train.num_workers,
         use_gpu=cfg.train.use_gpu,
         config_hash=h,
+        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
     )
     meta = embedder_meta(
         cfg, config_hash=h, train_result=asdict(tr), trained_classes=classes, kind="side-info"

@@ -35,6 +35,7 @@ class TransformationResult:
     seconds: float
     config_hash: str
     cached: bool = False
+    resumed_from_epoch: int = 0  # > 0: a killed run went on from its last checkpoint
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -42,6 +43,7 @@ class TransformationResult:
             "final_loss": self.final_loss,
             "final_mse": self.final_mse,
             "train_seconds": self.seconds,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
 
 
@@ -129,6 +131,7 @@ def train_transformation(
         final_mse=float(m.get("mse", float("nan"))),
         seconds=round(time.perf_counter() - t0, 2),
         config_hash=h,
+        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
     )
     meta = {
         "kind": "transformation",

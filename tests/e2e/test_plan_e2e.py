@@ -11,8 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from pipeline.flows import run_upgrade
 from pipeline.gallery.lock import holder_of
 from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_arrow
 from pipeline.graph import steps
+from pipeline.graph.dag import StageLog
 from pipeline.graph.search import search_gallery
 from pipeline.graph.validate import ValidationFailed
 from pipeline.io import uri
@@ -37,14 +40,70 @@ def _sets(workdir: Path, *extra: str) -> list[str]:
     return [*TINY, f"workdir={workdir}", "gallery_name=plan", *extra]
 
 
+EXEC = ("plan.parallel_shards=1", "embed.batch_size=8")  # slow enough to be killed mid-way
+
+
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, ray_local) -> Path:
-    """A gallery of 8 shards with v1 ingested, v2 + h trained and evaluated (shared, read-only)."""
+def trained(tmp_path_factory, ray_local) -> tuple[Path, dict[str, Any]]:
+    """A gallery of 8 shards with v1 ingested, v2 + h trained and evaluated (shared, read-only),
+    built the hard way: the first driver is SIGKILLed while Ray Train trains v2, a rerun
+    finishes. Returns the workdir and what the kill left behind."""
     base = tmp_path_factory.mktemp("planned")
     cfg = load_config(None, _sets(base))
     prepare("digits", cfg.images_uri, SHARDS, cfg.storage, cfg.data, limit=ROWS)
-    run_upgrade(cfg, quiet=True, until="evaluate")
-    return base
+    g = Gallery(cfg.gallery_uri)
+    snapshots = base / "ray_results"
+    p = _start_cli("upgrade", "-q", "--until", "evaluate", *_flags(_sets(base)))
+    try:  # v2's first checkpoint is persisted: training is under way
+        _kill_when(p, lambda: any(snapshots.glob("train-v2-*/checkpoint_manager_snapshot.json")))
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # reap what the dead driver's local Ray left
+    left = {
+        "stages": sorted(StageLog(g, "v2").done()),
+        "v2_model": (base / "models" / "v2").exists(),
+        "current": g.current(),
+        "v1": g.manifest("v1") if g.has_version("v1") else None,
+        "lock": holder_of(g.uri),
+        "pid": p.pid,
+    }
+    report = run_upgrade(cfg, quiet=True, until="evaluate")
+    return base, {"left": left, "report": report}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained) -> Path:
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def reference(evaluated, tmp_path_factory) -> Path:
+    """An undisturbed upgrade: what every fault test's result must equal."""
+    ref = _copy(evaluated, tmp_path_factory.mktemp("ref") / "wd")
+    run_upgrade(load_config(None, _sets(ref, *EXEC)), quiet=True)
+    return ref
+
+
+def test_driver_killed_during_training_resumes_from_its_checkpoint(trained) -> None:
+    base, facts = trained
+    left, report = facts["left"], facts["report"]
+    # killed inside new-model: the stages before it had finished, v2 did not exist
+    assert left["stages"] == ["_identity", "ingest", "old-model", "side-info"], left
+    assert not left["v2_model"] and left["current"] == "v1"
+    assert left["v1"] is not None and left["v1"]["rows"] == ROWS  # CURRENT names a whole version
+    assert left["lock"] is not None and left["lock"].pid == left["pid"]  # taken over by the rerun
+    status = {k: v["status"] for k, v in report.stages.items()}
+    assert {k: status[k] for k in ("old-model", "side-info", "ingest")} == dict.fromkeys(
+        ("old-model", "side-info", "ingest"), "resumed"
+    )
+    assert status["new-model"] == status["evaluate"] == "done"
+    # Ray Train went on from the persisted checkpoint instead of epoch 0
+    meta = json.loads((base / "models" / "v2" / "model.json").read_text())
+    assert 1 <= meta["train_result"]["resumed_from_epoch"] <= meta["train_result"]["epochs"]
+    assert np.isfinite(meta["train_result"]["final_loss"])
+    # the ingested version was not redone: the same commit records, the same files
+    g = Gallery(str(base / "gallery"))
+    assert g.manifest("v1")["shards"] == left["v1"]["shards"]
+    assert g.current() == "v1" and holder_of(g.uri) is None
 
 
 def _copy(base: Path, dst: Path) -> Path:
@@ -165,12 +224,11 @@ def _kill_when(p: subprocess.Popen, ready, timeout: float = 300) -> None:
     time.sleep(1)
 
 
-def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_path) -> None:
-    ref_wd = _copy(evaluated, tmp_path / "ref")
+def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(
+    evaluated, reference, tmp_path
+) -> None:
     wd = _copy(evaluated, tmp_path / "wd")
-    extra = ("plan.parallel_shards=1", "embed.batch_size=8")
-    run_upgrade(load_config(None, _sets(ref_wd, *extra)), quiet=True)  # undisturbed
-    sets = _sets(wd, *extra)
+    sets = _sets(wd, *EXEC)
     g = Gallery(str(wd / "gallery"))
     run_upgrade(load_config(None, sets), quiet=True, until="plan")
     shards_dir = wd / "gallery" / "versions" / "v2" / "_shards"
@@ -202,7 +260,7 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     attempts = g.attempts("v2")
     assert all(attempts[s] == 1 for s in committed), attempts  # committed shards not redone
     assert set(attempts) == set(range(SHARDS))
-    ref = Gallery(str(ref_wd / "gallery")).manifest("v2")["shards"]
+    ref = Gallery(str(reference / "gallery")).manifest("v2")["shards"]
     got = g.manifest("v2")["shards"]
     assert [s["checksum"] for s in got] == [s["checksum"] for s in ref]  # same result
     assert sum(s["rows"] for s in got) == ROWS
@@ -215,6 +273,64 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(evaluated, tmp_
     assert tags["carryover.stage.execute"] == tags["carryover.stage.index"] == "resumed"
     assert tracker.get_run(tags["carryover.stage.plan.run_id"])["name"] == "plan"
     assert tracker.get_run(tags["carryover.stage.execute.run_id"])["name"] == "execute"
+
+
+def test_killed_ray_data_actor_mid_backfill_changes_nothing(evaluated, reference, tmp_path) -> None:
+    """SIGKILL the Ray Data actor while it re-embeds a shard: Ray restarts it and retries the
+    shard; the upgrade completes with exactly the undisturbed run's files."""
+    wd = _copy(evaluated, tmp_path / "wd")
+    cfg = load_config(None, _sets(wd, *EXEC))
+    g = Gallery(cfg.gallery_uri)
+    run_upgrade(cfg, quiet=True, until="plan")
+    plan = json.loads((wd / "gallery" / "versions" / "v2" / "_graph" / "plan.json").read_text())
+    backfilled = {
+        s["shard_id"] for s in plan["output"]["shards"] if s["method"] in ("partial", "full")
+    }
+    assert backfilled, plan
+    attempts = wd / "gallery" / "versions" / "v2" / "_attempts"
+    killed: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def started() -> list[dict[str, Any]]:
+        out = []
+        for f in sorted(attempts.glob("shard-*.json")):
+            with contextlib.suppress(OSError, ValueError):  # not yet written whole
+                out.append(json.loads(f.read_text()))
+        return out
+
+    def kill_an_actor_mid_shard() -> None:
+        while not stop.is_set():
+            for rec in started():
+                sid = rec["shard_id"]
+                if sid in backfilled and sid not in g.committed_shards("v2"):
+                    os.kill(rec["pid"], signal.SIGKILL)  # the actor, mid-shard
+                    killed.append(rec)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_an_actor_mid_shard, daemon=True)
+    killer.start()
+    try:
+        report = run_upgrade(cfg, quiet=True)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no backfilling actor was caught mid-shard"
+    (rec,) = killed
+    assert report.serving == "v2" and g.current() == "v2"
+    tries = g.attempts("v2")
+    assert tries[rec["shard_id"]] == 2, tries  # retried once, on a restarted actor
+    assert all(n == 1 for sid, n in tries.items() if sid != rec["shard_id"]), tries
+    ref_g = Gallery(str(reference / "gallery"))
+    got, ref = g.manifest("v2"), ref_g.manifest("v2")
+    assert [s["checksum"] for s in got["shards"]] == [s["checksum"] for s in ref["shards"]]
+    assert got["rows"] == ref["rows"] == ROWS and got["rejected"] == 0
+    for sid in range(SHARDS):  # the same keys, rows and embeddings, shard by shard
+        a, b = uri.read_table(g.shard_uri("v2", sid)), uri.read_table(ref_g.shard_uri("v2", sid))
+        assert a["key"].to_pylist() == b["key"].to_pylist()
+        np.testing.assert_array_equal(
+            arrow_to_embeddings(a["embedding"]), arrow_to_embeddings(b["embedding"])
+        )
 
 
 def test_failed_validation_leaves_current_and_serving_alias(evaluated, tmp_path) -> None:
@@ -338,7 +454,7 @@ def test_server_lost_mid_run_fails_cleanly_and_resumes(
 
 
 def _lost_mid_run(wd: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    extra = (f"tracking.uri={server.uri}", "plan.parallel_shards=1", "embed.batch_size=8")
+    extra = (f"tracking.uri={server.uri}", *EXEC)
     sets = _sets(wd, *extra)
     cfg = load_config(None, sets)
     run_upgrade(cfg, quiet=True, until="plan")

@@ -74,6 +74,11 @@ def _features(n: int = 64) -> dict[str, torch.Tensor]:
 
 
 def _transformation_task(loss: str, side: bool):
+    torch.manual_seed(0)
+    return transformation.build_task(_transformation_config(loss, side))
+
+
+def _transformation_config(loss: str, side: bool) -> dict:
     cfg = load_config(None, [f"transformation.loss={loss}"])
     w = torch.randn(5, 5, generator=torch.Generator().manual_seed(3))
     config = {
@@ -88,8 +93,7 @@ def _transformation_task(loss: str, side: bool):
         "new_classifier": {"weight": w.tolist(), "bias": [0.0] * 5},
         "columns": {"old": "old", "side": "side" if side else None, "new": "new"},
     }
-    torch.manual_seed(0)
-    return transformation.build_task(config)
+    return config
 
 
 def test_fct_task_regresses_new_from_old_and_side() -> None:

@@ -4,13 +4,14 @@ local Ray; list, follow, stop. Every job is also written to the gallery's journa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,24 @@ def connect(address: str, token_file: str | Path | None = None) -> Any:
     token = find_token(token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        client = JobSubmissionClient(address, headers=headers)
+        with _address_env_set_aside():
+            client = JobSubmissionClient(address, headers=headers)
         client.list_jobs()  # the version probe does not check the token: this does
     except Exception as e:
         raise JobsError(_explain(address, e, token is not None)) from None
     return client
+
+
+@contextlib.contextmanager
+def _address_env_set_aside() -> Iterator[None]:
+    """Ray's SDK lets RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, override the address it is
+    given; a shell that exported RAY_ADDRESS for `ray.init` would send `--address` elsewhere.
+    `job_address` has already weighed the environment, so the address given here wins."""
+    saved = {k: os.environ.pop(k) for k in (ADDRESS_ENV, "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _explain(address: str, e: Exception, had_token: bool) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.bench.profile import ThroughputProfile
+from tests.fixtures.ray_local import own_ray_env
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,7 @@ def test_benchmark_tiny_writes_report_figures_and_profile(tmp_path: Path) -> Non
         text=True,
         timeout=900,
         cwd=Path(__file__).resolve().parents[2],
+        env=own_ray_env(),  # it measures its own process tree
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     figs = json.loads(js.read_text())

@@ -165,3 +165,10 @@ def test_job_api_errors_are_clear(ray_head, tmp_path) -> None:
     assert gone.returncode == 1 and "cannot reach Ray's job API at http://127.0.0.1:9" in (
         gone.stderr
     )
+    # Ray's SDK would let these override --address; the address given on the command line wins
+    elsewhere = {"RAY_ADDRESS": "127.0.0.1:9", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}
+    given = _carryover(
+        "jobs", "list", "--address", ray_head.address, "--token-file", str(ray_head.token_file),
+        env={**os.environ, **elsewhere},
+    )  # fmt: skip
+    assert given.returncode == 0, given.stderr

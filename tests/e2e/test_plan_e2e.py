@@ -31,6 +31,7 @@ from pipeline.graph.validate import ValidationFailed
 from pipeline.io import uri
 from tests.e2e.test_upgrade_e2e import TINY
 from tests.fixtures.mlflow_server import _free_port, _stop, _wait_healthy
+from tests.fixtures.ray_local import own_ray_env
 
 pytestmark = pytest.mark.slow
 SHARDS, ROWS = 8, 800
@@ -204,11 +205,13 @@ def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path)
 
 
 def _start_cli(*args: str) -> subprocess.Popen:
+    """A driver to SIGKILL: on a Ray of its own, as a crashed `carryover upgrade` would be."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=own_ray_env(),
     )
 
 
@@ -470,7 +473,7 @@ def _lost_mid_run(wd: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) ->
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, **QUICK_MLFLOW},
+        env={**own_ray_env(), **QUICK_MLFLOW},
     )
     try:
         deadline = time.monotonic() + 300

@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Every hot path beside its physical floor, measured in one run; rewrites docs/benchmarks.md.
 bench: venv

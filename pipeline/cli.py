@@ -74,6 +74,14 @@ EnvOpt = Annotated[
 EXIT_LOCKED = 3
 
 
+def _say_error(label: str, style: str, e: BaseException) -> None:
+    """One line on stderr, never wrapped (a log grep finds the whole message) and never read
+    as markup (messages quote lists and paths in brackets)."""
+    from rich.markup import escape
+
+    err.print(f"[{style}]{label}:[/] {escape(str(e))}", soft_wrap=True)
+
+
 def _errors(fn):
     """Map known failures to one clear line and a meaningful exit code (2 = bad input)."""
 
@@ -98,17 +106,17 @@ def _errors(fn):
             PlanError,
             GraphError,
         ) as e:
-            err.print(f"[bold red]error:[/] {e}")
+            _say_error("error", "bold red", e)
             raise typer.Exit(2) from None
         except LockHeld as e:
-            err.print(f"[bold yellow]locked:[/] {e}")
+            _say_error("locked", "bold yellow", e)
             raise typer.Exit(EXIT_LOCKED) from None
         except (GalleryError, StorageError, JobsError) as e:
-            err.print(f"[bold red]error:[/] {e}")
+            _say_error("error", "bold red", e)
             raise typer.Exit(1) from None
         except Exception as e:
             if type(e).__name__ == "TrackingError":
-                err.print(f"[bold red]tracking error:[/] {e}")
+                _say_error("tracking error", "bold red", e)
                 raise typer.Exit(1) from None
             raise
 

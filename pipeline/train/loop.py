@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +57,16 @@ def worker_loop(config: dict[str, Any]) -> None:
             if start >= tc.epochs:  # the driver died after the last checkpoint: report it again
                 _report({**last, "resumed_from_epoch": start}, d, ctx.get_world_rank() == 0)
                 return
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs, last_epoch=start - 1)
     model = ray.train.torch.prepare_model(task.train)
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     batches = _EpochBatches(shard, tc.batch_size, device, bool(config.get("in_memory")), tc.seed)
     for epoch in range(start, tc.epochs):
+        # What an epoch draws and its learning rate depend on (seed, rank, epoch) only, so a run
+        # resumed from a checkpoint draws what an undisturbed one would have at that epoch.
+        torch.manual_seed((tc.seed * 1_000_003 + epoch) * 1009 + ctx.get_world_rank())
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(tc.lr, epoch, tc.epochs)
         model.train()
         tot, seen, sums = 0.0, 0, {}
         for batch in batches.epoch(epoch):
@@ -73,7 +78,6 @@ def worker_loop(config: dict[str, Any]) -> None:
             seen += n
             for k, v in s.items():
                 sums[k] = sums.get(k, 0.0) + v
-        sched.step()
         metrics = {"epoch": epoch, "loss": tot / max(seen, 1), "rows": seen}
         metrics["resumed_from_epoch"] = start  # 0: a fresh run
         metrics.update({k: v / max(seen, 1) for k, v in sums.items()})
@@ -87,6 +91,12 @@ def worker_loop(config: dict[str, Any]) -> None:
             if ctx.get_world_rank() == 0:
                 _save_ckpt(task, opt, metrics, d, save_model_dir)
             _report(metrics, d, ctx.get_world_rank() == 0)
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Cosine annealing to 0 over `epochs`, in closed form (a scheduler stepped from a restored
+    optimizer would apply one step twice)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
 def _report(metrics: dict[str, Any], d: str, with_checkpoint: bool) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -407,6 +409,17 @@ def test_nonexistent_paths_are_named(tmp_path: Path) -> None:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert text in _out(res)
+
+
+def test_a_long_error_is_one_line_and_not_markup(tmp_path: Path) -> None:
+    missing = tmp_path / ("d" * 150) / "[bold]gallery"
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "versions", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [f"error: no gallery at {missing}"]
 
 
 def test_unreadable_files_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,13 +48,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     task = _builder(config["builder"])(config)
     params = [p for p in task.train.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    start, last = 0, {}
+    start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a worker failure or a re-created trainer; nothing is unpickled
         with ckpt.as_directory() as d:
             start = restore_training_state(d, task.train, opt)
-            last = json.loads((Path(d) / "progress.json").read_text()).get("metrics", {})
             if start >= tc.epochs:  # the driver died after the last checkpoint: report it again
+                last = json.loads((Path(d) / "progress.json").read_text()).get("metrics", {})
                 _report({**last, "resumed_from_epoch": start}, d, ctx.get_world_rank() == 0)
                 return
     model = ray.train.torch.prepare_model(task.train)

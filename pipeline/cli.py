@@ -95,6 +95,7 @@ def _errors(fn):
         from pipeline.models.store import ModelLoadError
         from pipeline.ops.jobs import JobsError
         from pipeline.plan.planner import PlanError
+        from pipeline.runtime import RayStartError
 
         try:
             return fn(*a, **kw)
@@ -111,7 +112,7 @@ def _errors(fn):
         except LockHeld as e:
             _say_error("locked", "bold yellow", e)
             raise typer.Exit(EXIT_LOCKED) from None
-        except (GalleryError, StorageError, JobsError) as e:
+        except (GalleryError, StorageError, JobsError, RayStartError) as e:
             _say_error("error", "bold red", e)
             raise typer.Exit(1) from None
         except Exception as e:
@@ -128,6 +129,23 @@ def _cfg(config: Path | None, sets: list[str] | None, gallery: str | None = None
     if gallery:
         cfg.gallery = gallery
     return cfg
+
+
+def _gallery_cfg(
+    config: Path | None,
+    sets: list[str] | None,
+    gallery: str | None = None,
+    require: bool = True,
+    uses_tracking: bool = True,
+) -> tuple[UpgradeConfig, Any]:
+    """The config of a command on a gallery, with the gallery's identity: its name and MLflow
+    as its manifests record them (a -c/--set that disagrees: exit 2); "no gallery at PATH"
+    (when `require`) before anything is read, locked or created."""
+    from pipeline.gallery.identity import adopt_identity, given_keys
+
+    cfg = _cfg(config, sets, gallery)
+    given = given_keys(config is not None, sets)
+    return cfg, adopt_identity(cfg, given, require, uses_tracking)
 
 
 def _ctx(cfg: UpgradeConfig, quiet: bool = False):
@@ -191,9 +209,11 @@ def train(
 
     The transformation needs the old, new (and side-info) models trained first; it learns
     from their embeddings of the training split."""
+    from pipeline.cluster import check_cluster
     from pipeline.graph import compat_steps, steps
 
     cfg = _cfg(config, set_)
+    check_cluster(cfg)  # on several nodes: shared storage for Ray Train, or refused
     ctx = _ctx(cfg)
     aliases = tuple(alias or ())
     if which == "transformation":
@@ -211,13 +231,16 @@ def train(
 @_errors
 def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Embed every image with the old model into gallery version <old_model.name>."""
+    from pipeline.cluster import check_cluster
     from pipeline.graph import steps
 
     cfg = _cfg(config, set_)
-    ctx = _ctx(cfg, quiet)
-    r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
-    if ctx.gallery.current() is None:
-        steps.promote_step(ctx, r.version)
+    with _gallery_lock(cfg, f"ingest {cfg.old_model.name}"):  # before Ray: refused at once
+        check_cluster(cfg)  # on several nodes: s3:// images and gallery, or refused
+        ctx = _ctx(cfg, quiet)
+        r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+        if ctx.gallery.current() is None:
+            steps.promote_step(ctx, r.version)
     console.print_json(json.dumps(r.__dict__, default=str))
 
 
@@ -225,10 +248,13 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fals
 @_errors
 def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Full backfill: re-embed every image with the new model into version <new_model.name>."""
+    from pipeline.cluster import check_cluster
     from pipeline.graph import steps
 
     cfg = _cfg(config, set_)
-    r = steps.embed_version_step(_ctx(cfg, quiet), cfg.new_model, "full", None)
+    with _gallery_lock(cfg, f"backfill {cfg.new_model.name}"):  # one writer of a version
+        check_cluster(cfg)  # on several nodes: s3:// images and gallery, or refused
+        r = steps.embed_version_step(_ctx(cfg, quiet), cfg.new_model, "full", None)
     console.print_json(json.dumps(r.__dict__, default=str))
 
 
@@ -272,7 +298,7 @@ def promote(version: str, config: ConfigOpt = None, set_: SetOpt = None) -> None
     """Serve VERSION: move CURRENT and the MLflow `serving` alias together."""
     from pipeline.graph import steps
 
-    cfg = _cfg(config, set_)
+    cfg, _ = _gallery_cfg(config, set_)
     with _gallery_lock(cfg, f"promote {version}"):  # never beside an upgrade's own promote
         state = steps.promote_step(_ctx(cfg), version)
     console.print(f"serving {state['version']} (previous: {state['history'][:1] or '-'})")
@@ -302,7 +328,7 @@ def rollback(
     """Restore the previously served version (CURRENT and the `serving` alias)."""
     from pipeline.graph import steps
 
-    cfg = _cfg(config, set_, gallery)
+    cfg, _ = _gallery_cfg(config, set_, gallery)
     with _gallery_lock(cfg, "rollback"):
         state = steps.rollback_step(_ctx(cfg))
     console.print(f"rolled back {state['rolled_back_from']} → serving {state['version']}")
@@ -317,12 +343,9 @@ def versions(
 ) -> None:
     """List the gallery's complete versions and which one is serving."""
     from pipeline.gallery.store import Gallery
-    from pipeline.io import uri as uri_io
 
-    cfg = _cfg(config, set_, gallery)
+    cfg, _ = _gallery_cfg(config, set_, gallery, uses_tracking=False)  # a mistyped path: exit 2
     g = Gallery(cfg.gallery_uri, cfg.storage)
-    if not uri_io.exists(g.uri, g.storage):  # a mistyped path is not an empty gallery
-        raise FileNotFoundError(f"no gallery at {g.uri}")
     cur = g.current()
     t = Table(title=f"gallery {g.uri}")
     for c in ("version", "serving", "model", "method", "rows", "rejected", "shards", "index"):
@@ -368,7 +391,7 @@ def search(
 
     if (key is None) == (image is None):
         raise ConfigError("give exactly one of --key or --image")
-    cfg = _cfg(config, set_, gallery)
+    cfg, _ = _gallery_cfg(config, set_, gallery)
     res = search_gallery(_ctx(cfg), key=key, image=image, k=k, version=version, adapter=adapter)
     if as_json:
         console.print_json(json.dumps(res))
@@ -512,7 +535,10 @@ def submit(
 def _journal(config: Path | None, set_: list[str] | None, gallery: str | None):
     from pipeline.ops.journal import Journal
 
-    cfg = _cfg(config, set_, gallery)
+    if gallery:  # a journal may come before the first version: no gallery is no error here
+        cfg, _ = _gallery_cfg(config, set_, gallery, require=False, uses_tracking=False)
+    else:
+        cfg = _cfg(config, set_)
     return cfg, Journal(cfg.gallery_uri, cfg.storage)
 
 
@@ -687,13 +713,17 @@ def lineage(
     serves it; per shard the method, source version, transformation versions, run and time."""
     from pipeline.graph.lineage import gallery_lineage
 
-    lin = gallery_lineage(_ctx(_cfg(config, set_, gallery)), version, shard)
+    cfg, ident = _gallery_cfg(config, set_, gallery)
+    lin = gallery_lineage(_ctx(cfg), version, shard)
     if as_json:
         print(lin.to_json())
         return
     for t in lin.tables():
         console.print(t)
-    console.print(f"runs and models: {lin.tracking_uri}")
+    # An older gallery does not say where its models are: an embedder not found may be there.
+    legacy = ident is None or ident.tracking_uri is None
+    note = " (the config's: this gallery's manifests do not record theirs)" if legacy else ""
+    console.print(f"runs and models: {lin.tracking_uri}{note}")
 
 
 @lock_app.command("show")
@@ -706,7 +736,7 @@ def lock_show(
     """Who holds the gallery's upgrade lock, if anyone. Exit 3 while it is held."""
     from pipeline.gallery.lock import holder_of
 
-    cfg = _cfg(config, set_, gallery)
+    cfg, _ = _gallery_cfg(config, set_, gallery, uses_tracking=False)
     info = holder_of(cfg.gallery_uri, cfg.storage)
     if info is None:
         console.print(f"{cfg.gallery_uri}: not locked")
@@ -727,7 +757,7 @@ def lock_break(
     interrupts resumes later; two upgrades at once would not be safe)."""
     from pipeline.gallery.lock import break_lock
 
-    cfg = _cfg(config, set_, gallery)
+    cfg, _ = _gallery_cfg(config, set_, gallery, uses_tracking=False)
     info = break_lock(cfg.gallery_uri, cfg.storage)
     console.print(
         f"{cfg.gallery_uri}: removed the lock of {info.describe()}" if info else "not locked"

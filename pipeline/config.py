@@ -228,6 +228,19 @@ class RayConfig(_Model):
         description="Ray job submission address, http://HEAD:8265 (carryover submit / schedule; "
         "RAY_API_SERVER_ADDRESS also works); unset: jobs run here on a local Ray",
     )
+    # A local Ray waits a fixed 30 s for its raylet; on a loaded machine that can time out.
+    start_retries: int = Field(
+        2, ge=0, description="retries of a Ray start-up (or connect) that failed"
+    )
+    start_backoff_seconds: float = Field(
+        5.0, ge=0, description="wait before the first start-up retry; doubles at each retry"
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's checkpoints, shared by every node (s3:// on a cluster of "
+        "several); default: <gallery>/_ray_results for an s3:// gallery, else "
+        "<workdir>/ray_results",
+    )
 
 
 class EmbedConfig(_Model):
@@ -246,6 +259,26 @@ class EmbedConfig(_Model):
     torch_threads: int = Field(1, ge=1)
     max_decoded_pixels: int = Field(
         64_000_000, ge=1, description="reject images larger than this (decompression bombs)"
+    )
+    probe_rows: int = Field(
+        64,
+        ge=2,
+        description="rows of the gallery's own images each model embeds on the driver before a "
+        "pass: a model that collapses, zeroes or NaNs them is refused before any Ray work",
+    )
+    max_rejected_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="stop a pass (and refuse a model on its probe) when more than this share "
+        "of the rows read is rejected",
+    )
+    min_distinct_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="distinct embeddings per distinct image, at least: fewer means the model "
+        "maps different images to one vector (checked on the probe and before promote)",
     )
 
 

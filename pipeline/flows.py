@@ -38,6 +38,7 @@ class UpgradeReport:
     compat: dict[str, Any] = field(default_factory=dict)
     compat_files: dict[str, str] = field(default_factory=dict)
     stopped_after: str | None = None
+    nothing_to_do: bool = False  # the target version was already built and serving
 
 
 def demo_config(workdir: str, overrides: list[str] | None = None) -> UpgradeConfig:
@@ -75,6 +76,7 @@ def run_upgrade(
 ) -> UpgradeReport:
     """Run the upgrade graph (resuming any recorded stage) under the gallery's lock, one MLflow
     child run per stage under the upgrade's parent run, and report what it did."""
+    from pipeline.cluster import check_cluster
     from pipeline.gallery.lock import TOKEN_ENV, GalleryLock
     from pipeline.graph.dag import GraphError, StageLog, run_stages
     from pipeline.graph.upgrade import check_identity, upgrade_stages
@@ -85,6 +87,10 @@ def run_upgrade(
     names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
     if until is not None and until not in names:
         raise GraphError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
+    # From records alone, before Ray, MLflow or any cache: a finished upgrade rerun (a nightly
+    # schedule, a retried job) must not open a run or rewrite a record.
+    if not restart and finished_upgrade(ctx):
+        return _nothing_to_do(ctx)
     # Connect to MLflow first: an unreachable server fails the upgrade here, in seconds,
     # before it takes the gallery's lock, prepares images or writes any record.
     tracker = ctx.tracker
@@ -99,10 +105,11 @@ def run_upgrade(
         token=os.environ.get(TOKEN_ENV) or None,
     )
     with lock:
-        if prepare_source:
-            ensure_images(cfg, prepare_source)
         log = StageLog(ctx.gallery, target)
         check_identity(ctx, log, restart)
+        check_cluster(cfg)  # on several nodes, refuse local paths before any work
+        if prepare_source:
+            ensure_images(cfg, prepare_source)
         source = ctx.gallery.current() or cfg.old_model.name
         lineage = {"from_version": source, "to_version": target}
         if job_id:
@@ -160,16 +167,49 @@ def run_upgrade(
     return _report(ctx, results, stages, parent.run_id, until)
 
 
-def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until: str | None):
-    cfg, g = ctx.cfg, ctx.gallery
-    plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
-    ev = results.get("evaluate") or {}
+def finished_upgrade(ctx: steps.Context) -> bool:
+    """The records say this config's upgrade is done: the target version has a manifest,
+    CURRENT names it, and its recorded identity is this config's (a config that would build
+    a different version is not finished)."""
+    from pipeline.graph.dag import StageLog
+    from pipeline.graph.upgrade import config_identity
+
+    g, target = ctx.gallery, ctx.cfg.target_version
+    if g.current() != target or not g.has_version(target):
+        return False
+    rec = StageLog(g, target).get("_identity")
+    ident = json.loads(json.dumps(config_identity(ctx.cfg)))  # as the record stores it
+    return rec is not None and rec.get("output") == ident
+
+
+def _nothing_to_do(ctx: steps.Context) -> UpgradeReport:
+    cfg = ctx.cfg
+    return UpgradeReport(
+        gallery=redact_text(cfg.gallery_uri),
+        serving=cfg.target_version,
+        target=cfg.target_version,
+        parent_run_id=None,
+        versions=_versions(ctx.gallery),
+        tracking_uri=redact_text(cfg.tracking_uri),
+        nothing_to_do=True,
+    )
+
+
+def _versions(g: Any) -> dict[str, dict[str, Any]]:
     versions = {}
     for v in g.versions():
         m = g.manifest(v)
         versions[v] = {
             k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
         } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
+    return versions
+
+
+def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until: str | None):
+    cfg, g = ctx.cfg, ctx.gallery
+    plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
+    ev = results.get("evaluate") or {}
+    versions = _versions(g)
     # The report is printed and written to files: URIs lose any user:password@ they carry.
     return UpgradeReport(
         gallery=redact_text(cfg.gallery_uri),
@@ -219,6 +259,9 @@ def versions_table(report: UpgradeReport) -> Table:
 def print_summary(report: UpgradeReport, console: Console) -> None:
     from pipeline.plan.planner import Plan
 
+    if report.nothing_to_do:
+        console.print(f"{report.target} is already serving: nothing to do")
+        return
     console.print(versions_table(report))
     if report.compat:
         from pipeline.evaluate.report import CompatReport

@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 
 from pipeline.config import RayConfig
 
+log = logging.getLogger(__name__)
+
+
+class RayStartError(RuntimeError):
+    """Ray could not be started (or reached) after the configured retries; the message says
+    how to point `ray.address` at a running Ray instead."""
+
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Initialise Ray if needed: `cfg.address` (or RAY_ADDRESS) or a local instance."""
@@ -33,16 +40,65 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     }
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        kwargs["address"] = address
     else:
         # "local": always a fresh Ray of our own. A bare ray.init() would join any cluster a
         # `ray start` left on this machine (another user's, or a stopped test's).
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
+    _init_with_retries(cfg, address, kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _init_with_retries(cfg: RayConfig, address: str | None, kwargs: dict) -> None:
+    """ray.init, retried with exponential backoff: a local raylet that timed out at start-up
+    on a loaded machine usually starts on a later try."""
+    import ray
+
+    attempts = cfg.start_retries + 1
+    for i in range(attempts):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # Ray raises bare Exception, OSError, ConnectionError ...
+            last = e
+            ray.shutdown()  # a half-made connection would make the next ray.init a no-op
+            if i + 1 == attempts:
+                break
+            delay = cfg.start_backoff_seconds * 2**i
+            log.warning(
+                "Ray start-up failed (attempt %d/%d: %s); retrying in %.1fs",
+                i + 1,
+                attempts,
+                _first_line(e),
+                delay,
+            )
+            time.sleep(delay)
+    raise RayStartError(_start_advice(address, attempts, last)) from last
+
+
+def _start_advice(address: str | None, attempts: int, last: BaseException) -> str:
+    """One line: what failed, and how to run against a Ray started beforehand."""
+    if address:
+        return (
+            f"could not connect to Ray at {address} ({attempts} attempts; last: "
+            f"{_first_line(last)}); check that a Ray runs there (`ray status --address "
+            f"{address}`) and that ray.address (or RAY_ADDRESS) names it"
+        )
+    return (
+        f"could not start a local Ray ({attempts} attempts; last: {_first_line(last)}); on a "
+        "busy machine start one first (`ray start --head`) and point ray.address at it "
+        "(--set ray.address=auto, or RAY_ADDRESS), or raise ray.start_retries and "
+        "ray.start_backoff_seconds"
+    )
 
 
 @dataclass

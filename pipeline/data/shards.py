@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,6 +27,10 @@ IMAGE_SCHEMA = pa.schema(
 SPLITS = ("train", "val")
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+# Hashes of keys held in memory at once by `check_image_shards`: 64 Mi x 8 B = 512 MiB. A
+# gallery with more rows spills them to local disk in partitions of at most this many.
+KEY_HASH_BUDGET = 1 << 26
+_warned: set[tuple[str, ...]] = set()  # stray-file warnings already given in this process
 
 
 class DataError(ValueError):
@@ -108,30 +116,164 @@ def read_footer(file_uri: str, storage: StorageConfig | None) -> tuple[pa.Schema
         raise DataError(f"{file_uri}: not a readable Parquet file: {e}") from None
 
 
-def check_image_shards(files: Sequence[str], storage: StorageConfig | None = None) -> list[int]:
+def image_shard_files(uri: str, storage: StorageConfig | None = None) -> dict[int, str]:
+    """Shard id -> file of the image shards a URI names, ids taken from `shard-NNNNN.parquet`.
+
+    Other Parquet files beside them are left out, named once on stderr: a stray file taken
+    for a shard would shift every shard id. A name that starts like a shard but is malformed,
+    or two names with one id, raise DataError (which file is meant cannot be guessed).
+    """
+    files = uri_io.parquet_files(uri, storage)
+    if files == [uri]:  # the URI names one file: that file, whatever its name
+        m = _SHARD_RE.match(uri.rstrip("/").rsplit("/", 1)[-1])
+        return {int(m.group(1)) if m else 0: uri}
+    out: dict[int, str] = {}
+    strays: list[str] = []
+    for f in files:
+        name = f.rsplit("/", 1)[-1]
+        m = _SHARD_RE.match(name)
+        if m is None and name.startswith("shard-"):
+            raise DataError(
+                f"{f}: looks like an image shard but is not named shard-NNNNN.parquet "
+                "(five or more digits): rename it or move it out of the images folder"
+            )
+        if m is None:
+            strays.append(name)
+            continue
+        sid = int(m.group(1))
+        if sid in out:
+            other = out[sid].rsplit("/", 1)[-1]
+            raise DataError(f"{uri}: {name} and {other} both have shard id {sid}")
+        out[sid] = f
+    _warn_strays(uri, strays)
+    if not out:
+        raise FileNotFoundError(f"no Parquet image shards (shard-NNNNN.parquet) under {uri}")
+    return dict(sorted(out.items()))
+
+
+def _warn_strays(uri: str, strays: list[str]) -> None:
+    """One warning line naming the files left out, once per process and folder content."""
+    if not strays or (uri, *strays) in _warned:
+        return
+    _warned.add((uri, *strays))
+    n = len(strays)
+    print(
+        f"warning: {uri}: ignored {n} file{'s' if n > 1 else ''} not named "
+        f"shard-NNNNN.parquet: {', '.join(strays)}",
+        file=sys.stderr,
+    )
+
+
+def check_image_shards(
+    files: Sequence[str],
+    storage: StorageConfig | None = None,
+    hash_budget: int = KEY_HASH_BUDGET,
+) -> list[int]:
     """Rows per image shard, once every file is a readable image shard with unique keys.
 
-    Reads footers and the key column only. Raises DataError naming the file (not Parquet,
+    Reads footers, then the key column only. Raises DataError naming the file (not Parquet,
     missing or mistyped column) or the file, row and key (null or duplicate key): which of
     two rows sharing a key is right cannot be guessed, and the gallery maps results by key.
+    Memory: 64-bit key hashes, at most `hash_budget` of them at once (beyond that they spill
+    to local disk, 8 B a row); suspects are then confirmed exactly by a second key pass.
     """
     rows: list[int] = []
-    first: dict[str, tuple[int, int]] = {}
-    for i, f in enumerate(files):
+    for f in files:  # every footer first: a wrong schema fails before any column is read
         schema, n = read_footer(f, storage)
         validate_image_table(schema, f)
         rows.append(n)
-        row = 0
-        for b in uri_io.iter_parquet_batches(f, storage, ["key"]):
-            col = b.column(0)
-            if col.null_count:
-                bad = row + col.is_null().to_pylist().index(True)
-                raise DataError(f"{f}: row {bad}: key is null")
-            for r, k in enumerate(col.to_pylist(), start=row):
-                j, rj = first.setdefault(k, (i, r))
-                if (j, rj) != (i, r):
-                    raise DataError(
-                        f"{f}: row {r}: duplicate key {k!r} (first at {files[j]} row {rj})"
-                    )
-            row += b.num_rows
+    with _HashPartitions(sum(rows), hash_budget) as parts:
+        for f in files:
+            row = 0
+            for col in _key_columns(f, storage):
+                if col.null_count:
+                    bad = row + col.is_null().to_pylist().index(True)
+                    raise DataError(f"{f}: row {bad}: key is null")
+                parts.add(_key_hashes(col))
+                row += len(col)
+        suspects = parts.repeated()
+    if suspects.size:
+        _name_duplicate(files, storage, suspects)
     return rows
+
+
+def _key_columns(file_uri: str, storage: StorageConfig | None) -> Iterator[pa.Array]:
+    for b in uri_io.iter_parquet_batches(file_uri, storage, ["key"]):
+        yield b.column(0)
+
+
+def _key_hashes(col: pa.Array) -> np.ndarray:
+    """64-bit hashes of string keys (vectorised: ~0.2 s per million keys)."""
+    # pandas ships with Ray Data; imported here so importing this module stays light.
+    from pandas.util import hash_array
+
+    return hash_array(col.to_numpy(zero_copy_only=False), categorize=False)
+
+
+def _name_duplicate(
+    files: Sequence[str], storage: StorageConfig | None, suspects: np.ndarray
+) -> None:
+    """Second pass over the keys whose hash repeats: raise DataError at the first real
+    duplicate, in file order; distinct keys sharing a hash (a 64-bit collision) pass."""
+    first: dict[str, tuple[int, int]] = {}
+    for i, f in enumerate(files):
+        row = 0
+        for col in _key_columns(f, storage):
+            for r in np.flatnonzero(np.isin(_key_hashes(col), suspects)).tolist():
+                k = col[r].as_py()
+                j, rj = first.setdefault(k, (i, row + r))
+                if (j, rj) != (i, row + r):
+                    raise DataError(
+                        f"{f}: row {row + r}: duplicate key {k!r} (first at {files[j]} row {rj})"
+                    )
+            row += len(col)
+
+
+class _HashPartitions:
+    """uint64 hashes split by their top bits into partitions of about `budget` each: in memory
+    when one partition holds them all, else appended to files in a temporary folder."""
+
+    MAX_SUSPECTS = 1 << 20  # repeated hashes kept for the exact pass (8 MiB)
+
+    def __init__(self, total: int, budget: int):
+        n = max(1, -(-total // max(1, budget)))
+        self.bits = (n - 1).bit_length()  # 2**bits partitions
+        self.mem: list[np.ndarray] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="carryover-keys-") if self.bits else None
+
+    def __enter__(self) -> _HashPartitions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+    def _file(self, p: int) -> Path:
+        return Path(self.tmp.name) / f"{p:05d}.u64"
+
+    def add(self, h: np.ndarray) -> None:
+        if self.tmp is None:
+            self.mem.append(h)
+            return
+        part = h >> np.uint64(64 - self.bits)
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange((1 << self.bits) + 1))
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            with open(self._file(p), "ab") as out:
+                h[order[bounds[p] : bounds[p + 1]]].tofile(out)
+
+    def repeated(self) -> np.ndarray:
+        """Hash values seen more than once (at most MAX_SUSPECTS of them)."""
+        found: list[np.ndarray] = []
+        for p in range(1 << self.bits):
+            if self.tmp is None:
+                h = np.concatenate(self.mem) if self.mem else np.empty(0, np.uint64)
+                self.mem = []  # one copy of the hashes at a time
+            else:
+                f = self._file(p)
+                h = np.fromfile(f, np.uint64) if f.exists() else np.empty(0, np.uint64)
+            h.sort()
+            found.append(np.unique(h[1:][h[1:] == h[:-1]]))
+            if sum(len(x) for x in found) >= self.MAX_SUSPECTS:
+                break
+        return np.concatenate(found)[: self.MAX_SUSPECTS]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.config import EmbedConfig, StorageConfig
-from pipeline.models.store import ModelBlob, build_model, check_output_dim
+from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
 
 
 class FeatureStage:
@@ -54,7 +54,7 @@ class FeatureStage:
             out["view"].append(np.full(int(ok.sum()), v, dtype=np.int64))
             for name, x in xs.items():
                 with torch.inference_mode():
-                    emb = self.models[name](x).float().numpy()
+                    emb = model_output(self.models[name](x), len(x), self.blobs[name])
                 out.setdefault(name, []).append(emb)
         return {k: np.concatenate(v) for k, v in out.items()}
 

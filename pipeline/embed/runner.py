@@ -11,6 +11,8 @@ import pyarrow as pa
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import EmbedConfig, PreprocessConfig, StorageConfig
+from pipeline.embed.errors import quiet_own_errors, user_error
+from pipeline.embed.read import image_rows_dataset
 from pipeline.embed.stages import EmbedStage, decode_stage
 from pipeline.gallery.store import (
     REJECT_SCHEMA,
@@ -20,7 +22,9 @@ from pipeline.gallery.store import (
     shard_file,
 )
 from pipeline.io import uri as uri_io
-from pipeline.models.store import ModelBlob
+from pipeline.models.store import ModelBlob, ModelLoadError
+
+# Where Ray Data logs a failed task on the driver (with tracebacks).
 
 
 @dataclass
@@ -54,6 +58,10 @@ class EmbedResult:
         }
 
 
+class PassRejected(ModelLoadError):
+    """An embedding pass rejected more rows than `embed.max_rejected_fraction` allows."""
+
+
 class _ShardSink:
     """Driver-side router: appends rows to each shard's file, commits a shard when complete.
 
@@ -72,6 +80,9 @@ class _ShardSink:
         progress: Progress,
         task: Any,
         side_dim: int = 0,
+        max_rejected_fraction: float = 1.0,
+        base: tuple[int, int] = (0, 0),
+        min_rows: int = 1,
     ):
         self.g, self.version, self.dim, self.source = gallery, version, dim, source
         self.schema = embedding_schema(dim, side_dim)
@@ -83,6 +94,10 @@ class _ShardSink:
         self.records: list[dict[str, Any]] = []
         self.t0: dict[int, float] = {}
         self.progress, self.task = progress, task
+        self.max_rejected = max_rejected_fraction
+        # rows in / rejected of shards committed before this pass, and of this pass so far
+        self.base, self.min_rows, self.committed_rejected = base, min_rows, 0
+        self.workers: dict[int, set[str]] = {}  # which actors (node:pid) embedded each shard
 
     def _writer(self, sid: int) -> uri_io.ParquetStreamWriter:
         if sid not in self.writers:
@@ -133,15 +148,18 @@ class _ShardSink:
                 self.rejects.setdefault(sid, []).extend(
                     zip(batch["key"][bad].tolist(), batch["error"][bad].tolist(), strict=True)
                 )
+            if "worker" in batch:
+                self.workers.setdefault(sid, set()).update(batch["worker"][m].tolist())
             self.seen[sid] += int(m.sum())
             self.progress.advance(self.task, int(m.sum()))
             if self.seen[sid] == self.expected[sid]:
                 self._commit(sid)
 
     def _commit(self, sid: int) -> None:
+        rej = self.rejects.pop(sid, [])
+        self._check_rejected(sid, rej)
         w = self._writer(sid)
         w.close()
-        rej = self.rejects.pop(sid, [])
         if rej:
             keys, reasons = zip(*rej, strict=True)
             uri_io.write_table(
@@ -158,16 +176,39 @@ class _ShardSink:
             "checksum": self.g.file_checksum(self.g.shard_uri(self.version, sid)),
             "seconds": round(time.perf_counter() - self.t0[sid], 3),
             "committed_at": time.time(),
+            "workers": sorted(self.workers.pop(sid, ())),
             **self.meta[sid],
         }
         self.g.commit_shard(self.version, rec)
         self.records.append(rec)
+        self.committed_rejected += len(rej)
         del self.writers[sid]
         self.keys.pop(sid, None)
+
+    def _check_rejected(self, sid: int, rej: list[tuple[str, str]]) -> None:
+        """Stop the pass, before this shard commits, once more than the allowed share of the
+        rows read so far (committed shards of earlier runs included) was rejected. Judged once
+        `min_rows` rows were read (or all of them): a few bad images in a small first shard
+        are rows to reject, not a broken model."""
+        n_in = self.base[0] + sum(self.seen.values())
+        n_rej = self.base[1] + self.committed_rejected + len(rej)
+        n_rej += sum(len(r) for r in self.rejects.values())
+        total = self.base[0] + sum(self.expected.values())
+        if n_in < min(self.min_rows, total) or n_rej <= self.max_rejected * n_in:
+            return
+        reasons = [r for _, r in rej] or [r for v in self.rejects.values() for _, r in v]
+        top = max(set(reasons), key=reasons.count) if reasons else "?"
+        self.abort()
+        raise PassRejected(
+            f"{n_rej} of {n_in} rows read so far were rejected, over "
+            f"embed.max_rejected_fraction={self.max_rejected} (most: {top}); stopped before "
+            f"shard {sid} ({self.meta[sid].get('image_file', '?')}) was kept"
+        )
 
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+        self.writers.clear()
 
 
 def embed_images_to_version(
@@ -187,10 +228,9 @@ def embed_images_to_version(
     With `side_blob`, each row also stores FCT's side-information. Shards already committed
     in this version are skipped, so a rerun after a crash resumes.
     """
-    import ray.data
 
     t0 = time.perf_counter()
-    done = gallery.committed_shards(version)
+    done = _reusable(gallery.committed_shards(version), blob)
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
     expected = {sid: _image_shard_rows(f, storage) for sid, f in todo.items()}
     rows_in = sum(expected.values())
@@ -208,29 +248,40 @@ def embed_images_to_version(
         version,
         blob.embedding_dim,
         expected,
-        {sid: {**shard_meta.get(sid, {}), "image_file": todo[sid]} for sid in todo},
+        {
+            sid: {**shard_meta.get(sid, {}), "image_file": todo[sid], "model_digest": blob.digest}
+            for sid in todo
+        },
         source,
         progress,
         task,
         side_blob.embedding_dim if side_blob else 0,
+        embed_cfg.max_rejected_fraction,
+        (
+            sum(int(r.get("rows_in", r.get("rows", 0))) for r in done.values()),
+            sum(int(r.get("rejected", 0)) for r in done.values()),
+        ),
+        embed_cfg.probe_rows,
     )
     for sid in [s for s, n in expected.items() if n == 0]:
         sink._commit(sid)  # an empty input shard is complete from the start
     live = {sid: f for sid, f in todo.items() if expected[sid] > 0}
     if live:
         paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
-        fs = uri_io.resolve(next(iter(live.values())), storage).fs
-        ds = ray.data.read_parquet(
-            list(paths), filesystem=fs, columns=["key", "image"], include_paths=True
+        ds = image_rows_dataset(
+            {f: uri_io.resolve(f, storage).path for f in live.values()},
+            storage.resolved() if storage is not None else None,  # workers may lack AWS_*
+            embed_cfg.batch_size,
+            embed_cfg.decode_num_cpus,
         )
         ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
         try:
-            with progress:
+            with progress, quiet_own_errors():
                 for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                     sink.add(batch)
-        except BaseException:
+        except BaseException as e:
             sink.abort()  # nothing half-written becomes visible
-            raise
+            raise user_error(e) from None
     missing = [sid for sid in live if sink.seen[sid] != expected[sid]]
     if missing:
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume")
@@ -250,6 +301,12 @@ def embed_images_to_version(
         rows_per_second=round(rows_in / secs, 1) if secs else 0.0,
         records=sink.records,
     )
+
+
+def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, dict[str, Any]]:
+    """Committed shards a rerun may keep: those the same model weights produced. A shard a
+    broken model committed before it was fixed (same name, other weights) is redone."""
+    return {sid: r for sid, r in records.items() if r.get("model_digest") in (None, blob.digest)}
 
 
 def _image_shard_rows(file_uri: str, storage: StorageConfig | None) -> int:

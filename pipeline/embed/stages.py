@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import ray
 import torch
 
 from pipeline.config import PreprocessConfig
-from pipeline.models.store import ModelBlob, build_model, check_output_dim
+from pipeline.embed.quality import NON_FINITE, row_problems
+from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
 
 
 def decode_stage(
@@ -26,6 +30,15 @@ def decode_stage(
     return {"key": out["key"], "pixels": out["pixels"], "error": out["error"], "shard": ids}
 
 
+def worker_id() -> str:
+    """`<ray node id prefix>:<pid>` of this process (`local:<pid>` outside Ray): which node
+    and actor embedded a row, so a run shows its work spread over actors and nodes."""
+    node = "local"
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()[:12]
+    return f"{node}:{os.getpid()}"
+
+
 class EmbedStage:
     """Ray Data actor: builds the model once, then maps decoded pixels to embeddings.
 
@@ -34,14 +47,15 @@ class EmbedStage:
 
     def __init__(self, blob: ModelBlob, threads: int = 1, side_blob: ModelBlob | None = None):
         torch.set_num_threads(threads)
-        self.model = build_model(blob)
+        self.model, self.blob = build_model(blob), blob
         check_output_dim(self.model, blob)
+        self.worker = worker_id()
         p = blob.preprocess
         self.shape = (-1, p.channels, p.input_size, p.input_size)
         self.dim = blob.embedding_dim
         self.side = None
         if side_blob is not None:
-            self.side = build_model(side_blob)
+            self.side, self.side_blob = build_model(side_blob), side_blob
             check_output_dim(self.side, side_blob)
             self.side_dim = side_blob.embedding_dim
 
@@ -49,23 +63,25 @@ class EmbedStage:
         ok = batch["error"] == ""
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
         side = None if self.side is None else np.zeros((len(ok), self.side_dim), np.float32)
+        err = batch["error"]
         if ok.any():
             pixels = batch["pixels"] if ok.all() else batch["pixels"][ok]  # no copy when all ok
             x = torch.from_numpy(np.ascontiguousarray(pixels)).view(self.shape)
             with torch.inference_mode():
-                out = self.model(x).float().numpy()
+                out = model_output(self.model(x), len(x), self.blob)
+                why = row_problems(out)
                 if side is not None:
-                    side[ok] = self.side(x).float().numpy()
-                    out = np.where(np.isfinite(side[ok]).all(1, keepdims=True), out, np.nan)
-            bad = ~np.isfinite(out).all(axis=1)
+                    side[ok] = model_output(self.side(x), len(x), self.side_blob)
+                    # side-info only feeds h: a non-finite one is fatal, a small norm is not
+                    side_ok = np.isfinite(side[ok]).all(axis=1)
+                    why = np.where((why == "") & ~side_ok, NON_FINITE, why)
+            bad = why != ""
             emb[ok] = np.where(bad[:, None], 0.0, out)
-            if bad.any():  # a non-finite embedding is a rejected row, not a stored one
-                err = batch["error"].astype(object).copy()
-                idx = np.flatnonzero(ok)[bad]
-                err[idx] = "model produced a non-finite embedding or side-info"
-                batch = {**batch, "error": err}
-        res = {"key": batch["key"], "embedding": emb, "error": batch["error"]}
-        res["shard"] = batch["shard"]
+            if bad.any():  # a degenerate embedding is a rejected row, not a stored one
+                err = err.astype(object).copy()
+                err[np.flatnonzero(ok)[bad]] = why[bad]
+        res = {"key": batch["key"], "embedding": emb, "error": err, "shard": batch["shard"]}
+        res["worker"] = np.full(len(ok), self.worker, dtype=object)
         if side is not None:
             res["side_info"] = side
         return res

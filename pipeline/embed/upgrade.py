@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import EmbedConfig, StorageConfig
+from pipeline.embed.errors import quiet_own_errors, user_error
+from pipeline.embed.read import iter_image_rows
 from pipeline.embed.transform import ChainSpec, TransformChain
 from pipeline.gallery.store import (
     REJECT_SCHEMA,
@@ -55,12 +57,16 @@ def _side_of(b: pa.RecordBatch) -> np.ndarray | None:
 
 @dataclass
 class ShardScan:
-    """One streaming pass over a source shard: keys, native mask and log-variances."""
+    """One streaming pass over a source shard: keys, native mask and log-variances.
+
+    `chain_applied`: the chain mapped every row (an h without an uncertainty head, loss fct,
+    applies with `log_var` None; a side-info h does not apply to a shard without side-info)."""
 
     keys: np.ndarray
     native: np.ndarray
     log_var: np.ndarray | None
     has_side_info: bool
+    chain_applied: bool = False
 
 
 def scan_shard(
@@ -101,7 +107,7 @@ def scan_shard(
     k = np.concatenate(keys) if keys else np.zeros(0, object)
     n = np.concatenate(native) if native else np.zeros(0, bool)
     lv = np.concatenate(lvs).astype(np.float32) if lvs and chain is not None else None
-    return ShardScan(k, n, lv, has_side)
+    return ShardScan(k, n, lv, has_side, chain is not None)
 
 
 def reembed_order(scan: ShardScan) -> np.ndarray:
@@ -141,7 +147,9 @@ class FactsStage:
         scan, used = None, None
         for name in order:
             scan = scan_shard(w["source_uri"], self.storage, self.chains[name], self.target)
-            if scan.log_var is not None or not self.chains[name].spec.needs_side:
+            # Found whether or not h has an uncertainty head: without one (loss fct) the
+            # planner gives the shard no quantiles and partial backfills a seeded random order.
+            if scan.chain_applied:
                 used = name
                 break
         if scan is None:  # no chain at all: still count rows and side-info
@@ -236,6 +244,7 @@ class ShardExecutor:
                 "started_at": time.time(),
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "node_id": _node_id(),
             },
             self.g.storage,
         )
@@ -282,7 +291,7 @@ class ShardExecutor:
         new: dict[str, np.ndarray] = {}
         errors: dict[str, str] = {}
         want = pa.array(sorted(chosen), pa.string())
-        for b in uri_io.iter_parquet_batches(image_file, self.g.storage, ["key", "image"], 1024):
+        for b in iter_image_rows(image_file, self.g.storage, 1024):
             t = pa.Table.from_batches([b])
             t = t.filter(pc.is_in(t["key"], value_set=want))
             for lo in range(0, t.num_rows, self.cfg.batch_size):
@@ -368,6 +377,13 @@ class ShardExecutor:
                     uri,
                     self.g.storage,
                 )
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): where each attempt ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 class _Merge:
@@ -463,5 +479,9 @@ def run_shards(
         num_cpus=num_cpus,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(parallel, len(items)))),
     )
-    for row in ds.iter_rows():
-        yield json.loads(row["record"])
+    try:
+        with quiet_own_errors():
+            for row in ds.iter_rows():
+                yield json.loads(row["record"])
+    except Exception as e:  # a corrupt image file, a broken model: one line, not a Ray trace
+        raise user_error(e) from None

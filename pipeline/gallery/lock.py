@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -23,12 +24,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from pipeline.config import StorageConfig
 from pipeline.gallery.store import GalleryError
 from pipeline.io import uri as uri_io
+from pipeline.io.uri import StorageError
 
 LOCK_FILE = "_lock.json"
 TOKEN_ENV = "CARRYOVER_LOCK_TOKEN"  # a job adopts the lease its submitter took
+log = logging.getLogger(__name__)
 
 
 class LockHeld(GalleryError):
@@ -99,8 +104,9 @@ class _LocalObject:
         return hashlib.sha256(data).hexdigest()
 
     def get(self) -> tuple[bytes, str] | None:
-        with self._locked():
-            return self._read()
+        # No guard: writes are whole-file renames, so a bare read is consistent, and a mere
+        # look (`lock show`, a missing gallery) creates neither the folder nor the guard file.
+        return self._read()
 
     def create(self, data: bytes) -> str | None:
         with self._locked():
@@ -128,6 +134,7 @@ class _S3Object:
         from botocore.config import Config
 
         st = (storage or StorageConfig()).resolved()
+        self.uri = uri
         self.bucket, _, self.key = uri[len("s3://") :].partition("/")
         creds = {}
         if st.access_key_id and st.secret_access_key:
@@ -148,20 +155,26 @@ class _S3Object:
         code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
         return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
+    def _failed(self, op: str, e: Exception) -> StorageError:
+        # A vanished bucket or endpoint: the project's one-line error naming the lock object.
+        return StorageError(f"{op} {self.uri}: {e}")
+
     def get(self) -> tuple[bytes, str] | None:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return r["Body"].read(), r["ETag"]
         except self.client.exceptions.NoSuchKey:
             return None
-        return r["Body"].read(), r["ETag"]
+        except (ClientError, BotoCoreError) as e:
+            raise self._failed("read", e) from e
 
     def _put(self, data: bytes, **cond: str) -> str | None:
         try:
             r = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **cond)
-        except Exception as e:
+        except (ClientError, BotoCoreError) as e:
             if self._conflict(e):
                 return None
-            raise
+            raise self._failed("write", e) from e
         return r["ETag"]
 
     def create(self, data: bytes) -> str | None:
@@ -174,10 +187,10 @@ class _S3Object:
         try:
             kw = {"IfMatch": etag} if etag else {}
             self.client.delete_object(Bucket=self.bucket, Key=self.key, **kw)
-        except Exception as e:
+        except (ClientError, BotoCoreError) as e:
             if self._conflict(e) or "NoSuchKey" in str(e):
                 return False
-            raise
+            raise self._failed("delete", e) from e
         return True
 
 
@@ -328,8 +341,20 @@ class GalleryLock:
         self.start_heartbeat()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.release()  # nothing else failed: a failed release is the error to report
+            return
+        try:
+            self.release()
+        except Exception as e:  # never in place of the error already on its way out
+            where = uri_io.join(self.gallery_uri, LOCK_FILE)
+            log.warning(
+                "could not release the lock %s (its lease lapses within %.0fs): %s",
+                where,
+                self.ttl,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
 
 
 def break_lock(gallery_uri: str, storage: StorageConfig | None = None) -> LockInfo | None:

@@ -265,14 +265,35 @@ class Gallery:
         uri_io.write_json(self.path(CURRENT), state, self.storage)
         return state
 
-    def rollback(self) -> dict[str, Any]:
-        """Point CURRENT back at the previously served version."""
+    def current_bytes(self) -> bytes | None:
+        """CURRENT as stored (None: absent), to put back exactly if a paired move fails."""
+        try:
+            return uri_io.read_bytes(self.path(CURRENT), self.storage)
+        except FileNotFoundError:
+            return None
+
+    def restore_current(self, saved: bytes | None) -> None:
+        """Put CURRENT back as `current_bytes` read it (absent stays absent)."""
+        if saved is None:
+            uri_io.delete(self.path(CURRENT), self.storage)
+        else:
+            uri_io.write_bytes(self.path(CURRENT), saved, self.storage)
+
+    def rollback_target(self) -> str:
+        """The version a rollback would serve: the previously served one, still complete."""
         state = self.current_state()
         if not state or not state.get("history"):
             raise GalleryError(f"{self.uri}: nothing to roll back to (no earlier promoted version)")
-        target, rest = state["history"][0], state["history"][1:]
+        target = state["history"][0]
         if not self.has_version(target):
             raise GalleryError(f"{self.uri}: previous version {target!r} is gone")
+        return target
+
+    def rollback(self) -> dict[str, Any]:
+        """Point CURRENT back at the previously served version."""
+        target = self.rollback_target()
+        state = self.current_state() or {}  # rollback_target checked it has a history
+        rest = state["history"][1:]
         new = {
             "version": target,
             "history": rest,

@@ -124,6 +124,7 @@ def train_transformation_step(
     """Train h(old, side) → new on the train split's paired features; register it in MLflow.
 
     `tc` overrides the configured transformation (the side-info-free fallback uses it)."""
+    from pipeline.cluster import train_storage
     from pipeline.embed.features import paired_features
     from pipeline.train.transformation import train_transformation
 
@@ -164,7 +165,7 @@ def train_transformation_step(
             new_classifier(ctx),
             transformation_dir(ctx, tc),
             identity,
-            Path(cfg.workdir) / "ray_results",
+            train_storage(cfg),
         )
         run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
         run.log_metrics(tr.metrics())

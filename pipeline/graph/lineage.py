@@ -70,7 +70,9 @@ class Lineage:
             t.add_row(
                 v.version + (" *" if v.serving else ""),
                 str(v.model),
-                f"{emb.get('name')}/{emb.get('version')}" if emb else "-",
+                f"{emb['name']}/{emb['version']}{' (missing!)' if emb['missing'] else ''}"
+                if emb
+                else "-",
                 str(v.method),
                 str(v.source_version or "-"),
                 str(v.rows),
@@ -160,7 +162,9 @@ def gallery_lineage(
         m = g.manifest(v)
         emb = None
         if m.get("registry_version") is not None:
-            info = tracker.model_version(ctx.registry_name("embedder"), int(m["registry_version"]))
+            name = m.get("registry_model") or ctx.registry_name("embedder")
+            info = tracker.model_version(name, int(m["registry_version"]))
+            emb = {"name": name, "version": int(m["registry_version"]), "missing": True}
             if info is not None:
                 emb = {
                     "name": info.name,
@@ -168,6 +172,7 @@ def gallery_lineage(
                     "run_id": info.run_id,
                     "aliases": info.aliases,
                     "model": info.tags.get("carryover.model"),
+                    "missing": False,
                 }
         shards = [_shard(r, m) for r in m["shards"]]
         if shard is not None:

@@ -10,8 +10,22 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.gallery.store import GalleryError
+from pipeline.data.shards import DataError
 from pipeline.graph.steps import Context, load_index, version_embeddings
+
+
+class QueryError(DataError):
+    """A search query the gallery cannot answer: a key it lacks, a file that is no image."""
+
+
+def read_image_file(image: Path) -> bytes:
+    """The bytes of a query image file; a missing or unreadable one is the user's mistake."""
+    if not image.is_file():
+        raise FileNotFoundError(f"no such image file: {image}")
+    try:
+        return image.read_bytes()
+    except OSError as e:  # permission denied and the like: one line, not a traceback
+        raise QueryError(f"{image}: cannot read it: {e.strerror or e}") from None
 
 
 def _model_for_version(ctx: Context, version: str) -> ModelConfig:
@@ -31,9 +45,8 @@ def _model_for_version(ctx: Context, version: str) -> ModelConfig:
 
 def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
     """Embed one image file with the model that produced `version`."""
-    if not image.is_file():
-        raise FileNotFoundError(f"no such image file: {image}")
-    return embed_bytes(ctx, _model_for_version(ctx, version), image.read_bytes(), str(image))
+    data = read_image_file(image)
+    return embed_bytes(ctx, _model_for_version(ctx, version), data, str(image))
 
 
 def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.ndarray:
@@ -43,8 +56,8 @@ def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.
 
     blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
     dec = decode_images([data], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
-    if not dec.ok[0]:
-        raise ValueError(f"{what}: {dec.errors[0]}")
+    if not dec.ok[0]:  # not an image, or too large to decode: the query is at fault
+        raise QueryError(f"{what}: {dec.errors[0]}")
     with torch.inference_mode():
         return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
 
@@ -91,7 +104,7 @@ def image_bytes_of_key(ctx: Context, key: str) -> bytes:
             t = t.filter(pc.equal(t["key"], key))
             if t.num_rows:
                 return t["image"][0].as_py()
-    raise GalleryError(f"key {key!r} has no image in {ctx.cfg.images_uri}")
+    raise QueryError(f"key {key!r} has no image in {ctx.cfg.images_uri}")
 
 
 def search_gallery(
@@ -109,9 +122,7 @@ def search_gallery(
     """
     version, idx = load_index(ctx, version)
     if adapter is not None:
-        if image is not None and not Path(image).is_file():
-            raise FileNotFoundError(f"no such image file: {image}")
-        data = Path(image).read_bytes() if image is not None else image_bytes_of_key(ctx, key)
+        data = read_image_file(Path(image)) if image is not None else image_bytes_of_key(ctx, key)
         with torch.inference_mode():
             new = embed_bytes(ctx, ctx.cfg.new_model, data, str(image or key))
             q = load_adapter(ctx, adapter, version)(torch.from_numpy(new))
@@ -120,7 +131,7 @@ def search_gallery(
     elif key is not None:
         found, q = version_embeddings(ctx.gallery, version, pa.array([key]))
         if not len(found):
-            raise GalleryError(f"key {key!r} is not in version {version!r}")
+            raise QueryError(f"key {key!r} is not in version {version} of {ctx.gallery.uri}")
         scores, keys = idx.search(q, k + 1)
         pairs = [(kk, s) for kk, s in zip(keys[0], scores[0], strict=True) if kk != key][:k]
     else:

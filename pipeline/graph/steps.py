@@ -12,9 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ModelConfig, UpgradeConfig
+from pipeline.data.shards import check_image_shards, image_shard_files
+from pipeline.embed.probe import probe_model
+from pipeline.embed.quality import OutputStats
+from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.index import GalleryIndex, build_index
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
+from pipeline.io.redact import redact_text
 from pipeline.runtime import Timer, ensure_ray
 
 
@@ -54,11 +59,8 @@ class Context:
 
 
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
-    """Gallery shard id → image shard file: the sorted order of the image files."""
-    files = uri_io.parquet_files(cfg.images_uri, cfg.storage)
-    if not files:
-        raise FileNotFoundError(f"no Parquet image shards under {cfg.images_uri}")
-    return dict(enumerate(files))
+    """Gallery shard id → image shard file, the id read from the name (shard-NNNNN.parquet)."""
+    return image_shard_files(cfg.images_uri, cfg.storage)
 
 
 @dataclass
@@ -112,13 +114,14 @@ def train_step(
 
 def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
     """A zero-argument training call for the model's kind, and the classes it trains on."""
+    from pipeline.cluster import train_storage
     from pipeline.config import SideInfoConfig
 
     args = (
         ctx.cfg.images_uri,
         ctx.model_dir(model),
         ctx.cfg.storage,
-        Path(ctx.cfg.workdir) / "ray_results",
+        train_storage(ctx.cfg),
         ctx.cfg.embed.max_decoded_pixels,
     )
     if isinstance(model, SideInfoConfig):
@@ -225,7 +228,10 @@ def embed_version_step(
             m.get("run_id"),
             skipped=True,
         )
-    ensure_ray(ctx.cfg.ray)
+    files = image_shards(ctx.cfg)
+    # Before any model, MLflow or Ray work: a key two shards share would otherwise stop the
+    # index build only after every row was decoded and embedded.
+    check_image_shards(list(files.values()), ctx.cfg.storage)
     timer = Timer()
     source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
     with ctx.tracker.run(
@@ -233,7 +239,9 @@ def embed_version_step(
     ) as run:
         with timer("resolve_model"):
             blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
-        files = image_shards(ctx.cfg)
+        with timer("probe"):  # a broken model fails here, on real images, before any Ray work
+            probe_model(blob, list(files.values()), ctx.cfg.storage, ctx.cfg.embed, side_blob)
+        ensure_ray(ctx.cfg.ray)
         meta = {
             sid: {
                 "method": method,
@@ -262,7 +270,7 @@ def embed_version_step(
         manifest = g.finalize(
             version,
             {
-                "gallery": ctx.cfg.gallery_name,
+                **GalleryIdentity.of_config(ctx.cfg).manifest_fields(),
                 "method": method,
                 "model": model.name,
                 "registry_version": registry_version_of(ctx, model),
@@ -296,14 +304,21 @@ def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim
     g = ctx.gallery
     total = sum(r["rows"] for r in records)
 
-    def batches():
+    def batches(stats: OutputStats):
         for b in g.iter_embeddings(version, records=sorted(records, key=lambda r: r["shard_id"])):
-            yield (
-                b.column("key").to_numpy(zero_copy_only=False),
-                arrow_to_embeddings(b.column("embedding")),
-            )
+            emb = arrow_to_embeddings(b.column("embedding"))
+            stats.add(emb)  # the index reads every row anyway: check them on the way
+            yield b.column("key").to_numpy(zero_copy_only=False), emb
 
-    idx = build_index(batches(), dim, ctx.cfg.index, total_rows=total)
+    if total == 0:
+        raise GalleryError(
+            f"{g.uri}: version {version!r} has no rows to index: every row was rejected "
+            f"(reasons under {g.path('versions', version, 'rejects')})"
+        )
+    stats = OutputStats()
+    idx = build_index(batches(stats), dim, ctx.cfg.index, total_rows=total)
+    if problems := stats.problems(ctx.cfg.embed.min_distinct_fraction):
+        raise GalleryError(f"{g.uri}: version {version!r} is unfit to serve: {'; '.join(problems)}")
     idx.save(g.index_uri(version), ctx.cfg.storage)
     return idx.info()
 
@@ -407,25 +422,65 @@ def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, 
 
 
 def promote_step(ctx: Context, version: str) -> dict[str, Any]:
-    """Move CURRENT and the registry's `serving` alias together."""
+    """Move CURRENT and the registry's `serving` alias together: both move or neither."""
     g = ctx.gallery
     m = g.manifest(version)
+    serving = _serving_of(ctx, version, m)  # checked before anything moves
+    before = g.current_bytes()
     state = g.promote(
         version, {"model": m.get("model"), "registry_version": m.get("registry_version")}
     )
-    if m.get("registry_version") is not None:
-        ctx.tracker.set_alias(ctx.registry_name(), "serving", int(m["registry_version"]))
+    _move_serving(ctx, serving, before, f"promote {version}")
     return state
 
 
 def rollback_step(ctx: Context) -> dict[str, Any]:
-    """Restore the previous version and point `serving` back at its model."""
+    """Restore the previous version and point `serving` back at its model: both or neither."""
     g = ctx.gallery
+    target = g.rollback_target()
+    serving = _serving_of(ctx, target, g.manifest(target))
+    before = g.current_bytes()
     state = g.rollback()
-    m = g.manifest(state["version"])
-    if m.get("registry_version") is not None:
-        ctx.tracker.set_alias(ctx.registry_name(), "serving", int(m["registry_version"]))
+    _move_serving(ctx, serving, before, f"rollback to {target}")
     return state
+
+
+def _serving_of(ctx: Context, version: str, m: dict[str, Any]) -> tuple[str, int] | None:
+    """The registered model version that serves `version`, checked to exist (and the registry
+    to answer) before CURRENT moves; None when the version records no registry version."""
+    if m.get("registry_version") is None:
+        return None
+    name, rv = m.get("registry_model") or ctx.registry_name(), int(m["registry_version"])
+    if ctx.tracker.model_version(name, rv) is None:
+        where = redact_text(ctx.cfg.tracking_uri)
+        hint = ""
+        if "tracking_uri" not in m:  # an older manifest: the config's registry was a guess
+            hint = " (the gallery does not record its tracking URI: --set tracking.uri=...)"
+        raise GalleryError(
+            f"{ctx.gallery.uri}: version {version!r} is served by {name}/{rv}, which is not in "
+            f"the registry at {where}{hint}; nothing moved"
+        )
+    return name, rv
+
+
+def _move_serving(
+    ctx: Context, serving: tuple[str, int] | None, before: bytes | None, what: str
+) -> None:
+    """Second of the two moves: on failure put CURRENT back exactly as it was, then say so."""
+    if serving is None:
+        return
+    name, rv = serving
+    try:
+        ctx.tracker.set_alias(name, "serving", rv)
+    except BaseException as e:  # whatever stops the alias, CURRENT must not stay moved
+        ctx.gallery.restore_current(before)
+        if not isinstance(e, Exception):
+            raise
+        was = ctx.gallery.current() or "nothing"  # read back: the restore really happened
+        why = redact_text((str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise GalleryError(
+            f"{what}: could not move {name}@serving to {rv} ({why}); CURRENT stays at {was}"
+        ) from None
 
 
 def load_index(ctx: Context, version: str | None = None) -> tuple[str, GalleryIndex]:

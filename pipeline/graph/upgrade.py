@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import ConfigError
+from pipeline.embed.probe import probe_model
 from pipeline.embed.transform import ChainSpec, chain_spec
+from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.store import GalleryError
 from pipeline.graph import compat_steps as cs
 from pipeline.graph import steps
 from pipeline.graph.dag import Stage, StageLog
+from pipeline.io import uri as uri_io
 from pipeline.plan.planner import (
     TRANSFORM_SPEEDUP,
     Budget,
@@ -183,9 +186,19 @@ def budget_of(ctx: steps.Context, facts: list[ShardFacts], source: str) -> tuple
             embed_rows_per_second=float(rps),
             scan_rows_per_second=pc.scan_rows_per_second,
             transform_rows_per_second=float(trps) if trps else None,
+            origin=_budget_origin(pc, total),
         ),
         notes,
     )
+
+
+def _budget_origin(pc: Any, total: int) -> str:
+    """The settings that set the budget, as a user would write them."""
+    out = [f"plan.budget_fraction={pc.budget_fraction} of {total:,} rows"]
+    out = out if pc.budget_fraction is not None else []
+    out += [f"plan.budget_images={pc.budget_images}"] if pc.budget_images is not None else []
+    out += [f"plan.budget_seconds={pc.budget_seconds}"] if pc.budget_seconds is not None else []
+    return ", ".join(out)
 
 
 def _profile(path: str | None) -> Any:
@@ -241,7 +254,8 @@ def compute_plan(
     curve = _curve(report)
     gain = curve.full_top1 - curve.transform_top1
     if gain < pc.min_gain and (budget.images != 0 or budget.seconds is not None):
-        budget = replace(budget, images=0, seconds=None)
+        # The budget still bounds what must be re-embedded; nothing optional is spent.
+        rules.spend_optional = False
         notes.append(
             f"a full backfill would gain {gain:+.2f} top-1 over the transformation "
             f"(< plan.min_gain {pc.min_gain}): nothing is re-embedded but what must be"
@@ -295,6 +309,20 @@ def _facts(ctx, source, chains, quiet) -> tuple[list[ShardFacts], list[dict[str,
 
 
 # -- execution ------------------------------------------------------------------------------
+def _probe_new_model(blob: Any, items: list[dict[str, Any]], cfg: Any) -> None:
+    """Before shards re-embed with the new model, try it on a sample of their images: a
+    collapsed or NaN model is refused before any shard is written with it."""
+    files = [
+        w["image_file"]
+        for w in items
+        if w["method"] in ("partial", "full")
+        and w.get("image_file")
+        and uri_io.exists(w["image_file"], cfg.storage)
+    ]
+    if files:
+        probe_model(blob, files, cfg.storage, cfg.embed)
+
+
 def execute_plan(
     ctx: steps.Context, plan: Plan, work: list[dict[str, Any]], run: Any, quiet: bool
 ) -> dict[str, Any]:
@@ -318,6 +346,8 @@ def execute_plan(
         w = dict(by_id[sp.shard_id])
         w.update(method=sp.method, reembed_rows=sp.reembed_rows)
         items.append(w)
+    new_blob = cs.blob_of(ctx, cfg.new_model)
+    _probe_new_model(new_blob, items, cfg)
     ensure_ray(cfg.ray)
     kwargs = {
         "gallery_uri": g.uri,
@@ -325,7 +355,7 @@ def execute_plan(
         "target": target,
         "target_model": cfg.new_model.name,
         "chains": chains,
-        "new_blob": cs.blob_of(ctx, cfg.new_model),
+        "new_blob": new_blob,
         "embed_cfg": cfg.embed,
         "side_dim": int(g.manifest(source).get("side_info_dim") or 0),
         "retries": cfg.plan.retries,
@@ -380,7 +410,7 @@ def finalize_target(ctx: steps.Context, plan: Plan, run_id: str | None) -> dict[
     m = g.finalize(
         target,
         {
-            "gallery": cfg.gallery_name,
+            **GalleryIdentity.of_config(cfg).manifest_fields(),
             "method": "planned",
             "model": cfg.new_model.name,
             "registry_version": steps.registry_version_of(ctx, cfg.new_model),
@@ -427,7 +457,7 @@ def validate_target(ctx: steps.Context, plan: Plan) -> dict[str, Any]:
         full_top1=plan.full_top1,
         tolerance=cfg.evaluate.min_top1_drop_tolerance,
     )
-    check_keys_and_values(g, source, target, dim, rep)
+    check_keys_and_values(g, source, target, dim, rep, cfg.embed.min_distinct_fraction)
     val = steps.validation_labels(cfg)
     keys, labels = val["key"].to_pylist(), np.asarray(val["label"].to_pylist())
     gal, found = steps.version_rows(g, target, keys)
@@ -528,18 +558,24 @@ def _strip(plan_out: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plan_out.items() if not k.startswith("_")}
 
 
+def config_identity(cfg: Any) -> dict[str, Any]:
+    """The config's IDENTITY_KEYS, flattened: what `_identity.json` records for a version."""
+    from pipeline.config import dump_config
+    from pipeline.tracking import flatten
+
+    flat = flatten(dump_config(cfg))
+    return {
+        k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in IDENTITY_KEYS)
+    }
+
+
 def check_identity(ctx: steps.Context, log: StageLog, restart: bool) -> None:
     """A rerun must be the same upgrade: refuse (or, with restart, discard) one begun with a
     different config, so a resumed version never mixes two plans."""
-    from pipeline.config import dump_config
     from pipeline.io import uri as uri_io
-    from pipeline.tracking import flatten
 
     g, target = ctx.gallery, ctx.cfg.target_version
-    flat = flatten(dump_config(ctx.cfg))
-    ident = {
-        k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in IDENTITY_KEYS)
-    }
+    ident = config_identity(ctx.cfg)
     rec = log.get("_identity")
     if restart and g.has_version(target) and g.current() == target:
         raise ConfigError(f"--restart: {target!r} is the serving version; roll back first")
@@ -621,6 +657,23 @@ def _source_rows(g, source: str, keys: list[str]) -> dict[str, Any]:
     return out
 
 
+def _kept_rows(
+    reembed_rows: int, names: list[str], ranks: dict[str, int], lv: Any, f: ShardFacts
+) -> Any:
+    """Which of a partial shard's validation rows keep their transformed embedding."""
+    import numpy as np
+
+    if ranks:  # exactly the rows the executor will re-embed: its order's prefix
+        rank = np.array([ranks.get(k, -1) for k in names])
+        return (rank < 0) | (rank >= reembed_rows)
+    # approximate: the shard's uncertainty quantiles, or a random share without them
+    frac = reembed_rows / max(f.rows - f.native_rows, 1)
+    if lv is None or not f.uncertainty:
+        return np.random.default_rng(0).random(len(names)) >= frac
+    q = np.linspace(0, 1, max(len(f.uncertainty), 2))
+    return lv < np.interp(1 - frac, q, f.uncertainty)
+
+
 def simulate_plan(
     ctx: steps.Context,
     plan: Plan,
@@ -655,9 +708,12 @@ def simulate_plan(
     by_work = {w["shard_id"]: w for w in work}
     by_fact = {f.shard_id: f for f in facts}
     trans, planned = new.copy(), new.copy()
+    unreached: list[int] = []  # shards with validation rows no transformation reaches
     for sp in plan.shards:
         idx = np.flatnonzero(shard == sp.shard_id)
         chain = built.get(by_work[sp.shard_id].get("chain") or "")
+        if len(idx) and chain is None:
+            unreached.append(sp.shard_id)
         if not len(idx) or chain is None:
             continue  # no transformation: these rows are re-embedded in any plan
         s = side[idx] if side is not None and chain.spec.needs_side else None
@@ -666,18 +722,9 @@ def simulate_plan(
         if sp.method in ("transform", "skip"):
             planned[idx] = pred
         elif sp.method == "partial":
-            ranks = by_work[sp.shard_id].get("probe_ranks")
-            if ranks:  # exactly the rows the executor will re-embed: its order's prefix
-                rank = np.array([ranks.get(keys_ok_names[i], -1) for i in idx])
-                keep = (rank < 0) | (rank >= sp.reembed_rows)
-            else:  # approximate: the shard's uncertainty quantiles
-                f = by_fact[sp.shard_id]
-                frac = sp.reembed_rows / max(f.rows - f.native_rows, 1)
-                q = np.linspace(0, 1, max(len(f.uncertainty), 2))
-                if lv is None or not f.uncertainty:
-                    keep = np.random.default_rng(0).random(len(idx)) >= frac
-                else:
-                    keep = lv < np.interp(1 - frac, q, f.uncertainty)
+            names = [keys_ok_names[i] for i in idx]
+            ranks = by_work[sp.shard_id].get("probe_ranks") or {}
+            keep = _kept_rows(sp.reembed_rows, names, ranks, lv, by_fact[sp.shard_id])
             planned[idx[keep]] = pred[keep]
 
     def top1(gal: np.ndarray) -> float:
@@ -686,8 +733,17 @@ def simulate_plan(
 
     plan.curve_top1 = plan.expected_top1
     plan.expected_top1 = top1(planned)
-    plan.transform_top1, plan.full_top1 = top1(trans), top1(new)
+    plan.full_top1 = top1(new)
     plan.estimate, plan.estimate_rows = "simulated", len(labels)
+    if unreached:
+        # Rows no h reaches would count as re-embedded, so "transform only" would be a mix:
+        # keep the evaluation's figure (h on every validation row) and say so.
+        plan.warnings.append(
+            f"transform-only top-1 {plan.transform_top1:.2f} is the evaluation's: the "
+            f"validation rows of shards {unreached} have no transformation to replay"
+        )
+    else:
+        plan.transform_top1 = top1(trans)
 
 
 def dry_run(ctx: steps.Context, console: Console) -> Plan | None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from pipeline.embed.quality import OutputStats
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 
@@ -50,9 +51,15 @@ class ValidationReport:
 
 
 def check_keys_and_values(
-    g: Gallery, source: str, target: str, dim: int, report: ValidationReport
+    g: Gallery,
+    source: str,
+    target: str,
+    dim: int,
+    report: ValidationReport,
+    min_distinct_fraction: float = 0.5,
 ) -> None:
-    """Shard by shard (bounded memory): same keys as the source, finite, right dimension."""
+    """Shard by shard (bounded memory): same keys as the source, finite, right dimension, no
+    zero or overflowing norms, and distinct rows (a collapsed model writes one vector)."""
     src = {int(r["shard_id"]): r for r in g.manifest(source)["shards"]}
     tgt = {int(r["shard_id"]): r for r in g.manifest(target)["shards"]}
     missing_shards = sorted(set(src) - set(tgt))
@@ -62,24 +69,28 @@ def check_keys_and_values(
         f"{len(tgt)} of {len(src)} shards"
         + (f"; missing {missing_shards}" if missing_shards else ""),
     )
-    bad_keys, bad_vals, bad_dim, rows = [], 0, [], 0
+    bad_keys, bad_dim, rows, stats = [], [], 0, OutputStats()
     for sid in sorted(set(src) & set(tgt)):
         want = _keys(g, source, src[sid]["path"])
-        got, n_bad, d = _scan(g, target, tgt[sid]["path"])
+        got, d = _scan(g, target, tgt[sid]["path"], stats)
         rows += len(got)
         if got != want:
             lost, extra = len(want - got), len(got - want)
             bad_keys.append(f"shard {sid}: {lost} missing, {extra} extra")
-        bad_vals += n_bad
         if d not in (None, dim):
             bad_dim.append(f"shard {sid}: dim {d}")
     report.add(
         "keys", not bad_keys, "; ".join(bad_keys[:5]) or f"{rows} rows, same keys as {source}"
     )
-    report.add(
-        "finite", bad_vals == 0, f"{bad_vals} rows with NaN/inf" if bad_vals else "all finite"
-    )
+    degenerate = stats.problems(0.0)  # every row finite, of a usable norm
+    report.add("finite", not degenerate, "; ".join(degenerate) or "all finite, usable norms")
     report.add("dimension", not bad_dim, "; ".join(bad_dim[:5]) or f"{dim}-d everywhere")
+    distinct = stats.problems(min_distinct_fraction)[len(degenerate) :]
+    report.add(
+        "distinct",
+        not distinct,
+        "; ".join(distinct) or f"{stats.distinct} distinct rows of {stats.rows}",
+    )
 
 
 def _keys(g: Gallery, version: str, path: str) -> set[str]:
@@ -89,16 +100,16 @@ def _keys(g: Gallery, version: str, path: str) -> set[str]:
     return out
 
 
-def _scan(g: Gallery, version: str, path: str) -> tuple[set[str], int, int | None]:
+def _scan(g: Gallery, version: str, path: str, stats: OutputStats) -> tuple[set[str], int | None]:
     keys: set[str] = set()
-    bad, dim = 0, None
+    dim = None
     uri = g.path("versions", version, path)
     for b in uri_io.iter_parquet_batches(uri, g.storage, ["key", "embedding"]):
         keys.update(b.column("key").to_pylist())
         e = arrow_to_embeddings(b.column("embedding"))
         dim = e.shape[1]
-        bad += int((~np.isfinite(e).all(axis=1)).sum())
-    return keys, bad, dim
+        stats.add(e)
+    return keys, dim
 
 
 def check_retrieval(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -38,6 +40,14 @@ class ModelBlob:
     embedding_dim: int
     files: dict[str, bytes] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the model's files: which exact weights produced a shard."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + self.files[name])
+        return "sha256:" + h.hexdigest()
 
 
 def save_model_dir(model: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
@@ -209,11 +219,29 @@ def check_output_dim(model: nn.Module, blob: ModelBlob) -> None:
             f"model {blob.name!r} failed on input of shape {tuple(x.shape)} "
             f"(preprocess.input_size/channels): {e}"
         ) from e
-    if out.ndim != 2 or out.shape[1] != blob.embedding_dim:
+    model_output(out, len(x), blob)
+
+
+def model_output(out: Any, n: int, blob: ModelBlob) -> np.ndarray:
+    """A model call's output as (n, embedding_dim) float32: exactly one row per input.
+
+    Anything else (a row per batch from pooling over dim 0, an extra row, a 3-d tensor, a
+    tuple) fails naming the model: numpy would otherwise broadcast one row over the batch.
+    """
+    shape = tuple(getattr(out, "shape", ()))
+    if isinstance(out, torch.Tensor) and len(shape) == 2 and shape[0] == n:
+        if shape[1] != blob.embedding_dim:
+            raise ModelLoadError(
+                f"model {blob.name!r} outputs shape {shape}, but the config says "
+                f"architecture.embedding_dim={blob.embedding_dim}"
+            )
+    else:
+        got = shape if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelLoadError(
-            f"model {blob.name!r} outputs shape {tuple(out.shape)}, but the config says "
-            f"architecture.embedding_dim={blob.embedding_dim}"
+            f"model {blob.name!r} returned {got} for a batch of {n} inputs; expected "
+            f"({n}, {blob.embedding_dim}): one row per input, of architecture.embedding_dim"
         )
+    return out.detach().float().numpy()
 
 
 def load_trained(d: str | Path) -> tuple[EmbeddingNet, dict[str, Any]]:

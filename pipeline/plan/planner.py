@@ -20,6 +20,9 @@ _BISECT_STEPS = 50
 _TARGET_STEPS = 30
 _MAX_ROUNDS = 50
 _EPS = 1e-9
+# Without an uncertainty head nothing ranks one row above another: the executor re-embeds a
+# seeded random permutation's prefix, whose expected gain is linear in the rows re-embedded.
+NO_Q_ORDER = "seeded random order (h has no uncertainty head)"
 
 
 class PlanError(ValueError):
@@ -131,6 +134,7 @@ class Budget:
     embed_rows_per_second: float = 500.0
     scan_rows_per_second: float = 20000.0
     transform_rows_per_second: float | None = None  # measured; None: TRANSFORM_SPEEDUP × embed
+    origin: str = ""  # where the limit came from (a config setting), named when it is exceeded
 
     @property
     def transform_rate(self) -> float:
@@ -144,6 +148,8 @@ class PlanRules:
     full_threshold: float = 0.7
     min_partial_fraction: float = 0.01
     target_top1: float | None = None
+    # False: re-embed only what no transformation can produce (re-embedding would not pay).
+    spend_optional: bool = True
 
 
 @dataclass
@@ -545,7 +551,7 @@ def _final_pick(f: ShardFacts, k: int, tau: float, rules: PlanRules) -> _Pick:
     if _has_q(f):
         reason = f"top {_pct(frac)} by uncertainty (τ={tau:.2f})"
     else:
-        reason = f"{_pct(frac)} in random order (no uncertainty head)"
+        reason = f"{_pct(frac)} in {NO_Q_ORDER}"
     if frac >= rules.full_threshold:
         reason += "; a full re-embed would exceed the budget"
     return _Pick("partial", k, reason)
@@ -695,18 +701,41 @@ def _classify(f: ShardFacts, target: str) -> _Pick | None:
     return None
 
 
-def _warn_mandatory(need: np.ndarray, limit: np.ndarray) -> list[str]:
-    out = []
-    if need[0] > limit[0]:
-        out.append(
-            f"mandatory full backfills need {int(need[0]):,} images, over the budget of "
-            f"{int(limit[0]):,}"
+def _ids(ids: list[int]) -> str:
+    """[3] -> "shard 3"; [0, 1, 2, 5] -> "shards 0-2, 5"."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"shard{'s' if len(ids) > 1 else ''} {text}"
+
+
+def _check_mandatory(
+    mandatory: list[ShardFacts], picks: dict[int, _Pick], need: np.ndarray, budget: Budget
+) -> None:
+    """A budget is a ceiling: shards only a full backfill can produce must fit in it."""
+    limit = _limit(budget)
+    if np.all(need <= limit + _EPS):
+        return
+    why: dict[str, list[int]] = {}
+    for f in mandatory:
+        why.setdefault(picks[f.shard_id].reason.removesuffix(": full backfill"), []).append(
+            f.shard_id
         )
-    if need[1] > limit[1]:
-        out.append(
-            f"mandatory full backfills need {need[1]:,.1f} s, over the budget of {limit[1]:,.1f} s"
-        )
-    return out
+    who = "; ".join(f"{_ids(ids)} ({w})" for w, ids in why.items())
+    verb = "needs" if len(mandatory) == 1 else "need"
+    if need[0] > limit[0] + _EPS:
+        over = f"{int(need[0]):,} images to re-embed, over the budget of {int(limit[0]):,} images"
+    else:
+        over = f"{need[1]:,.1f} s to re-embed, over the budget of {limit[1]:,.1f} s"
+    origin = f" ({budget.origin})" if budget.origin else ""
+    raise PlanError(
+        f"{who} {verb} {over}{origin}: only a full backfill can produce "
+        f"{'it' if len(mandatory) == 1 else 'them'}; raise the budget or restore what h needs"
+    )
 
 
 def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardPlan:
@@ -752,16 +781,14 @@ def make_plan(
     eligible = [f for f in facts if f.shard_id not in picks]
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
-    limit = _limit(budget)
-    warnings = _warn_mandatory(need, limit)
-    if warnings:
-        pool_limit = np.zeros(2)
-        reason = "budget spent on mandatory full backfills: transform only"
-        picks.update({f.shard_id: _Pick("transform", 0, reason) for f in eligible})
-    else:
-        fixed = sum(_shard_gain(f, f.nonnative, ctx) for f in mandatory)
-        spent, pool_limit, warnings = _spend(eligible, limit - need, fixed, ctx)
-        picks.update(spent)
+    _check_mandatory(mandatory, picks, need, budget)
+    pool_limit = _limit(budget) - need if rules.spend_optional else np.zeros(2)
+    fixed = sum(_shard_gain(f, f.nonnative, ctx) for f in mandatory)
+    spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, ctx)
+    if not rules.spend_optional:
+        for p in spent.values():
+            p.reason = "re-embedding would not pay: transform only"
+    picks.update(spent)
     for f in eligible:
         note = _chain_note(f)
         picks[f.shard_id].reason += f"; {note}" if note else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -27,7 +28,10 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests runs by 
 ERROR_TAG = "carryover.error"
 MODEL_ARTIFACT_PATH = "model"
 MODEL_FILE = "model.json"
-PROBE_TIMEOUT_S = 5.0
+# A server that refuses fails at once; one that answers slowly (a loaded host) gets time.
+PROBE_TIMEOUT_S = 30.0
+# A new SQLite store logs its table creation at INFO on stderr, between a command's own lines.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 class TrackingError(RuntimeError):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, PreprocessConfig, StorageConfig
+from pipeline.data.shards import image_shard_files
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import embedder_meta
@@ -80,9 +81,7 @@ def image_dataset(
     """A Ray Dataset over the Parquet image shards under a URI (local or s3://)."""
     import ray.data
 
-    files = uri_io.parquet_files(images_uri, storage)
-    if not files:
-        raise FileNotFoundError(f"no Parquet image shards under {images_uri}")
+    files = list(image_shard_files(images_uri, storage).values())  # stray files left out
     loc = uri_io.resolve(files[0], storage)
     paths = [uri_io.resolve(f, storage).path for f in files]
     return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns)
@@ -112,7 +111,7 @@ def image_training_dataset(
         num_cpus=0.5,
     )
     rows = sum(
-        uri_io.parquet_num_rows(f, storage) for f in uri_io.parquet_files(images_uri, storage)
+        uri_io.parquet_num_rows(f, storage) for f in image_shard_files(images_uri, storage).values()
     )
     small = rows * pre.channels * pre.input_size**2 * 4 <= cache_max_bytes
     return (ds.materialize() if small else ds), small

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.io.uri import Location
 
 # step(model, batch) -> (loss, rows, sums): sums are per-epoch totals (e.g. correct predictions).
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
@@ -156,7 +157,7 @@ def fit(
     dataset: Any,
     tc: TrainConfig,
     name: str,
-    results_dir: str | Path,
+    results_dir: str | Path | Location,
     in_memory: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Run `worker_loop` with the task `builder` ("module:function") on Ray Train.
@@ -164,9 +165,12 @@ def fit(
     `in_memory`: the (materialised, small) dataset is pulled into each worker once and
     reshuffled every epoch. Returns the final checkpoint and the last reported metrics.
     Re-running with the same name and results_dir resumes from the last checkpoint.
+    `results_dir` may be a resolved s3:// Location: the storage every node of a cluster shares.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = _run_storage(results_dir)
 
     trainer = TorchTrainer(
         worker_loop,
@@ -183,7 +187,8 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(results_dir).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -193,6 +198,14 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"training {name!r} produced no checkpoint (no training rows?)")
     return result.checkpoint, dict(result.metrics or {})
+
+
+def _run_storage(results_dir: str | Path | Location) -> tuple[str, Any]:
+    """Ray Train's storage_path and filesystem: an s3:// Location's, or a local directory."""
+    if isinstance(results_dir, Location) and results_dir.is_s3:
+        return results_dir.path, results_dir.fs
+    path = results_dir.path if isinstance(results_dir, Location) else results_dir
+    return str(Path(path).resolve()), None
 
 
 def cached_meta(out_dir: str | Path, config_hash: str) -> dict[str, Any] | None:

@@ -128,7 +128,7 @@ def test_nightly_ticks_noop_then_upgrade_and_lock_refuses(submitted, ray_head) -
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a job start on a loaded machine
     while (h := holder_of(cfg.gallery_uri)) is None or "upgrade to v3" not in h.purpose:
         assert second.poll() is None and time.time() < deadline, second.stdout.read()
         time.sleep(0.5)  # the submitted job has adopted the tick's lease

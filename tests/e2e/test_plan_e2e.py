@@ -27,6 +27,7 @@ from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_a
 from pipeline.graph import steps
 from pipeline.graph.dag import StageLog
 from pipeline.graph.search import search_gallery
+from pipeline.graph.upgrade import compute_plan
 from pipeline.graph.validate import ValidationFailed
 from pipeline.io import uri
 from tests.e2e.test_upgrade_e2e import TINY
@@ -403,6 +404,56 @@ def test_plan_cli_shows_the_rules_and_dry_run_changes_nothing(evaluated, tmp_pat
     assert "blocked" in r.stdout
 
 
+FCT_ONLY = (
+    "transformation.name=fctonly",
+    "transformation.loss=fct",  # no uncertainty head, as a TorchScript new model forces
+    "plan.target_version=v2fct",
+    "adapters.kinds=[]",
+)
+
+
+def test_fct_upgrade_keeps_to_its_budget_and_its_estimates(evaluated, tmp_path) -> None:
+    """An h without uncertainty is found by the planner of the upgrade that trained it: a 0%
+    budget transforms every shard; an over-budget plan stops with exit 2 before execution."""
+    wd = _copy(evaluated, tmp_path / "wd")
+    cfg = load_config(None, _sets(wd, *FCT_ONLY, "plan.budget_fraction=0.0"))
+    report = run_upgrade(cfg, quiet=True)
+    shards = report.plan["shards"]
+    assert [s["method"] for s in shards] == ["transform"] * SHARDS, [s["reason"] for s in shards]
+    assert all(s["transform"] == ["fctonly"] for s in shards)
+    assert report.plan["reembed_rows"] == 0 and report.execute["reembedded_rows"] == 0
+    g = Gallery(cfg.gallery_uri)
+    assert g.current() == "v2fct"
+    assert {k for r in g.manifest("v2fct")["shards"] for k in r["sources"]} == {"transform:v1->v2"}
+    # "transform only" is the evaluation's own measurement of this h on the same rows
+    ev = json.loads((wd / "reports" / "v1-to-v2" / "report.json").read_text())
+    fct = next(c["top1"] for c in ev["cases"] if c["name"] == "new/fctonly")
+    plan, val = report.plan, report.validation
+    assert plan["estimate"] == "simulated" and plan["transform_top1"] == pytest.approx(fct, abs=0.2)
+    assert val["transform_top1"] == plan["transform_top1"]
+    # nothing re-embedded: what validation measures is the transform-only figure
+    assert val["top1"] == pytest.approx(plan["transform_top1"], abs=1e-6)
+    assert plan["expected_top1"] == pytest.approx(plan["transform_top1"], abs=1e-6)
+
+    # a partial budget: the fct h's rows in a seeded random order, the estimate replayed on them
+    ctx = steps.Context(load_config(None, _sets(wd, *FCT_ONLY, "plan.budget_fraction=0.25")))
+    p, _ = compute_plan(ctx, "v1", ev, quiet=True, train_missing=False)
+    assert 0 < p.reembed_rows <= 200
+    partial = [s for s in p.shards if s.method == "partial"]
+    assert partial and all("seeded random order" in s.reason for s in partial)
+    assert p.transform_top1 == pytest.approx(fct, abs=0.2)
+
+    # a shard only a full backfill can produce, and a 0% budget: refused before execution
+    _strip_side_info(g, "v1", 5)
+    sets = _sets(wd, *FCT_ONLY, "plan.budget_fraction=0.0", "plan.no_side_info=backfill")
+    r = _cli("plan", "--from", "v1", "--out", str(wd / "none.json"), *_flags(sets))
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2, err[-3000:]
+    assert "shard 5 (no side-info and no side-info-free transformation) needs 100 images" in err
+    assert "over the budget of 0 images (plan.budget_fraction=0.0" in err
+    assert "Traceback" not in err and not (wd / "none.json").exists()
+
+
 # MLflow retries a failed request for about four minutes by default; a test need not wait.
 QUICK_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -433,7 +484,7 @@ class _Server:
         # SIGKILL, not a graceful stop: the server vanishes as a crashed host would.
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=60)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -481,7 +532,7 @@ def _lost_mid_run(wd: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) ->
             assert p.poll() is None, p.communicate()
             time.sleep(0.02)
         server.kill()
-        _, err = p.communicate(timeout=180)
+        _, err = p.communicate(timeout=600)
     finally:
         with contextlib.suppress(ProcessLookupError):  # reap what the driver's Ray left
             os.killpg(p.pid, signal.SIGKILL)

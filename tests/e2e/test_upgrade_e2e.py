@@ -260,6 +260,6 @@ def test_search_cli_by_key_and_image(tmp_path: Path, ray_local) -> None:
     p = subprocess.run(
         exe + ["search", "--key", "no-such-key", *flags], capture_output=True, text=True
     )
-    assert p.returncode == 1 and "no-such-key" in p.stderr
+    assert p.returncode == 2 and "no-such-key" in p.stderr  # bad input
     p = subprocess.run(exe + ["versions", *flags], capture_output=True, text=True)
     assert p.returncode == 0 and "v1" in p.stdout

@@ -35,6 +35,9 @@ from pipeline.io import uri as uri_io
 DIM, K, QUERY = 8, 5, "img-0007"
 FORK = mp.get_context("fork")  # children inherit the test's patches; nothing re-imported
 
+# Generous on purpose: these wait on events, and only a very loaded machine takes long.
+WAIT_S = 120.0
+
 
 # -- readers during promote / rollback ----------------------------------------------------
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def test_two_upgrades_at_once_one_runs_the_other_is_refused(
     procs = [FORK.Process(target=_upgrade, args=(cfg, q, done)) for _ in range(2)]
     for p in procs:
         p.start()
-    got = sorted((q.get(timeout=30) for _ in procs), key=lambda r: r[0])
+    got = sorted((q.get(timeout=WAIT_S) for _ in procs), key=lambda r: r[0])
     done.set()
     for p in procs:
         p.join(30)
@@ -351,7 +354,7 @@ def _stale_holder(uri: str, q, taken) -> None:
     q.put(lock.token)
     taken.wait(30)  # its lease expired meanwhile and someone took it over
     lock.start_heartbeat()  # renews every ttl/3: each renewal must find the lease gone
-    deadline = time.time() + 10
+    deadline = time.time() + WAIT_S
     while lock.lost is None and time.time() < deadline:
         time.sleep(0.05)
     q.put((lock.lost, holder_of(uri), lock.release()))  # the lease as its beats left it
@@ -362,12 +365,12 @@ def test_a_stale_holders_heartbeat_cannot_clobber_the_new_holder(tmp_path: Path)
     q, taken = FORK.Queue(), FORK.Event()
     p = FORK.Process(target=_stale_holder, args=(uri, q, taken))
     p.start()
-    stale_token = q.get(timeout=30)
+    stale_token = q.get(timeout=WAIT_S)
     time.sleep(max(0.0, holder_of(uri).expires_at - time.time()) + 0.1)
     new = GalleryLock(uri, ttl_seconds=60, owner="next")
     assert new.acquire().owner == "next"  # the stale holder is alive: taken over by expiry
     taken.set()
-    lost, after_beats, released = q.get(timeout=30)
+    lost, after_beats, released = q.get(timeout=WAIT_S)
     p.join(30)
     assert after_beats.owner == "next" and after_beats.token == new.token != stale_token
     assert lost is not None and "our lock is gone (now: next" in lost and released is False

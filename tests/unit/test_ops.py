@@ -21,6 +21,9 @@ from pipeline.ops import jobs
 from pipeline.ops.journal import Journal
 from pipeline.ops.schedule import decide, missed_since, upgrade_config
 
+# Generous on purpose: these wait on events, and only a very loaded machine takes long.
+WAIT_S = 120.0
+
 
 def _race(uri: str, n: int, q, done=None) -> None:
     try:
@@ -76,7 +79,7 @@ def test_lock_race_has_one_winner(tmp_path: Path) -> None:
     procs = [ctx.Process(target=_race, args=(uri, i, q, done)) for i in range(6)]
     for p in procs:
         p.start()
-    got = sorted(q.get(timeout=30) for _ in procs)
+    got = sorted(q.get(timeout=WAIT_S) for _ in procs)
     assert holder_of(uri).owner == f"p{got[-1]}"
     done.set()
     for p in procs:
@@ -96,9 +99,13 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path: Path) -> N
 
 def test_heartbeat_keeps_the_lease(tmp_path: Path) -> None:
     uri = str(tmp_path / "gallery")
-    with GalleryLock(uri, ttl_seconds=0.6, owner="long") as lock:
+    # A TTL far above any scheduling stall of a loaded machine; the heartbeat renews every
+    # third of it. Waits on the renewal record itself, not on the clock.
+    with GalleryLock(uri, ttl_seconds=6, owner="long") as lock:
         first = holder_of(uri).expires_at
-        time.sleep(1.0)  # longer than the TTL: only renewals keep it
+        deadline = time.monotonic() + WAIT_S
+        while holder_of(uri).expires_at <= first and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert holder_of(uri).expires_at > first and lock.lost is None
         with pytest.raises(LockHeld):
             GalleryLock(uri, owner="other").acquire()

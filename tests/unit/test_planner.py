@@ -117,12 +117,71 @@ def test_quarter_budget_mixes_methods_and_favours_uncertain_shards():
     assert plan.ok
 
 
-def test_mandatory_fulls_over_budget_spend_nothing_else():
-    plan = _plan(Budget(images=1_000))
+def test_mandatory_fulls_over_budget_raise_naming_shards_and_budget():
+    # A budget is a ceiling: a shard that can only be fully backfilled does not overrun it.
+    with pytest.raises(PlanError) as e:
+        _plan(Budget(images=1_000))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "shard 7 (no side-info and no side-info-free transformation)" in msg
+    assert "needs 5,000 images to re-embed, over the budget of 1,000 images" in msg
+    named = Budget(images=1_000, origin="plan.budget_fraction=0.0125 of 80,000 rows")
+    with pytest.raises(PlanError, match=r"1,000 images \(plan.budget_fraction=0.0125 of 80,000"):
+        _plan(named)
+    seconds = Budget(seconds=5.0, embed_rows_per_second=500.0)
+    with pytest.raises(PlanError, match=r"needs 10\.0 s to re-embed, over the budget of 5\.0 s"):
+        _plan(seconds)
+    # exactly the mandatory rows: allowed, nothing else re-embedded
+    plan = _plan(Budget(images=5_000))
+    assert plan.shard(7).method == "full" and plan.reembed_rows == 5_000
+    assert plan.counts["partial"] == 0 and plan.ok
+
+
+def test_zero_budget_never_reembeds():
+    facts = [_shard(0), _shard(1, uncertainty=[]), _shard(2, native_rows=10_000)]
+    plan = _plan(Budget(images=0), facts)
+    assert plan.reembed_rows == 0
+    assert [s.method for s in plan.shards] == ["transform", "transform", "skip"]
+    assert plan.budget["available_images"] == 0
+    # a shard no transformation reaches cannot be produced within 0 images: refused up front
+    facts.append(_shard(3, 2_000, transform=None, uncertainty=[]))
+    with pytest.raises(
+        PlanError,
+        match=r"shard 3 \(no transformation from v1 to v2\) needs "
+        r"2,000 images to re-embed, over the budget of 0 images",
+    ):
+        _plan(Budget(images=0), facts)
+    with pytest.raises(PlanError, match="over the budget of 0 images"):
+        _plan(Budget(images=0, seconds=100.0), facts)
+
+
+def test_transformation_without_uncertainty_transforms_within_budget():
+    # loss=fct (e.g. a TorchScript new model): h is found, but ranks no row above another
+    facts = [_shard(i, uncertainty=[]) for i in range(4)]
+    plan = _plan(Budget(images=2_000), facts)
+    assert plan.reembed_rows <= 2_000
+    assert [s.method for s in plan.shards] == ["partial"] * 4
+    assert [s.reembed_rows for s in plan.shards] == [500] * 4
+    assert plan.shard(0).reason == "5.0% in seeded random order (h has no uncertainty head)"
+    assert plan.shard(0).transform == ["fct-v1-v2"]
+    # the estimate follows the random order: gain linear in the rows, not the ordered curve's
+    assert plan.expected_top1 == pytest.approx(60.0 + 0.05 * 20.0)
+    assert plan.expected_top1 < CURVE.at(0.05)
+    zero = _plan(Budget(images=0), facts)
+    assert {s.method for s in zero.shards} == {"transform"} and zero.reembed_rows == 0
+
+
+def test_mandatory_only_rules_reembed_what_must_be_and_nothing_else():
+    # plan.min_gain: re-embedding would not pay, yet the budget still bounds what must be
+    rules = PlanRules(spend_optional=False)
+    plan = _plan(Budget(images=20_000), rules=rules)
     assert plan.shard(7).method == "full"
     assert plan.reembed_rows == 5_000
     assert plan.counts["partial"] == 0
-    assert any("need 5,000 images, over the budget of 1,000" in w for w in plan.warnings)
+    assert plan.shard(2).reason == "re-embedding would not pay: transform only"
+    assert plan.budget["images"] == 20_000 and plan.budget["available_images"] == 0
+    with pytest.raises(PlanError, match="over the budget of 1,000 images"):
+        _plan(Budget(images=1_000), rules=rules)
 
 
 def test_blocked_shard_makes_plan_not_ok():
@@ -141,7 +200,7 @@ def test_native_shards_skip_and_composition_is_explained():
         _shard(1, space="v0", transform=["fct-v0-v1", "fct-v1-v2"]),
         _shard(2, transform=None, uncertainty=[]),
     ]
-    plan = _plan(Budget(images=0), facts)
+    plan = _plan(Budget(images=10_000), facts)  # exactly shard 2's mandatory full backfill
     assert plan.shard(0).method == "skip"
     assert plan.shard(0).reason == "already embedded by v2"
     assert plan.shard(0).cost_seconds == 0.0
@@ -201,7 +260,8 @@ def test_target_reached_by_transform_alone():
 
 
 def test_bigger_budget_never_lowers_the_estimate():
-    estimates = [_plan(Budget(images=b)).expected_top1 for b in range(0, 80_001, 5_000)]
+    # from 5,000: shard 7's mandatory full backfill
+    estimates = [_plan(Budget(images=b)).expected_top1 for b in range(5_000, 80_001, 5_000)]
     assert all(b >= a - 1e-9 for a, b in zip(estimates, estimates[1:], strict=False))
     assert estimates[-1] > estimates[0]
 
@@ -211,7 +271,7 @@ def test_shards_without_uncertainty_share_a_uniform_fraction():
     plan = _plan(Budget(images=3_000), facts)
     assert [s.method for s in plan.shards] == ["partial"] * 4
     assert [s.reembed_rows for s in plan.shards] == [300, 600, 900, 1_200]
-    assert "random order" in plan.shard(0).reason
+    assert "seeded random order" in plan.shard(0).reason
     assert plan.expected_top1 == pytest.approx(60.0 + 0.3 * 20.0)
 
 

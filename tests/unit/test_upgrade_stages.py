@@ -630,3 +630,52 @@ def test_facts_identity_without_stored_uncertainty_reports_none(tmp_path: Path) 
     assert facts["native_rows"] == N_ROWS // 2
     # no stored uncertainty: no order, which the planner treats as a uniform share
     assert facts["uncertainty"] == []
+
+
+# --------------------------------------------------------------------------- h without uncertainty
+
+
+def _fct_spec(tmp_path: Path, side_dim: int = 2, name: str = "fct") -> tuple[Transformation, Any]:
+    """A transformation trained with loss=fct: no uncertainty head (a TorchScript new model)."""
+    torch.manual_seed(3)
+    t = Transformation(old_dim=4, new_dim=3, side_dim=side_dim, inner_dim=8).eval()
+    return t, chain_spec([_save_transformation(t, tmp_path / name, name)])
+
+
+def test_facts_accept_a_transformation_without_uncertainty(tmp_path: Path) -> None:
+    w = _world(tmp_path)
+    _, spec = _fct_spec(tmp_path)
+    assert spec.needs_side and spec.metas[0]["arch"]["uncertainty"] is False
+    probe = list(w.keys)
+    facts = FactsStage({"side": spec}, None, "v2", 11, probe).one(w.work("transform", None))
+    # found and used for transform; no uncertainty quantiles: the planner's seeded random order
+    assert facts["chain"] == "side" and facts["uncertainty"] == []
+    assert facts["rows"] == N_ROWS and facts["has_side_info"] is True
+    assert sorted(facts["probe_ranks"].values()) == list(range(N_ROWS))
+    # a shard without side-info takes the side-info-free h, also without uncertainty
+    bare = _world(tmp_path / "bare", with_side=False)
+    _, noside = _fct_spec(tmp_path, side_dim=0, name="fct-noside")
+    chains = {"side": spec, "noside": noside}
+    assert FactsStage(chains, None, "v2", 11).one(bare.work("transform", None))["chain"] == "noside"
+    # only a side-info h and no side-info: nothing applies
+    alone = FactsStage({"side": spec}, None, "v2", 11).one(bare.work("transform", None))
+    assert alone["chain"] is None
+
+
+def test_partial_with_an_fct_transformation_reembeds_the_probe_prefix(tmp_path: Path) -> None:
+    w = _world(tmp_path)
+    t, spec = _fct_spec(tmp_path)
+    facts = FactsStage({"side": spec}, None, "v2", 11, list(w.keys)).one(w.work("transform", None))
+    ranks = facts["probe_ranks"]
+    rec = w.run(w.work("partial", reembed=5), chains={"side": spec})
+    out = w.output()
+    chosen = {k for k, r in out.items() if r["source"] == "backfill:v2"}
+    if uri_io.exists(w.g.fallbacks_uri("v2", 0)):  # a chosen row whose image failed
+        chosen |= set(_side_table(w.g.fallbacks_uri("v2", 0)).to_pydict()["key"])
+    assert chosen == {k for k, r in ranks.items() if r < 5}  # the simulation's rows, exactly
+    pred, _ = TransformChain(spec)(w.old, w.side)
+    for i, k in enumerate(w.keys):
+        if k not in chosen:
+            assert out[k]["source"] == "transform:v1->v2" and out[k]["unc"] is None
+            np.testing.assert_allclose(out[k]["emb"], pred[i], rtol=1e-5, atol=1e-6)
+    assert rec["rows"] == N_ROWS and rec["rejected"] == 0 and rec["method"] == "partial"

@@ -5,6 +5,7 @@ line and a meaningful exit code; a failing lock release never hides the error in
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pipeline.runtime import RayStartError, ensure_ray
 from tests.fixtures.ray_local import own_ray_env
 
 EXE = [sys.executable, "-m", "pipeline.cli"]
+CHILD_TIMEOUT_S = 300  # a spawned child imports torch and Ray, then starts one
 CLI_TIMEOUT_S = 120  # a CLI subprocess imports torch and Ray: seconds, generous on 2 busy cores
 RAY_TIMEOUT = (
     "The current node timed out during startup. This could happen because some of the raylet "
@@ -98,39 +100,43 @@ def _unstartable_ray_env(tmp_path: Path) -> dict[str, str]:
     return {**own_ray_env(), "RAY_TMPDIR": str(blocker)}
 
 
-def test_local_ray_start_failure_is_retried_then_one_line_names_ray_address(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _runtime_log() -> _Collect:
+    handler = _Collect()
+    logger = logging.getLogger("pipeline.runtime")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    return handler
+
+
+def _child_start_failure(env: dict[str, str], q) -> None:
+    """In a fresh process (no Ray up): ensure_ray against an unstartable local Ray."""
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray is already up in this process (ray_local): ensure_ray would reuse it")
-    for k, v in _unstartable_ray_env(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    caplog.set_level(logging.WARNING, logger="pipeline.runtime")
-    with pytest.raises(RayStartError) as e:
+    os.environ.clear()
+    os.environ.update(env)
+    log = _runtime_log()
+    try:
         ensure_ray(RayConfig(num_cpus=1, start_retries=2, start_backoff_seconds=0.01))
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert msg.startswith("could not start a local Ray (3 attempts; last: ")
-    assert "Not a directory" in msg and "ray.address" in msg and "ray start --head" in msg
-    retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.runtime"]
-    assert len(retries) == 2, retries
-    assert retries[0].startswith("Ray start-up failed (attempt 1/3")
-    assert not ray.is_initialized()
+        q.put(("started", "", log.messages, ray.is_initialized()))
+    except RayStartError as e:
+        q.put(("error", str(e), log.messages, ray.is_initialized()))
 
 
-def test_ray_start_timeout_then_success_recovers_with_one_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Ray's raylet wait (30 s, fixed in ray/_private/node.py) cannot be shortened by a setting,
-    so its timeout is injected at the ray.init boundary, once; the retry starts a real Ray."""
+def _child_timeout_then_success(q) -> None:
+    """In a fresh process: Ray's start-up timeout raised once at the ray.init boundary (its
+    raylet wait, 30 s fixed in ray/_private/node.py, has no setting), then a real start."""
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray is already up in this process (ray_local): ensure_ray would reuse it")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    os.environ.pop("RAY_ADDRESS", None)
     real_init, calls = ray.init, []
 
     def init_once_timed_out(**kwargs):
@@ -139,15 +145,43 @@ def test_ray_start_timeout_then_success_recovers_with_one_warning(
             raise Exception(RAY_TIMEOUT)  # noqa: TRY002 - what Ray itself raises
         return real_init(**kwargs)
 
-    monkeypatch.setattr(ray, "init", init_once_timed_out)
-    caplog.set_level(logging.WARNING, logger="pipeline.runtime")
+    ray.init = init_once_timed_out
+    log = _runtime_log()
     try:
         ensure_ray(RayConfig(num_cpus=1, start_backoff_seconds=0.01))
-        assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 1.0
+        cpus = ray.cluster_resources()["CPU"]
     finally:
         ray.shutdown()
-    assert calls == ["local", "local"]
-    retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.runtime"]
+    q.put((calls, cpus, log.messages))
+
+
+def _in_fresh_process(target, *args) -> tuple:
+    """Run `target(*args, queue)` in a spawned process (no Ray of this test session in it)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    try:
+        return q.get(timeout=CHILD_TIMEOUT_S)
+    finally:
+        p.join(CHILD_TIMEOUT_S)
+
+
+def test_local_ray_start_failure_is_retried_then_one_line_names_ray_address(
+    tmp_path: Path,
+) -> None:
+    kind, msg, retries, up = _in_fresh_process(_child_start_failure, _unstartable_ray_env(tmp_path))
+    assert kind == "error" and not up
+    assert "\n" not in msg
+    assert msg.startswith("could not start a local Ray (3 attempts; last: ")
+    assert "Not a directory" in msg and "ray.address" in msg and "ray start --head" in msg
+    assert len(retries) == 2, retries
+    assert retries[0].startswith("Ray start-up failed (attempt 1/3")
+
+
+def test_ray_start_timeout_then_success_recovers_with_one_warning() -> None:
+    calls, cpus, retries = _in_fresh_process(_child_timeout_then_success)
+    assert calls == ["local", "local"] and cpus == 1.0
     assert retries == [
         f"Ray start-up failed (attempt 1/3: Exception: {RAY_TIMEOUT}); retrying in 0.0s"
     ]

@@ -149,7 +149,7 @@ def _gallery_cfg(
 
 
 def _ctx(cfg: UpgradeConfig, quiet: bool = False):
-    from pipeline.graph.steps import Context
+    from pipeline.context import Context
 
     return Context(cfg, quiet=quiet)
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import UpgradeConfig, dump_config, load_config
-from pipeline.graph import steps
+from pipeline.context import Context
 from pipeline.graph.dag import Stage
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
@@ -82,7 +82,7 @@ def run_upgrade(
     from pipeline.graph.upgrade import check_identity, upgrade_stages
     from pipeline.ops.journal import JOB_ID_ENV
 
-    ctx = steps.Context(cfg, quiet=quiet)
+    ctx = Context(cfg, quiet=quiet)
     console = console or Console()
     names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
     if until is not None and until not in names:
@@ -167,7 +167,7 @@ def run_upgrade(
     return _report(ctx, results, stages, parent.run_id, until)
 
 
-def finished_upgrade(ctx: steps.Context) -> bool:
+def finished_upgrade(ctx: Context) -> bool:
     """The records say this config's upgrade is done: the target version has a manifest,
     CURRENT names it, and its recorded identity is this config's (a config that would build
     a different version is not finished)."""
@@ -182,7 +182,7 @@ def finished_upgrade(ctx: steps.Context) -> bool:
     return rec is not None and rec.get("output") == ident
 
 
-def _nothing_to_do(ctx: steps.Context) -> UpgradeReport:
+def _nothing_to_do(ctx: Context) -> UpgradeReport:
     cfg = ctx.cfg
     return UpgradeReport(
         gallery=redact_text(cfg.gallery_uri),
@@ -205,7 +205,7 @@ def _versions(g: Any) -> dict[str, dict[str, Any]]:
     return versions
 
 
-def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until: str | None):
+def _report(ctx: Context, results: dict, stages: dict, run_id: str, until: str | None):
     cfg, g = ctx.cfg, ctx.gallery
     plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
     ev = results.get("evaluate") or {}

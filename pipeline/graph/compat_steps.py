@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.graph.steps import Context, ModelStepResult, register
+from pipeline.context import Context
+from pipeline.graph.steps import ModelStepResult, register
 from pipeline.models.store import ModelBlob, ModelLoadError, resolve_blob
 from pipeline.runtime import ensure_ray
 

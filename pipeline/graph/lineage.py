@@ -11,8 +11,8 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline.context import Context
 from pipeline.gallery.store import GalleryError
-from pipeline.graph import steps
 
 
 @dataclass
@@ -147,9 +147,7 @@ class _Runs:
         return self.seen[run_id]
 
 
-def gallery_lineage(
-    ctx: steps.Context, version: str | None = None, shard: int | None = None
-) -> Lineage:
+def gallery_lineage(ctx: Context, version: str | None = None, shard: int | None = None) -> Lineage:
     """Lineage of every complete version (or one), every shard (or one)."""
     g, tracker = ctx.gallery, ctx.tracker
     versions = g.versions()

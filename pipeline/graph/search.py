@@ -10,8 +10,9 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.context import Context
 from pipeline.data.shards import DataError
-from pipeline.graph.steps import Context, load_index, version_embeddings
+from pipeline.graph.steps import load_index, version_embeddings
 
 
 class QueryError(DataError):

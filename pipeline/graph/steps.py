@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ModelConfig, UpgradeConfig
+from pipeline.context import Context
 from pipeline.data.shards import check_image_shards, image_shard_files
 from pipeline.embed.probe import probe_model
 from pipeline.embed.quality import OutputStats
@@ -21,41 +22,6 @@ from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.runtime import Timer, ensure_ray
-
-
-@dataclass
-class Context:
-    """What every step needs: the config, the gallery, and (lazily) tracking."""
-
-    cfg: UpgradeConfig
-    quiet: bool = False
-    _tracker: Any = None
-
-    @property
-    def gallery(self) -> Gallery:
-        return Gallery(self.cfg.gallery_uri, self.cfg.storage)
-
-    @property
-    def tracker(self) -> Any:
-        if self._tracker is None:
-            from pipeline.tracking import Tracker
-
-            self._tracker = Tracker(
-                self.cfg.tracking_uri, self.cfg.tracking.experiment, self.cfg.artifact_location
-            )
-        return self._tracker
-
-    def registry_name(self, kind: str = "embedder") -> str:
-        return f"{self.cfg.gallery_name}-{kind}"
-
-    def model_dir(self, model: ModelConfig) -> Path:
-        return Path(self.cfg.workdir) / "models" / model.name
-
-    def tags(self, **extra: Any) -> dict[str, str]:
-        return {
-            "carryover.gallery": self.cfg.gallery_name,
-            **{f"carryover.{k}": str(v) for k, v in extra.items()},
-        }
 
 
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import ConfigError
+from pipeline.context import Context
 from pipeline.embed.probe import probe_model
 from pipeline.embed.transform import ChainSpec, chain_spec
 from pipeline.gallery.identity import GalleryIdentity
@@ -69,7 +70,7 @@ def shard_progress(label: str, total: int, quiet: bool) -> Progress:
 
 
 # -- chains ---------------------------------------------------------------------------------
-def _registry_chain(ctx: steps.Context, src: str, dst: str) -> list[tuple[str, Path]] | None:
+def _registry_chain(ctx: Context, src: str, dst: str) -> list[tuple[str, Path]] | None:
     """Registered transformations composing `src` → `dst` (downloaded), or None."""
     from pipeline.plan.facts import find_chain
 
@@ -94,7 +95,7 @@ def _registry_chain(ctx: steps.Context, src: str, dst: str) -> list[tuple[str, P
     return out
 
 
-def chains_for(ctx: steps.Context, space: str) -> dict[str, ChainSpec]:
+def chains_for(ctx: Context, space: str) -> dict[str, ChainSpec]:
     """The chains that map rows of `space` to the new model: "identity" when already there;
     "side" / "noside" (this upgrade's h, its side-info-free variant), composed after
     registered transformations when the gallery is more than one version behind."""
@@ -120,7 +121,7 @@ def chains_for(ctx: steps.Context, space: str) -> dict[str, ChainSpec]:
     return out
 
 
-def chain_models(ctx: steps.Context, spec: ChainSpec) -> list[dict[str, Any]]:
+def chain_models(ctx: Context, spec: ChainSpec) -> list[dict[str, Any]]:
     """The registered transformation versions a chain applies, in order (for lineage)."""
     out = []
     for name, meta in zip(spec.names, spec.metas, strict=True):
@@ -158,7 +159,7 @@ def _for_workers(storage: Any) -> Any:
     return storage.resolved() if storage is not None else None
 
 
-def budget_of(ctx: steps.Context, facts: list[ShardFacts], source: str) -> tuple[Budget, list]:
+def budget_of(ctx: Context, facts: list[ShardFacts], source: str) -> tuple[Budget, list]:
     """The configured budget in images and seconds, priced with measured throughputs: embedding
     from plan.embed_rows_per_second, else the source version's ingest, else the throughput
     profile; transforming from plan.transform_rows_per_second, else the profile."""
@@ -212,7 +213,7 @@ def _profile(path: str | None) -> Any:
         raise ConfigError(f"plan.throughput_profile {path!r}: cannot read it: {e}") from None
 
 
-def load_report(ctx: steps.Context) -> dict[str, Any]:
+def load_report(ctx: Context) -> dict[str, Any]:
     """The compatibility report `evaluate` wrote (its curves drive the planner)."""
     p = cs.default_report_dir(ctx) / "report.json"
     if not p.exists():
@@ -224,7 +225,7 @@ def load_report(ctx: steps.Context) -> dict[str, Any]:
 
 
 def compute_plan(
-    ctx: steps.Context,
+    ctx: Context,
     source: str,
     report: dict[str, Any],
     quiet: bool = True,
@@ -324,7 +325,7 @@ def _probe_new_model(blob: Any, items: list[dict[str, Any]], cfg: Any) -> None:
 
 
 def execute_plan(
-    ctx: steps.Context, plan: Plan, work: list[dict[str, Any]], run: Any, quiet: bool
+    ctx: Context, plan: Plan, work: list[dict[str, Any]], run: Any, quiet: bool
 ) -> dict[str, Any]:
     """Run every planned shard not committed yet on a Ray Data actor pool."""
     from pipeline.embed.upgrade import ShardExecutor, run_shards
@@ -396,7 +397,7 @@ def execute_plan(
     }
 
 
-def finalize_target(ctx: steps.Context, plan: Plan, run_id: str | None) -> dict[str, Any]:
+def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, Any]:
     """Index the built version and write its manifest last (it becomes visible)."""
     cfg, g = ctx.cfg, ctx.gallery
     target, source = cfg.target_version, plan.shards[0].source_version
@@ -435,7 +436,7 @@ def finalize_target(ctx: steps.Context, plan: Plan, run_id: str | None) -> dict[
     }
 
 
-def validate_target(ctx: steps.Context, plan: Plan) -> dict[str, Any]:
+def validate_target(ctx: Context, plan: Plan) -> dict[str, Any]:
     """Keys, values, dimension and retrieval quality of the built version vs the plan."""
     import numpy as np
 
@@ -481,7 +482,7 @@ def plan_of(output: dict[str, Any]) -> Plan:
 
 
 def upgrade_stages(
-    ctx: steps.Context, pid: Any, run: Any, console: Console, parent: Any = None
+    ctx: Context, pid: Any, run: Any, console: Console, parent: Any = None
 ) -> list[Stage]:
     """The graph's nodes, in a topological order. `run()` is the running stage's MLflow run
     and `pid()` its id (runs a stage starts nest under it); `parent()` the upgrade's run."""
@@ -569,7 +570,7 @@ def config_identity(cfg: Any) -> dict[str, Any]:
     }
 
 
-def check_identity(ctx: steps.Context, log: StageLog, restart: bool) -> None:
+def check_identity(ctx: Context, log: StageLog, restart: bool) -> None:
     """A rerun must be the same upgrade: refuse (or, with restart, discard) one begun with a
     different config, so a resumed version never mixes two plans."""
     from pipeline.io import uri as uri_io
@@ -601,7 +602,7 @@ def check_identity(ctx: steps.Context, log: StageLog, restart: bool) -> None:
 
 
 # -- the plan replayed on the labelled validation rows ---------------------------------------
-def val_new_embeddings(ctx: steps.Context, keys: list[str]) -> tuple[Any, Any]:
+def val_new_embeddings(ctx: Context, keys: list[str]) -> tuple[Any, Any]:
     """New-model embeddings of the validation keys (computed once, cached in the workdir):
     the queries of both the plan's estimate and the validation check."""
     import hashlib
@@ -675,7 +676,7 @@ def _kept_rows(
 
 
 def simulate_plan(
-    ctx: steps.Context,
+    ctx: Context,
     plan: Plan,
     facts: list[ShardFacts],
     work: list[dict[str, Any]],
@@ -746,7 +747,7 @@ def simulate_plan(
         plan.transform_top1 = top1(trans)
 
 
-def dry_run(ctx: steps.Context, console: Console) -> Plan | None:
+def dry_run(ctx: Context, console: Console) -> Plan | None:
     """Print the graph's stages (done / pending) and the plan; write and train nothing."""
     from rich.table import Table
 
@@ -785,7 +786,7 @@ def dry_run(ctx: steps.Context, console: Console) -> Plan | None:
 
 
 def plan_command(
-    ctx: steps.Context, source: str | None, out: str | Path | None, console: Console
+    ctx: Context, source: str | None, out: str | Path | None, console: Console
 ) -> tuple[Plan, Path]:
     """`carryover plan`: facts + plan from the trained models and the evaluation report;
     prints the table, saves the JSON and logs it to an MLflow run."""

@@ -55,7 +55,7 @@ class Decision:
 
 def decide(cfg: UpgradeConfig) -> Decision:
     """Candidate newer than serving (by registry version), and the gallery serving something."""
-    from pipeline.graph.steps import Context
+    from pipeline.context import Context
 
     ctx = Context(cfg, quiet=True)
     sc, name = cfg.schedule, ctx.registry_name("embedder")

@@ -25,11 +25,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipeline.config import IndexConfig, StorageConfig, UpgradeConfig
+from pipeline.context import Context
 from pipeline.gallery.index import build_index
 from pipeline.gallery.lock import GalleryLock, LockHeld, holder_of
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow
 from pipeline.graph.search import search_gallery
-from pipeline.graph.steps import Context
 from pipeline.io import uri as uri_io
 
 DIM, K, QUERY = 8, 5, "img-0007"

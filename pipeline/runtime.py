@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import ray
+from ray.data import DataContext
+
 from pipeline.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -21,8 +24,6 @@ class RayStartError(RuntimeError):
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Initialise Ray if needed: `cfg.address` (or RAY_ADDRESS) or a local instance."""
-    import ray
-
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
@@ -46,7 +47,6 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         # `ray start` left on this machine (another user's, or a stopped test's).
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
     _init_with_retries(cfg, address, kwargs)
-    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -61,8 +61,6 @@ def _first_line(e: BaseException) -> str:
 def _init_with_retries(cfg: RayConfig, address: str | None, kwargs: dict) -> None:
     """ray.init, retried with exponential backoff: a local raylet that timed out at start-up
     on a loaded machine usually starts on a later try."""
-    import ray
-
     attempts = cfg.start_retries + 1
     for i in range(attempts):
         try:

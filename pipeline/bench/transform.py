@@ -14,11 +14,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
+from safetensors.torch import save
 
 from pipeline.bench.common import Figure, best_of
 from pipeline.bench.memory import PeakMemory, wait_settled
+from pipeline.config import ArchitectureConfig, EmbedConfig, ModelConfig
+from pipeline.embed.transform import TransformChain, chain_spec
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow, shard_file
+from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.compat import Transformation
+from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta, save_model_dir
+from pipeline.runtime import ensure_ray
 
 
 def make_gallery(
@@ -58,9 +66,6 @@ def make_gallery(
 def make_transformation(out: Path, dim: int, side_dim: int) -> Path:
     """An FCT-sized transformation with FastFill's uncertainty head (random weights: speed does
     not depend on them), saved like a trained one (model.json + safetensors)."""
-    from pipeline.models.compat import Transformation
-    from pipeline.models.store import save_model_dir
-
     arch = {
         "old_dim": dim,
         "new_dim": dim,
@@ -76,8 +81,6 @@ def make_transformation(out: Path, dim: int, side_dim: int) -> Path:
 
 def flops_per_row(model_dir: Path) -> int:
     """2·in·out per Linear layer of the transformation (BN and ReLU are noise beside them)."""
-    from pipeline.embed.transform import TransformChain, chain_spec
-
     chain = TransformChain(chain_spec([model_dir]))
     return sum(
         2 * m.in_features * m.out_features
@@ -103,8 +106,6 @@ def matmul_gflops(n: int = 4096, threads: int | None = None) -> float:
 
 def h_alone(model_dir: Path, dim: int, side_dim: int, batch: int = 8192) -> float:
     """rows/s of the executor's TransformChain on one batch, one torch thread, best of 3."""
-    from pipeline.embed.transform import TransformChain, chain_spec
-
     chain = TransformChain(chain_spec([model_dir]))
     rng = np.random.default_rng(0)
     old = rng.standard_normal((batch, dim), dtype=np.float32)
@@ -137,8 +138,7 @@ def carryover_transform(
     g: Gallery, model_dir: Path, target: str, parallel: int, actor_cpus: float, threads: int
 ) -> tuple[float, list[dict[str, Any]]]:
     """rows/s of transform-executing every shard of v1 into `target` with ShardExecutor."""
-    from pipeline.config import EmbedConfig
-    from pipeline.embed.transform import chain_spec
+    # Issue 16 moves these into pipeline/upgrade/ (in flight): hoisted once they land there.
     from pipeline.embed.upgrade import ShardExecutor, run_shards
     from pipeline.plan.facts import shard_work
 
@@ -166,12 +166,6 @@ def carryover_transform(
 
 def _tiny_embedder(dim: int) -> Any:
     """The executor needs a new-model blob even when it only transforms (never called here)."""
-    from safetensors.torch import save
-
-    from pipeline.config import ArchitectureConfig, ModelConfig
-    from pipeline.models.backbone import EmbeddingNet
-    from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta
-
     cfg = ModelConfig(name="v2", architecture=ArchitectureConfig(widths=[4], embedding_dim=dim))
     net = EmbeddingNet(cfg.architecture, in_channels=1)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
@@ -186,9 +180,6 @@ def _tiny_embedder(dim: int) -> Any:
 
 
 def _fresh_ray_run(g, mdir, parallel, actor_cpus, threads) -> tuple[float, list, PeakMemory]:
-    import ray
-
-    from pipeline.runtime import ensure_ray
 
     ray.shutdown()
     ensure_ray()

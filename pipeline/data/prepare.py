@@ -76,7 +76,7 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray, classes: li
 
 
 def _digits_source() -> _Source:
-    from sklearn.datasets import load_digits  # lazy: importing scikit-learn takes ~1 s
+    from sklearn.datasets import load_digits  # start-up: importing scikit-learn takes ~1 s
 
     digits = load_digits()
     # load_digits holds 0..16 intensities; stretch to the full 8-bit range.

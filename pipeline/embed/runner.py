@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import EmbedConfig, PreprocessConfig, StorageConfig
+from pipeline.data.shards import read_footer, validate_image_table
 from pipeline.embed.errors import quiet_own_errors, user_error
 from pipeline.embed.read import image_rows_dataset
-from pipeline.embed.stages import EmbedStage, decode_stage
+from pipeline.embed.stages import DecodeEmbedStage, EmbedStage, decode_stage
 from pipeline.gallery.store import (
     REJECT_SCHEMA,
     Gallery,
@@ -228,7 +230,6 @@ def embed_images_to_version(
     With `side_blob`, each row also stores FCT's side-information. Shards already committed
     in this version are skipped, so a rerun after a crash resumes.
     """
-
     t0 = time.perf_counter()
     done = _reusable(gallery.committed_shards(version), blob)
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
@@ -312,8 +313,6 @@ def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, 
 def _image_shard_rows(file_uri: str, storage: StorageConfig | None) -> int:
     """Rows of an image shard, from its footer, once its columns are what the pipeline reads:
     a bad file stops the run before any image is decoded, naming the file and column."""
-    from pipeline.data.shards import read_footer, validate_image_table
-
     schema, rows = read_footer(file_uri, storage)
     validate_image_table(schema, file_uri)
     return rows
@@ -327,12 +326,8 @@ def _pipeline(
     side_blob: ModelBlob | None = None,
 ) -> Any:
     """Decode in tasks, embed in an actor pool sized below the CPU count (no 2-CPU deadlock)."""
-    import ray.data
-
     pre: PreprocessConfig = blob.preprocess
     if cfg.fuse_decode:
-        from pipeline.embed.stages import DecodeEmbedStage
-
         return ds.map_batches(
             DecodeEmbedStage,
             fn_constructor_kwargs={

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
+from pipeline.compat.losses import fastfill_loss, transformation_loss
 from pipeline.config import TransformationConfig
-from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
+from pipeline.models.compat import Transformation
+from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
 from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
 
 
@@ -49,9 +51,6 @@ class TransformationResult:
 
 def build_task(config: dict[str, Any]) -> Task:
     """L2 regression to the new embedding (FCT), or FastFill's uncertainty-weighted loss."""
-    from pipeline.compat.losses import fastfill_loss, transformation_loss
-    from pipeline.models.compat import Transformation
-
     tcfg = TransformationConfig.model_validate(config["transformation"])
     model = Transformation(**config["arch"])
     side = model.side_dim > 0
@@ -150,9 +149,6 @@ def train_transformation(
 
 def load_transformation(d: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained transformation (eval mode) and its model.json, without unpickling."""
-    from pipeline.models.compat import Transformation
-    from pipeline.models.store import ModelLoadError
-
     d = Path(d)
     try:
         meta = json.loads((d / MODEL_FILE).read_text())

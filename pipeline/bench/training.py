@@ -142,42 +142,54 @@ def run_training(
             n, steps, batch_size, cpus_per_worker, seed
         )
         rate[n] = sps
-        figures.append(
-            Figure(
-                SECTION,
-                f"steps/s ({n} worker{'s' if n > 1 else ''})",
-                sps,
-                "steps/s",
-                note=f"real fit() + embedder task (default ResNet-style net, 16x16x1), CPU, "
-                f"{n} x {cpus_per_worker:g} CPU, global batch {per_worker * n} "
-                f"({per_worker}/worker), {steps} timed steps of the warm epoch",
-                extra={
-                    "workers": n,
-                    "cpus_per_worker": cpus_per_worker,
-                    "batch_per_worker": per_worker,
-                    "global_batch": per_worker * n,
-                    "timed_steps": steps,
-                    "loop_seconds": loop_s,
-                    "fit_wall_seconds": wall_s,
-                    "rows_per_second": sps * per_worker * n,
-                },
-            )
-        )
+        figures.append(_worker_figure(n, sps, loop_s, wall_s, per_worker, steps, cpus_per_worker))
     if 1 in rate and len(rate) > 1:
-        top = max(rate)
-        figures.append(
-            Figure(
-                SECTION,
-                f"steps/s ({top} workers vs 1)",
-                rate[top],
-                "steps/s",
-                baseline="1 worker",
-                baseline_value=rate[1],
-                note=f"same global batch, so the ratio is the speed-up; {cpus_per_worker:g} "
-                f"CPU per worker: {top} workers take {top * cpus_per_worker:g} of the "
-                f"{cpus:g} CPUs, sharing them with Ray's own processes and the driver, "
-                f"and add DDP's all-reduce",
-                extra={"cpus": cpus, "cpus_per_worker": cpus_per_worker},
-            )
-        )
+        figures.append(_speed_up_figure(rate, cpus, cpus_per_worker))
     return figures
+
+
+def _worker_figure(
+    n: int,
+    sps: float,
+    loop_s: float,
+    wall_s: float,
+    per_worker: int,
+    steps: int,
+    cpus_per_worker: float,
+) -> Figure:
+    return Figure(
+        SECTION,
+        f"steps/s ({n} worker{'s' if n > 1 else ''})",
+        sps,
+        "steps/s",
+        note=f"real fit() + embedder task (default ResNet-style net, 16x16x1), CPU, "
+        f"{n} x {cpus_per_worker:g} CPU, global batch {per_worker * n} "
+        f"({per_worker}/worker), {steps} timed steps of the warm epoch",
+        extra={
+            "workers": n,
+            "cpus_per_worker": cpus_per_worker,
+            "batch_per_worker": per_worker,
+            "global_batch": per_worker * n,
+            "timed_steps": steps,
+            "loop_seconds": loop_s,
+            "fit_wall_seconds": wall_s,
+            "rows_per_second": sps * per_worker * n,
+        },
+    )
+
+
+def _speed_up_figure(rate: dict[int, float], cpus: float, cpus_per_worker: float) -> Figure:
+    top = max(rate)
+    return Figure(
+        SECTION,
+        f"steps/s ({top} workers vs 1)",
+        rate[top],
+        "steps/s",
+        baseline="1 worker",
+        baseline_value=rate[1],
+        note=f"same global batch, so the ratio is the speed-up; {cpus_per_worker:g} "
+        f"CPU per worker: {top} workers take {top * cpus_per_worker:g} of the "
+        f"{cpus:g} CPUs, sharing them with Ray's own processes and the driver, "
+        f"and add DDP's all-reduce",
+        extra={"cpus": cpus, "cpus_per_worker": cpus_per_worker},
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import Transformation
 from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta, save_model_dir
 from pipeline.runtime import ensure_ray
+from pipeline.upgrade.execute import ShardExecutor
+from pipeline.upgrade.facts import shard_sources
+from pipeline.upgrade.pool import run_shards
+from pipeline.upgrade.work import ShardWork
 
 
 def make_gallery(
@@ -138,14 +143,19 @@ def carryover_transform(
     g: Gallery, model_dir: Path, target: str, parallel: int, actor_cpus: float, threads: int
 ) -> tuple[float, list[dict[str, Any]]]:
     """rows/s of transform-executing every shard of v1 into `target` with ShardExecutor."""
-    # Issue 16 moves these into pipeline/upgrade/ (in flight): hoisted once they land there.
-    from pipeline.embed.upgrade import ShardExecutor, run_shards
-    from pipeline.plan.facts import shard_work
-
     spec = chain_spec([model_dir], ["fct"])
     work = [
-        {**w, "method": "transform", "chain": "side", "reembed_rows": 0}
-        for w in shard_work(g, "v1")
+        ShardWork(
+            shard_id=s.shard_id,
+            method="transform",
+            reembed_rows=0,
+            source_version=s.source_version,
+            space=s.space,
+            chain="side",
+            source_uri=s.source_uri,
+            image_file=s.image_file,
+        )
+        for s in shard_sources(g, "v1", {"side": spec})
     ]
     kwargs = {
         "gallery_uri": g.uri,
@@ -191,6 +201,33 @@ def _fresh_ray_run(g, mdir, parallel, actor_cpus, threads) -> tuple[float, list,
     return rps, recs, mem
 
 
+@dataclass(frozen=True)
+class _TransformRun:
+    """What run_transform measured: sizes, floors, the executor's records and memory peaks."""
+
+    rows: int
+    dim: int
+    side_dim: int
+    shards: int
+    parallel: int
+    threads: int
+    flops: int
+    gflops: float
+    gflops_1: float
+    floor_io: float
+    roof: float
+    alone: float
+    rps: float
+    recs: list[dict[str, Any]]
+    small_rows: int
+    mem_small: PeakMemory
+    mem_big: PeakMemory
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.roof < self.floor_io else "read+write"
+
+
 def run_transform(
     workdir: Path,
     rows: int = 1_000_000,
@@ -207,8 +244,7 @@ def run_transform(
     g = make_gallery(root, rows, dim, side_dim, shards)
     mdir = make_transformation(root / "fct", dim, side_dim)
     floor_io = read_write_floor(g, "v1", root / "rw")
-    total_threads = parallel * threads
-    gflops = matmul_gflops(threads=total_threads)
+    gflops = matmul_gflops(threads=parallel * threads)
     flops = flops_per_row(mdir)
     roof = gflops * 1e9 / flops
     # h by itself, one process, one thread, the executor's batch: how close the layers' GEMMs
@@ -221,27 +257,50 @@ def run_transform(
     mem_small = _fresh_ray_run(g_small, mdir, parallel, actor_cpus, threads)[2]
     rps, recs, mem_big = _fresh_ray_run(g, mdir, parallel, actor_cpus, threads)
     assert sum(r["rows"] for r in recs) == rows, "the transform lost rows"
-    lower = min(floor_io, roof)
-    bound = "compute" if roof < floor_io else "read+write"
-    # The profile behind the figure, from the executor's own per-shard timings: seconds inside
-    # h against everything else (read, merge, write, checksum, commit), summed over shards.
-    in_h = sum(r["timings"].get("transform", 0.0) for r in recs)
-    shard_s = sum(r["seconds"] for r in recs)
-    h_rows = rows / in_h if in_h else 0.0  # one actor's rate while inside h
-    per_thread_roof = roof / total_threads
+    run = _TransformRun(
+        rows=rows,
+        dim=dim,
+        side_dim=side_dim,
+        shards=shards,
+        parallel=parallel,
+        threads=threads,
+        flops=flops,
+        gflops=gflops,
+        gflops_1=gflops_1,
+        floor_io=floor_io,
+        roof=roof,
+        alone=alone,
+        rps=rps,
+        recs=recs,
+        small_rows=small_rows,
+        mem_small=mem_small,
+        mem_big=mem_big,
+    )
+    return _transform_figures(run)
+
+
+def _profile(run: _TransformRun) -> tuple[dict[str, Any], str]:
+    """The figure's extra fields and note: the profile behind it, from the executor's own
+    per-shard timings (seconds inside h against read, merge, write, checksum, commit)."""
+    r = run
+    total_threads = r.parallel * r.threads
+    in_h = sum(rec["timings"].get("transform", 0.0) for rec in r.recs)
+    shard_s = sum(rec["seconds"] for rec in r.recs)
+    h_rows = r.rows / in_h if in_h else 0.0  # one actor's rate while inside h
+    per_thread_roof = r.roof / total_threads
     extra = {
-        "rows": rows,
-        "dim": dim,
-        "side_dim": side_dim,
-        "shards": shards,
-        "flops_per_row": flops,
-        "matmul_gflops": round(gflops, 1),
-        "read_write_rows_per_second": round(floor_io),
-        "roofline_rows_per_second": round(roof),
-        "parallel_shards": parallel,
-        "torch_threads_per_actor": threads,
-        "h_alone_rows_per_second": round(alone),
-        "matmul_gflops_1_thread": round(gflops_1, 1),
+        "rows": r.rows,
+        "dim": r.dim,
+        "side_dim": r.side_dim,
+        "shards": r.shards,
+        "flops_per_row": r.flops,
+        "matmul_gflops": round(r.gflops, 1),
+        "read_write_rows_per_second": round(r.floor_io),
+        "roofline_rows_per_second": round(r.roof),
+        "parallel_shards": r.parallel,
+        "torch_threads_per_actor": r.threads,
+        "h_alone_rows_per_second": round(r.alone),
+        "matmul_gflops_1_thread": round(r.gflops_1, 1),
         "executor_seconds": round(shard_s, 2),
         "seconds_in_h": round(in_h, 2),
         "share_in_h": round(in_h / shard_s, 3) if shard_s else None,
@@ -249,26 +308,32 @@ def run_transform(
         "roofline_per_thread": round(per_thread_roof),
     }
     note = (
-        f"{rows:,}×{dim} + {side_dim}-d side-info in {shards} shards; h = FCT-sized with FastFill "
-        f"head, {flops / 1e6:.1f} MFLOP/row; matmul {gflops:.0f} GFLOP/s on {total_threads} "
-        f"threads; floor = {bound}. Profile: the actors spent {in_h / max(shard_s, 1e-9):.0%} "
-        f"of their shard time inside h, at {h_rows:,.0f} rows/s per actor "
-        f"({h_rows / max(per_thread_roof, 1e-9):.2f}× one thread's share of the roofline); the "
-        "rest is read, merge, write, checksum and commit. h alone (one process, one thread, "
-        f"8192-row batches) runs at {alone:,.0f} rows/s = "
-        f"{alone * flops / (gflops_1 * 1e9):.2f}× the 1-thread matmul peak "
-        f"({gflops_1:.0f} GFLOP/s): its GEMMs are efficient; two single-thread actors side by "
+        f"{r.rows:,}×{r.dim} + {r.side_dim}-d side-info in {r.shards} shards; h = FCT-sized "
+        f"with FastFill head, {r.flops / 1e6:.1f} MFLOP/row; matmul {r.gflops:.0f} GFLOP/s on "
+        f"{total_threads} threads; floor = {r.bound}. Profile: the actors spent "
+        f"{in_h / max(shard_s, 1e-9):.0%} of their shard time inside h, at {h_rows:,.0f} rows/s "
+        f"per actor ({h_rows / max(per_thread_roof, 1e-9):.2f}× one thread's share of the "
+        "roofline); the rest is read, merge, write, checksum and commit. h alone (one process, "
+        f"one thread, 8192-row batches) runs at {r.alone:,.0f} rows/s = "
+        f"{r.alone * r.flops / (r.gflops_1 * 1e9):.2f}× the 1-thread matmul peak "
+        f"({r.gflops_1:.0f} GFLOP/s): its GEMMs are efficient; two single-thread actors side by "
         f"side each get less than half of one {total_threads}-thread GEMM (shared cache, memory "
         "bandwidth and clock), and the roofline is a best-of-3 peak, not a sustained rate"
     )
+    return extra, note
+
+
+def _transform_figures(run: _TransformRun) -> list[Figure]:
+    extra, note = _profile(run)
+    mem_big = run.mem_big
     return [
         Figure(
             "transform",
             "transform rows/s",
-            rps,
+            run.rps,
             "rows/s",
-            f"floor ({bound})",
-            lower,
+            f"floor ({run.bound})",
+            min(run.floor_io, run.roof),
             0.7,
             note=note,
             tried="BatchNorm folded into the preceding Linear at load; batches of 8192 rows; "
@@ -279,24 +344,24 @@ def run_transform(
         Figure(
             "transform",
             "read+write floor",
-            floor_io,
+            run.floor_io,
             "rows/s",
             note="pyarrow: read every shard and write it back, 8192-row batches",
         ),
         Figure(
             "transform",
             "compute roofline",
-            roof,
+            run.roof,
             "rows/s",
-            note=f"{gflops:.0f} GFLOP/s ÷ {flops / 1e6:.1f} MFLOP/row",
+            note=f"{run.gflops:.0f} GFLOP/s ÷ {run.flops / 1e6:.1f} MFLOP/row",
         ),
         Figure(
             "memory",
-            f"peak memory, transform upgrade of {rows:,} rows",
+            f"peak memory, transform upgrade of {run.rows:,} rows",
             mem_big.peak / 2**20,
             "MiB",
-            f"{small_rows:,} rows",
-            mem_small.peak / 2**20,
+            f"{run.small_rows:,} rows",
+            run.mem_small.peak / 2**20,
             1.2,
             higher_is_better=False,
             tried="every stage streams record batches shard by shard; the driver holds commit "

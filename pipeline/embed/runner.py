@@ -235,14 +235,7 @@ def embed_images_to_version(
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
     expected = {sid: _image_shard_rows(f, storage) for sid, f in todo.items()}
     rows_in = sum(expected.values())
-    progress = Progress(
-        TextColumn(f"embed {version}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rows"),
-        TimeRemainingColumn(),
-        disable=quiet,
-        transient=False,
-    )
+    progress = _progress(version, quiet)
     task = progress.add_task("embed", total=rows_in)
     sink = _ShardSink(
         gallery,
@@ -268,40 +261,75 @@ def embed_images_to_version(
         sink._commit(sid)  # an empty input shard is complete from the start
     live = {sid: f for sid, f in todo.items() if expected[sid] > 0}
     if live:
-        paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
-        ds = image_rows_dataset(
-            {f: uri_io.resolve(f, storage).path for f in live.values()},
-            storage.resolved() if storage is not None else None,  # workers may lack AWS_*
-            embed_cfg.batch_size,
-            embed_cfg.decode_num_cpus,
-        )
-        ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
-        try:
-            with progress, quiet_own_errors():
-                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                    sink.add(batch)
-        except BaseException as e:
-            sink.abort()  # nothing half-written becomes visible
-            raise user_error(e) from None
+        _stream_into(sink, progress, live, blob, embed_cfg, storage, side_blob)
     missing = [sid for sid in live if sink.seen[sid] != expected[sid]]
     if missing:
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume")
+    images_uri = str(next(iter(image_files.values()), ""))
+    return _result(images_uri, gallery, version, sink, len(done), rows_in, t0)
+
+
+def _result(
+    images_uri: str,
+    gallery: Gallery,
+    version: str,
+    sink: _ShardSink,
+    skipped: int,
+    rows_in: int,
+    t0: float,
+) -> EmbedResult:
     secs = time.perf_counter() - t0
-    written = sum(r["rows"] for r in sink.records)
-    rejected = sum(r["rejected"] for r in sink.records)
     return EmbedResult(
-        images_uri=str(next(iter(image_files.values()), "")),
+        images_uri=images_uri,
         gallery_uri=gallery.uri,
         version=version,
         shards_written=len(sink.records),
-        shards_skipped=len(done),
+        shards_skipped=skipped,
         rows_in=rows_in,
-        rows_written=written,
-        rows_rejected=rejected,
+        rows_written=sum(r["rows"] for r in sink.records),
+        rows_rejected=sum(r["rejected"] for r in sink.records),
         seconds=round(secs, 2),
         rows_per_second=round(rows_in / secs, 1) if secs else 0.0,
         records=sink.records,
     )
+
+
+def _progress(version: str, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn(f"embed {version}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _stream_into(
+    sink: _ShardSink,
+    progress: Progress,
+    live: dict[int, str],
+    blob: ModelBlob,
+    embed_cfg: EmbedConfig,
+    storage: StorageConfig | None,
+    side_blob: ModelBlob | None,
+) -> None:
+    """Read, decode and embed the shards with rows (id → image file) into the sink."""
+    paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
+    ds = image_rows_dataset(
+        {f: uri_io.resolve(f, storage).path for f in live.values()},
+        storage.resolved() if storage is not None else None,  # workers may lack AWS_*
+        embed_cfg.batch_size,
+        embed_cfg.decode_num_cpus,
+    )
+    ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
+    try:
+        with progress, quiet_own_errors():
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                sink.add(batch)
+    except BaseException as e:
+        sink.abort()  # nothing half-written becomes visible
+        raise user_error(e) from None
 
 
 def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, dict[str, Any]]:

@@ -89,13 +89,7 @@ def train_transformation(
     cache key, so the same upgrade reuses a trained transformation.
     """
     side_dim = dims.get("side", 0) if columns.get("side") else 0
-    arch = {
-        "old_dim": dims["old"],
-        "new_dim": dims["new"],
-        "side_dim": side_dim,
-        "inner_dim": tcfg.inner_dim,
-        "uncertainty": tcfg.loss == "fastfill",
-    }
+    arch = _architecture(tcfg, dims, side_dim)
     h = config_hash(tcfg.model_dump(mode="json"), arch, identity)
     if (meta := cached_meta(out_dir, h)) is not None:
         return TransformationResult(**{**meta["train_result"], "cached": True})
@@ -132,7 +126,23 @@ def train_transformation(
         config_hash=h,
         resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
     )
-    meta = {
+    install_checkpoint(ckpt, out_dir, _model_meta(tcfg, arch, tr))
+    return tr
+
+
+def _architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
+    return {
+        "old_dim": dims["old"],
+        "new_dim": dims["new"],
+        "side_dim": side_dim,
+        "inner_dim": tcfg.inner_dim,
+        "uncertainty": tcfg.loss == "fastfill",
+    }
+
+
+def _model_meta(tcfg: TransformationConfig, arch: dict, tr: TransformationResult) -> dict[str, Any]:
+    """model.json of a trained transformation: its architecture, lineage and training result."""
+    return {
         "kind": "transformation",
         "name": tcfg.name,
         "arch": arch,
@@ -140,11 +150,9 @@ def train_transformation(
         "to_model": tr.to_model,
         "side_info_model": tr.side_info_model,
         "loss": tcfg.loss,
-        "config_hash": h,
+        "config_hash": tr.config_hash,
         "train_result": asdict(tr),
     }
-    install_checkpoint(ckpt, out_dir, meta)
-    return tr
 
 
 def load_transformation(d: str | Path) -> tuple[nn.Module, dict[str, Any]]:

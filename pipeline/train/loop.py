@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from safetensors.torch import save
 from torch import nn
 
@@ -51,6 +47,12 @@ def _builder(path: str) -> Callable[[dict[str, Any]], Task]:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: build the task, stream the shard, train, checkpoint."""
+    # start-up: ray.train with its torch backend costs ~1.7 s to import, and this module is
+    # also imported where nothing trains (transform actors and the study, via
+    # train.transformation); only training pays it.
+    import ray.train
+    import ray.train.torch
+
     tc = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     torch.manual_seed(tc.seed + ctx.get_world_rank())
@@ -111,6 +113,8 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 def _report(metrics: dict[str, Any], d: str, with_checkpoint: bool) -> None:
     """Every rank reports; rank 0 attaches the checkpoint in `d`."""
+    import ray.train  # start-up: see worker_loop
+
     ckpt = ray.train.Checkpoint.from_directory(d) if with_checkpoint else None
     ray.train.report(metrics, checkpoint=ckpt)
 
@@ -172,6 +176,10 @@ def fit(
     Re-running with the same name and results_dir resumes from the last checkpoint.
     `results_dir` may be a resolved s3:// Location: the storage every node of a cluster shares.
     """
+    # start-up: see worker_loop
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     storage_path, storage_fs = _run_storage(results_dir)
 
     trainer = TorchTrainer(

@@ -94,8 +94,8 @@ def _errors(fn):
         from pipeline.io.uri import StorageError
         from pipeline.models.store import ModelLoadError
         from pipeline.ops.jobs import JobsError
-        from pipeline.plan.planner import PlanError
         from pipeline.runtime import RayStartError
+        from pipeline.upgrade.plan import PlanError
 
         try:
             return fn(*a, **kw)
@@ -437,7 +437,7 @@ def upgrade(
 
     cfg = _cfg(config, set_)
     if dry_run:
-        from pipeline.graph.upgrade import dry_run as show
+        from pipeline.upgrade_graph import dry_run as show
 
         show(_ctx(cfg, quiet), console)
         return
@@ -461,7 +461,7 @@ def plan(
     """Per-shard plan (skip | transform | partial | full) under the budget, with expected
     cost, quality gain and a reason; printed as a table, saved as JSON, logged to MLflow.
     Exit 1 when a shard is blocked (no transformation and its images are gone)."""
-    from pipeline.graph.upgrade import plan_command
+    from pipeline.upgrade_graph import plan_command
 
     p, path = plan_command(_ctx(_cfg(config, set_), quiet), source, out, console)
     console.print(f"plan: {path}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ModelConfig, UpgradeConfig
+from pipeline.gallery.lock import GalleryLock
 from pipeline.gallery.store import Gallery
 
 
@@ -44,3 +45,19 @@ class Context:
             "carryover.gallery": self.cfg.gallery_name,
             **{f"carryover.{k}": str(v) for k, v in extra.items()},
         }
+
+
+def gallery_lock(
+    cfg: UpgradeConfig, owner: str, purpose: str, token: str | None = None
+) -> GalleryLock:
+    """The gallery's lease for whatever writes it (an upgrade, a promote, a schedule tick):
+    one holder at a time, its TTL from schedule.lock_ttl_seconds; `token` resumes a lease
+    handed over by the holder that started this process."""
+    return GalleryLock(
+        cfg.gallery_uri,
+        cfg.storage,
+        cfg.schedule.lock_ttl_seconds,
+        owner=owner,
+        purpose=purpose,
+        token=token,
+    )

@@ -28,9 +28,9 @@ from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_a
 from pipeline.graph import steps
 from pipeline.graph.dag import StageLog
 from pipeline.graph.search import search_gallery
-from pipeline.graph.upgrade import compute_plan
-from pipeline.graph.validate import ValidationFailed
 from pipeline.io import uri
+from pipeline.upgrade.validate import ValidationFailed
+from pipeline.upgrade_steps import compute_plan
 from tests.e2e.test_upgrade_e2e import TINY
 from tests.fixtures.mlflow_server import _free_port, _stop, _wait_healthy
 from tests.fixtures.ray_local import own_ray_env

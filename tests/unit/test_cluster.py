@@ -13,8 +13,8 @@ from pipeline.config import load_config
 from pipeline.context import Context
 from pipeline.flows import finished_upgrade, print_summary, run_upgrade
 from pipeline.graph.dag import StageLog
-from pipeline.graph.upgrade import config_identity
 from pipeline.io import uri
+from pipeline.upgrade_graph import config_identity
 
 
 def test_train_storage_follows_the_gallery_or_the_setting(tmp_path: Path) -> None:

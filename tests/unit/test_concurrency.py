@@ -223,7 +223,7 @@ def _upgrade(cfg: UpgradeConfig, q, done) -> None:
 def test_two_upgrades_at_once_one_runs_the_other_is_refused(
     tmp_path: Path, no_tracking: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.graph import upgrade
+    from pipeline import upgrade_graph as upgrade
 
     cfg = UpgradeConfig(workdir=str(tmp_path), gallery=str(tmp_path / "gallery"))
     q, done = FORK.Queue(), FORK.Event()

@@ -16,10 +16,10 @@ from pipeline.config import ConfigError, StorageConfig, load_config
 from pipeline.context import Context
 from pipeline.gallery.lock import GalleryLock, LockHeld, LockLost, break_lock, holder_of
 from pipeline.gallery.store import Gallery
-from pipeline.graph.upgrade import _id_ranges
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal
 from pipeline.ops.schedule import decide, missed_since, upgrade_config
+from pipeline.upgrade_steps import id_ranges as _id_ranges
 
 # Generous on purpose: these wait on events, and only a very loaded machine takes long.
 WAIT_S = 120.0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from pipeline.plan.planner import (
+from pipeline.display import plan_table
+from pipeline.upgrade.plan import (
     Budget,
     Plan,
     PlanError,
@@ -280,7 +281,7 @@ def test_json_round_trip_and_table():
     back = Plan.from_json(plan.to_json())
     assert back == plan
     console = Console(record=True, width=250)
-    console.print(plan.table())
+    console.print(plan_table(plan))
     text = console.export_text()
     for word in ("transform", "partial", "full", "gone", "images unavailable", "by uncertainty"):
         assert word in text

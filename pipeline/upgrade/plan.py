@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from rich.markup import escape
-from rich.table import Table
+
+from pipeline.upgrade.work import ShardWork
 
 METHODS = ("skip", "transform", "partial", "full", "blocked")
 # Only when nothing was measured (no throughput profile, no explicit rate): applying h is a small
@@ -29,6 +29,31 @@ class PlanError(ValueError):
     """Invalid planner input; the message names the offending shard or setting."""
 
 
+@dataclass(frozen=True)
+class PlanSettings:
+    """The plan.* settings that decide a plan. Each field is part of a version's identity, so
+    a changed rule or budget refuses to resume a plan recorded under the old one: a new
+    planner rule is a field here (and in PlanConfig), read in `rules()` or `make_plan`."""
+
+    target_version: str | None
+    budget_fraction: float | None
+    budget_images: int | None
+    budget_seconds: float | None
+    target_top1: float | None
+    full_threshold: float
+    min_partial_fraction: float
+    min_gain: float
+    no_side_info: str
+
+    @classmethod
+    def of(cls, plan_config: Any) -> PlanSettings:
+        """The settings of a `PlanConfig`."""
+        return cls(**{f.name: getattr(plan_config, f.name) for f in fields(cls)})
+
+    def rules(self) -> PlanRules:
+        return PlanRules(self.full_threshold, self.min_partial_fraction, self.target_top1)
+
+
 @dataclass
 class ShardFacts:
     """What the planner knows about one gallery shard."""
@@ -42,6 +67,10 @@ class ShardFacts:
     images_available: bool = True
     transform: list[str] | None = None
     uncertainty: list[float] = field(default_factory=list)
+    # Where the shard is and which chain maps it: carried into its ShardWork.
+    chain: str | None = None
+    source_uri: str = ""
+    image_file: str | None = None
 
     @property
     def nonnative(self) -> int:
@@ -152,26 +181,7 @@ class PlanRules:
     spend_optional: bool = True
 
 
-@dataclass
-class ShardPlan:
-    """The decision for one shard."""
-
-    shard_id: int
-    rows: int
-    method: str
-    reembed_rows: int
-    fraction: float
-    transform: list[str] | None
-    cost_seconds: float
-    expected_gain: float
-    reason: str
-    images_available: bool
-    has_side_info: bool
-    space: str
-    source_version: str
-
-
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
 
 
@@ -180,7 +190,7 @@ class Plan:
     """A backfill plan over every shard, with its cost and expected top-1."""
 
     target: str
-    shards: list[ShardPlan]
+    shards: list[ShardWork]
     budget: dict
     rules: dict
     reembed_rows: int
@@ -211,7 +221,7 @@ class Plan:
             out[s.method] += 1
         return out
 
-    def shard(self, shard_id: int) -> ShardPlan:
+    def shard(self, shard_id: int) -> ShardWork:
         """The plan of shard `shard_id`."""
         for s in self.shards:
             if s.shard_id == shard_id:
@@ -226,54 +236,8 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         """Inverse of `to_json`."""
         d = json.loads(text)
-        d["shards"] = [ShardPlan(**s) for s in d["shards"]]
+        d["shards"] = [ShardWork.from_dict(s) for s in d["shards"]]
         return cls(**d)
-
-    def _budget_text(self) -> str:
-        images, seconds = self.budget.get("images"), self.budget.get("seconds")
-        parts = [f"{images:,} images"] if images is not None else []
-        parts += [f"{seconds:,.0f} s"] if seconds is not None else []
-        return " / ".join(parts) or "unlimited"
-
-    def _estimate_text(self) -> str:
-        if self.estimate == "simulated":
-            curve = f", curve {self.curve_top1:.2f}" if self.curve_top1 is not None else ""
-            return f"simulated on {self.estimate_rows:,} validation rows{curve}"
-        return f"from the {self.curve_ordering} backfilling curve"
-
-    def _caption(self) -> str:
-        share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
-        lines = [
-            f"re-embed {self.reembed_rows:,} of {self.total_rows:,} images ({_pct(share)}) · "
-            f"budget {self._budget_text()} · est. cost {self.cost_seconds:,.1f} s · "
-            f"expected top-1 {self.expected_top1:.2f} (transform-only "
-            f"{self.transform_top1:.2f}, full {self.full_top1:.2f}; {self._estimate_text()})"
-        ]
-        lines += [f"warning: {escape(w)}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def table(self) -> Table:
-        """One row per shard: method, re-embed rows, availability, cost, gain and reason."""
-        t = Table(title=f"backfill plan → {self.target}", caption=self._caption())
-        for name in ("shard", "rows", "method", "re-embed", "images", "side-info", "space"):
-            t.add_column(name, justify="right" if name in ("shard", "rows", "re-embed") else "left")
-        t.add_column("cost (s)", justify="right")
-        t.add_column("+top-1", justify="right")
-        t.add_column("reason", overflow="fold")
-        for s in self.shards:
-            t.add_row(
-                str(s.shard_id),
-                f"{s.rows:,}",
-                s.method,
-                f"{s.reembed_rows:,} ({_pct(s.fraction)})",
-                "yes" if s.images_available else "gone",
-                "yes" if s.has_side_info else "no",
-                escape(s.space),
-                f"{s.cost_seconds:,.1f}",
-                f"{s.expected_gain:+.2f}",
-                escape(s.reason),
-            )
-        return t
 
     def summary(self) -> str:
         """One line: methods, rows re-embedded, cost and expected top-1."""
@@ -281,7 +245,7 @@ class Plan:
         share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
         line = (
             f"plan → {self.target}: {len(self.shards)} shards ({methods}); re-embed "
-            f"{self.reembed_rows:,} of {self.total_rows:,} ({_pct(share)}); est. "
+            f"{self.reembed_rows:,} of {self.total_rows:,} ({pct(share)}); est. "
             f"{self.cost_seconds:,.0f} s; top-1 {self.expected_top1:.2f} (transform-only "
             f"{self.transform_top1:.2f}, full {self.full_top1:.2f})"
         )
@@ -515,8 +479,8 @@ def _promote(
             picks[active[i].shard_id] = _Pick(
                 "full",
                 active[i].nonnative,
-                f"re-embed fraction {_pct(frac[i])} ≥ full_threshold "
-                f"{_pct(rules.full_threshold)}: full",
+                f"re-embed fraction {pct(frac[i])} ≥ full_threshold "
+                f"{pct(rules.full_threshold)}: full",
             )
             changed = True
     return changed
@@ -533,8 +497,8 @@ def _demote(
             picks[f.shard_id] = _Pick(
                 "transform",
                 0,
-                f"re-embed fraction {_pct(frac)} < min_partial_fraction "
-                f"{_pct(rules.min_partial_fraction)}: transform only",
+                f"re-embed fraction {pct(frac)} < min_partial_fraction "
+                f"{pct(rules.min_partial_fraction)}: transform only",
             )
             changed = True
     return changed
@@ -549,9 +513,9 @@ def _final_pick(f: ShardFacts, k: int, tau: float, rules: PlanRules) -> _Pick:
     if k >= f.nonnative:
         return _Pick("full", f.nonnative, "whole shard fits in the budget: full")
     if _has_q(f):
-        reason = f"top {_pct(frac)} by uncertainty (τ={tau:.2f})"
+        reason = f"top {pct(frac)} by uncertainty (τ={tau:.2f})"
     else:
-        reason = f"{_pct(frac)} in {NO_Q_ORDER}"
+        reason = f"{pct(frac)} in {NO_Q_ORDER}"
     if frac >= rules.full_threshold:
         reason += "; a full re-embed would exceed the budget"
     return _Pick("partial", k, reason)
@@ -738,8 +702,8 @@ def _check_mandatory(
     )
 
 
-def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardPlan:
-    return ShardPlan(
+def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardWork:
+    return ShardWork(
         shard_id=f.shard_id,
         rows=f.rows,
         method=p.method,
@@ -753,6 +717,9 @@ def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardPlan:
         has_side_info=f.has_side_info,
         space=f.space,
         source_version=f.source_version,
+        chain=f.chain,
+        source_uri=f.source_uri,
+        image_file=f.image_file,
     )
 
 

@@ -216,6 +216,7 @@ def train(
 
     The transformation needs the old, new (and side-info) models trained first; it learns
     from their embeddings of the training split."""
+    # start-up: torch and Ray (seconds); --help and parsing need neither
     from pipeline.cluster import check_cluster
     from pipeline.graph import compat_steps, steps
 

@@ -320,15 +320,9 @@ def _gallery_lock(cfg: Any, purpose: str) -> Any:
     """The gallery's lease for a command that moves CURRENT: refused (exit 3) while an upgrade
     or another promote holds it, so no two writers interleave CURRENT's history."""
     # start-up: pyarrow (~0.1 s, a third of what --help takes)
-    from pipeline.gallery.lock import GalleryLock
+    from pipeline.context import gallery_lock
 
-    return GalleryLock(
-        cfg.gallery_uri,
-        cfg.storage,
-        cfg.schedule.lock_ttl_seconds,
-        owner=f"carryover {purpose.split()[0]}",
-        purpose=purpose,
-    )
+    return gallery_lock(cfg, f"carryover {purpose.split()[0]}", purpose)
 
 
 @app.command()
@@ -357,27 +351,14 @@ def versions(
 ) -> None:
     """List the gallery's complete versions and which one is serving."""
     # start-up: pyarrow (~0.1 s, a third of what --help takes)
+    from pipeline.display import versions_table
+    from pipeline.gallery.records import version_summaries
     from pipeline.gallery.store import Gallery
 
     cfg, _ = _gallery_cfg(config, set_, gallery, uses_tracking=False)  # a mistyped path: exit 2
     g = Gallery(cfg.gallery_uri, cfg.storage)
     cur = g.current()
-    t = Table(title=f"gallery {g.uri}")
-    for c in ("version", "serving", "model", "method", "rows", "rejected", "shards", "index"):
-        t.add_column(c)
-    for v in g.versions():
-        m = g.manifest(v)
-        t.add_row(
-            v,
-            "*" if v == cur else "",
-            str(m.get("model")),
-            str(m.get("method")),
-            str(m["rows"]),
-            str(m["rejected"]),
-            str(len(m["shards"])),
-            str(m.get("index", {}).get("kind")),
-        )
-    console.print(t)
+    console.print(versions_table(f"gallery {g.uri}", version_summaries(g), cur))
 
 
 @app.command()

@@ -22,6 +22,7 @@ from pipeline.data.prepare import prepare
 from pipeline.display import plan_table, validation_table, versions_table
 from pipeline.evaluate.report import CompatReport
 from pipeline.gallery.lock import TOKEN_ENV
+from pipeline.gallery.records import version_summaries
 from pipeline.graph.dag import GraphError, OpenRun, Stage, StageLog, StageRun, run_stages
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
@@ -188,17 +189,6 @@ def _nothing_to_do(ctx: Context) -> UpgradeReport:
         tracking_uri=redact_text(cfg.tracking_uri),
         nothing_to_do=True,
     )
-
-
-def version_summaries(g: Any) -> dict[str, dict[str, Any]]:
-    """Per complete version: model, method, rows, rejected, shards, source and index kind."""
-    versions = {}
-    for v in g.versions():
-        m = g.manifest(v)
-        versions[v] = {
-            k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
-        } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
-    return versions
 
 
 def _report(ctx: Context, results: dict, stages: dict, run_id: str, until: str | None):

@@ -16,12 +16,12 @@ from pipeline.data.shards import read_footer, validate_image_table
 from pipeline.embed.errors import quiet_own_errors, user_error
 from pipeline.embed.read import image_rows_dataset
 from pipeline.embed.stages import DecodeEmbedStage, EmbedStage, decode_stage
+from pipeline.gallery.records import shard_record
 from pipeline.gallery.store import (
     REJECT_SCHEMA,
     Gallery,
     embedding_schema,
     embeddings_to_arrow,
-    shard_file,
 )
 from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, ModelLoadError
@@ -169,18 +169,16 @@ class _ShardSink:
                 self.g.rejects_uri(self.version, sid),
                 self.g.storage,
             )
-        rec = {
-            "shard_id": sid,
-            "path": shard_file(sid),
-            "rows": w.rows,
-            "rejected": len(rej),
-            "rows_in": self.expected[sid],
-            "checksum": self.g.file_checksum(self.g.shard_uri(self.version, sid)),
-            "seconds": round(time.perf_counter() - self.t0[sid], 3),
-            "committed_at": time.time(),
-            "workers": sorted(self.workers.pop(sid, ())),
+        rec = shard_record(
+            sid,
+            rows=w.rows,
+            rejected=len(rej),
+            rows_in=self.expected[sid],
+            checksum=self.g.file_checksum(self.g.shard_uri(self.version, sid)),
+            seconds=time.perf_counter() - self.t0[sid],
+            workers=sorted(self.workers.pop(sid, ())),
             **self.meta[sid],
-        }
+        )
         self.g.commit_shard(self.version, rec)
         self.records.append(rec)
         self.committed_rejected += len(rej)

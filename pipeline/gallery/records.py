@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from pipeline.gallery.identity import GalleryIdentity
-from pipeline.gallery.store import shard_file
+from pipeline.gallery.store import Gallery, shard_file
 
 
 def version_manifest(
@@ -63,3 +63,14 @@ def shard_record(
         "committed_at": time.time(),
         **extra,
     }
+
+
+def version_summaries(g: Gallery) -> dict[str, dict[str, Any]]:
+    """Per complete version: model, method, rows, rejected, shards, source and index kind."""
+    versions = {}
+    for v in g.versions():
+        m = g.manifest(v)
+        versions[v] = {
+            k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
+        } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
+    return versions

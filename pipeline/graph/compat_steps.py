@@ -239,7 +239,7 @@ def _gallery_sets(
     ctx: Context, versions: list[str], keys: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
     """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info."""
-    from pipeline.graph.steps import version_rows
+    from pipeline.gallery.rows import version_rows
 
     g, old = ctx.gallery, ctx.cfg.old_model.name
     sets, found = {}, np.ones(len(keys), dtype=bool)

@@ -18,6 +18,8 @@ from pipeline.embed.probe import probe_model
 from pipeline.embed.quality import OutputStats
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.index import GalleryIndex, build_index
+from pipeline.gallery.records import version_manifest
+from pipeline.gallery.rows import version_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
@@ -235,18 +237,18 @@ def embed_version_step(
             index = index_version(ctx, version, records, blob.embedding_dim)
         manifest = g.finalize(
             version,
-            {
-                **GalleryIdentity.of_config(ctx.cfg).manifest_fields(),
-                "method": method,
-                "model": model.name,
-                "registry_version": registry_version_of(ctx, model),
-                "embedding_dim": blob.embedding_dim,
-                "side_info_model": side_blob.name if side_blob else None,
-                "side_info_dim": side_blob.embedding_dim if side_blob else 0,
-                "index": index,
-                "run_id": run.run_id,
-                "rows_per_second": res.rows_per_second,
-            },
+            version_manifest(
+                GalleryIdentity.of_config(ctx.cfg),
+                method=method,
+                model=model.name,
+                registry_version=registry_version_of(ctx, model),
+                embedding_dim=blob.embedding_dim,
+                side_info_model=side_blob.name if side_blob else None,
+                side_info_dim=side_blob.embedding_dim if side_blob else 0,
+                index=index,
+                run_id=run.run_id,
+                rows_per_second=res.rows_per_second,
+            ),
         )
         run.log_metrics({**res.metrics(), **timer.metrics()})
         run.log_dict(manifest, "manifest.json")
@@ -329,17 +331,10 @@ def validation_labels(cfg: UpgradeConfig) -> pa.Table:
 
 
 def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of the given keys in a version (streamed; returns keys found and vectors)."""
-    ks, vs = [], []
-    for b in g.iter_embeddings(version):
-        t = pa.Table.from_batches([b])
-        t = t.filter(pc.is_in(t["key"], value_set=keys))
-        if t.num_rows:
-            ks.append(t["key"].to_numpy(zero_copy_only=False))
-            vs.append(arrow_to_embeddings(t["embedding"]))
-    if not ks:
-        return np.zeros(0, dtype=object), np.zeros((0, 0), np.float32)
-    return np.concatenate(ks), np.concatenate(vs)
+    """The keys a version holds of the given ones, and their embeddings (in the keys' order)."""
+    names = keys.to_pylist()
+    emb, found = version_rows(g, version, names)
+    return np.asarray(names, dtype=object)[found], emb[found]
 
 
 def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, float]]:

@@ -15,8 +15,8 @@ from typing import Any
 from croniter import croniter
 
 from pipeline.config import UpgradeConfig
-from pipeline.context import Context
-from pipeline.gallery.lock import GalleryLock, LockHeld
+from pipeline.context import Context, gallery_lock
+from pipeline.gallery.lock import LockHeld
 from pipeline.gallery.store import VERSION_PATTERN
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal, new_id
@@ -143,13 +143,7 @@ def tick(
 ) -> TickResult:
     """One tick: lock the gallery, decide, submit (and wait, unless `wait` is False)."""
     r = TickResult(new_id("tick", cfg.gallery_name), time.time(), "error", "")
-    lock = GalleryLock(
-        cfg.gallery_uri,
-        cfg.storage,
-        cfg.schedule.lock_ttl_seconds,
-        owner=f"schedule tick {r.id}",
-        purpose="scheduled upgrade",
-    )
+    lock = gallery_lock(cfg, f"schedule tick {r.id}", "scheduled upgrade")
     try:
         lock.acquire()
     except LockHeld as e:

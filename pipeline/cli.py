@@ -218,7 +218,7 @@ def train(
     from their embeddings of the training split."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
     from pipeline.cluster import check_cluster
-    from pipeline.graph import compat_steps, steps
+    from pipeline.services import compat_steps, models
 
     cfg = _cfg(config, set_)
     check_cluster(cfg)  # on several nodes: shared storage for Ray Train, or refused
@@ -231,7 +231,7 @@ def train(
     model = {"old": cfg.old_model, "new": cfg.new_model, "side-info": cfg.side_info_model}
     if which not in model:
         raise ConfigError(f"--which must be old, new, side-info or transformation, got {which!r}")
-    r = steps.train_step(ctx, model[which], None, aliases)
+    r = models.train_step(ctx, model[which], None, aliases)
     console.print_json(json.dumps(r.__dict__))
 
 
@@ -241,7 +241,7 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fals
     """Embed every image with the old model into gallery version <old_model.name>."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
     from pipeline.cluster import check_cluster
-    from pipeline.graph import steps
+    from pipeline.services import steps
 
     cfg = _cfg(config, set_)
     with _gallery_lock(cfg, f"ingest {cfg.old_model.name}"):  # before Ray: refused at once
@@ -259,7 +259,7 @@ def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fa
     """Full backfill: re-embed every image with the new model into version <new_model.name>."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
     from pipeline.cluster import check_cluster
-    from pipeline.graph import steps
+    from pipeline.services import steps
 
     cfg = _cfg(config, set_)
     with _gallery_lock(cfg, f"backfill {cfg.new_model.name}"):  # one writer of a version
@@ -283,7 +283,7 @@ def evaluate(
     """FCT's protocol on the validation split: old/old, new/new, BCT, transformed, adapters,
     the compatibility matrix and backfilling curves; JSON report, PNG plots, MLflow run."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
-    from pipeline.graph.compat_steps import evaluate_compat_step
+    from pipeline.services.compat_steps import evaluate_compat_step
 
     cfg = _cfg(config, set_)
     names = versions.split(",") if versions else None
@@ -308,7 +308,7 @@ def evaluate(
 def promote(version: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Serve VERSION: move CURRENT and the MLflow `serving` alias together."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
-    from pipeline.graph import steps
+    from pipeline.services import steps
 
     cfg, _ = _gallery_cfg(config, set_)
     with _gallery_lock(cfg, f"promote {version}"):  # never beside an upgrade's own promote
@@ -334,7 +334,7 @@ def rollback(
 ) -> None:
     """Restore the previously served version (CURRENT and the `serving` alias)."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
-    from pipeline.graph import steps
+    from pipeline.services import steps
 
     cfg, _ = _gallery_cfg(config, set_, gallery)
     with _gallery_lock(cfg, "rollback"):
@@ -384,7 +384,7 @@ def search(
 ) -> None:
     """Nearest neighbours from the serving version, by key or by image file."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
-    from pipeline.graph.search import search_gallery
+    from pipeline.services.search import search_gallery
 
     if (key is None) == (image is None):
         raise ConfigError("give exactly one of --key or --image")
@@ -714,7 +714,7 @@ def lineage(
     """Where every embedding came from: per version the embedder (registry version, run) that
     serves it; per shard the method, source version, transformation versions, run and time."""
     # start-up: pyarrow (~0.1 s, a third of what --help takes)
-    from pipeline.graph.lineage import gallery_lineage
+    from pipeline.services.lineage import gallery_lineage
 
     cfg, ident = _gallery_cfg(config, set_, gallery)
     lin = gallery_lineage(_ctx(cfg), version, shard)

@@ -15,20 +15,20 @@ from rich.table import Table
 from pipeline.config import ConfigError, dump_config
 from pipeline.context import Context
 from pipeline.display import plan_table, validation_table
-from pipeline.graph import compat_steps as cs
-from pipeline.graph import steps
 from pipeline.graph.dag import Stage, StageLog, StageRun
 from pipeline.io import uri as uri_io
-from pipeline.tracking import flatten
-from pipeline.upgrade.plan import Plan, PlanSettings
-from pipeline.upgrade.validate import ValidationFailed
-from pipeline.upgrade_steps import (
+from pipeline.services import compat_steps as cs
+from pipeline.services import models, steps
+from pipeline.services.upgrade import (
     compute_plan,
     execute_plan,
     finalize_target,
     load_report,
     validate_target,
 )
+from pipeline.tracking import flatten
+from pipeline.upgrade.plan import Plan, PlanSettings
+from pipeline.upgrade.validate import ValidationFailed
 
 # Config sections whose change makes an in-progress version a different upgrade; the plan's
 # are every field of PlanSettings, so a new planner setting is part of the identity.
@@ -107,7 +107,7 @@ class UpgradeStages:
         cur = ctx.gallery.current()
         if cur is not None:
             return {"source_version": cur, "ingested": False}
-        v = steps.embed_version_step(ctx, old, "embed", r.run_id, cs.side_blob(ctx))
+        v = steps.embed_version_step(ctx, old, "embed", r.run_id, models.side_blob(ctx))
         steps.promote_step(ctx, old.name)
         return {"source_version": old.name, "ingested": True, **asdict(v)}
 
@@ -146,12 +146,12 @@ class UpgradeStages:
         """The graph's nodes, in a topological order."""
         ctx, old, new = self.ctx, self.cfg.old_model, self.cfg.new_model
         return [
-            Stage("old-model", _optional(lambda r: steps.train_step(ctx, old, r.run_id))),
-            Stage("side-info", _optional(lambda r: cs.train_side_info_step(ctx, r.run_id))),
+            Stage("old-model", _optional(lambda r: models.train_step(ctx, old, r.run_id))),
+            Stage("side-info", _optional(lambda r: models.train_side_info_step(ctx, r.run_id))),
             Stage("ingest", self.ingest, ("old-model", "side-info")),
             Stage(
                 "new-model",
-                _optional(lambda r: steps.train_step(ctx, new, r.run_id, ("candidate",))),
+                _optional(lambda r: models.train_step(ctx, new, r.run_id, ("candidate",))),
             ),
             Stage(
                 "transformation",

@@ -25,12 +25,12 @@ from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
 from pipeline.gallery.lock import holder_of
 from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_arrow
-from pipeline.graph import steps
 from pipeline.graph.dag import StageLog
-from pipeline.graph.search import search_gallery
 from pipeline.io import uri
+from pipeline.services import steps
+from pipeline.services.search import search_gallery
+from pipeline.services.upgrade import compute_plan
 from pipeline.upgrade.validate import ValidationFailed
-from pipeline.upgrade_steps import compute_plan
 from tests.e2e.test_upgrade_e2e import TINY
 from tests.fixtures.mlflow_server import _free_port, _stop, _wait_healthy
 from tests.fixtures.ray_local import own_ray_env

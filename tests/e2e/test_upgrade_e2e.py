@@ -18,10 +18,10 @@ from pipeline.context import Context
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
 from pipeline.gallery.store import Gallery
-from pipeline.graph import steps
-from pipeline.graph.lineage import gallery_lineage
-from pipeline.graph.search import search_gallery
 from pipeline.io import uri
+from pipeline.services import models, steps
+from pipeline.services.lineage import gallery_lineage
+from pipeline.services.search import search_gallery
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def test_undecodable_image_is_rejected_not_fatal(tmp_path: Path, ray_local) -> N
     )
     uri.write_table(t, uri.join(cfg.images_uri, "shard-00002.parquet"))
     ctx = Context(cfg, quiet=True)
-    steps.train_step(ctx, cfg.old_model, None)
+    models.train_step(ctx, cfg.old_model, None)
     r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
     assert r.rows + r.rejected == 205
     assert r.rejected == 3
@@ -235,7 +235,7 @@ def test_search_cli_by_key_and_image(tmp_path: Path, ray_local) -> None:
     cfg = load_config(None, sets)
     prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=300)
     ctx = Context(cfg, quiet=True)
-    steps.train_step(ctx, cfg.old_model, None)
+    models.train_step(ctx, cfg.old_model, None)
     steps.embed_version_step(ctx, cfg.old_model, "embed", None)
     steps.promote_step(ctx, "v1")
     flags = [a for s in sets for a in ("--set", s)]

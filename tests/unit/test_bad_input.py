@@ -49,7 +49,6 @@ from pipeline.gallery.store import (
     embeddings_to_arrow,
     shard_file,
 )
-from pipeline.graph.steps import image_shards
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import Transformation
@@ -60,6 +59,7 @@ from pipeline.models.store import (
     resolve_blob,
     save_model_dir,
 )
+from pipeline.services.steps import image_shards
 from pipeline.train.embedder import training_batch
 from pipeline.upgrade.facts import reembed_order, scan_shard
 from pipeline.upgrade.validate import ValidationReport, check_keys_and_values

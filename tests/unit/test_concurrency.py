@@ -29,8 +29,8 @@ from pipeline.context import Context
 from pipeline.gallery.index import build_index
 from pipeline.gallery.lock import GalleryLock, LockHeld, holder_of
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow
-from pipeline.graph.search import search_gallery
 from pipeline.io import uri as uri_io
+from pipeline.services.search import search_gallery
 
 DIM, K, QUERY = 8, 5, "img-0007"
 FORK = mp.get_context("fork")  # children inherit the test's patches; nothing re-imported

@@ -362,7 +362,7 @@ def test_tampered_manifest_and_current_are_refused(tmp_path: Path) -> None:
 
 def test_model_gallery_and_adapter_names_cannot_escape(tmp_path: Path) -> None:
     from pipeline.context import Context
-    from pipeline.graph.search import load_adapter
+    from pipeline.services.search import load_adapter
 
     for key in ("gallery_name", "new_model.name", "plan.target_version", "side_info.name"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

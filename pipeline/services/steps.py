@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +14,8 @@ from pipeline.context import Context
 from pipeline.data.shards import check_image_shards, image_shard_files
 from pipeline.embed.probe import probe_model
 from pipeline.embed.quality import OutputStats
+from pipeline.embed.runner import embed_images_to_version
+from pipeline.evaluate.metrics import retrieval_metrics
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.index import GalleryIndex, build_index
 from pipeline.gallery.records import version_manifest
@@ -23,130 +23,14 @@ from pipeline.gallery.rows import version_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
+from pipeline.models.store import resolve_blob
 from pipeline.runtime import Timer, ensure_ray
+from pipeline.services.models import registry_version_of
 
 
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
     """Gallery shard id → image shard file, the id read from the name (shard-NNNNN.parquet)."""
     return image_shard_files(cfg.images_uri, cfg.storage)
-
-
-@dataclass
-class ModelStepResult:
-    """A model made available to the upgrade: trained here or brought in."""
-
-    name: str
-    registry_name: str | None
-    registry_version: int | None
-    trained: bool
-    cached: bool
-    seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def train_step(
-    ctx: Context, model: ModelConfig, parent_run_id: str | None, aliases: tuple[str, ...] = ()
-) -> ModelStepResult:
-    """Train (or reuse) a model on Ray Train and register it in MLflow with aliases.
-
-    An embedder (independent or BCT) registers as `<gallery>-embedder`; FCT's side-info model
-    (a `SideInfoConfig`) trains with SimCLR on the old model's classes, as `<gallery>-side-info`.
-    """
-    from pipeline.config import SideInfoConfig
-
-    t0 = time.perf_counter()
-    if model.uri is not None:  # brought from elsewhere: nothing to train
-        return ModelStepResult(model.name, None, None, False, True, 0.0)
-    ensure_ray(ctx.cfg.ray)
-    side = isinstance(model, SideInfoConfig)
-    kind = "side-info" if side else "embedder"
-    train, classes = _trainer(ctx, model)
-    with ctx.tracker.run(
-        f"train-{model.name}", ctx.tags(step=f"train_{kind}", model=model.name), parent_run_id
-    ) as run:
-        tr = train()
-        run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
-        run.log_metrics(tr.metrics())
-        tags = {"model": model.name, "trained_classes": classes or "all"}
-        if not side:
-            tags["compat_loss"] = model.train.loss
-        version = register(ctx, kind, ctx.model_dir(model), run, tr.config_hash, tags, aliases)
-        run.set_tags(
-            {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
-        )
-    secs = round(time.perf_counter() - t0, 2)
-    return ModelStepResult(
-        model.name, ctx.registry_name(kind), version, True, tr.cached, secs, tr.metrics()
-    )
-
-
-def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
-    """A zero-argument training call for the model's kind, and the classes it trains on."""
-    from pipeline.cluster import train_storage
-    from pipeline.config import SideInfoConfig
-
-    args = (
-        ctx.cfg.images_uri,
-        ctx.model_dir(model),
-        ctx.cfg.storage,
-        train_storage(ctx.cfg),
-        ctx.cfg.embed.max_decoded_pixels,
-    )
-    if isinstance(model, SideInfoConfig):
-        from pipeline.train.side_info import train_side_info
-
-        # FCT: side-info learns from the data the old model saw, without its labels
-        classes = model.train.classes or ctx.cfg.old_model.train.classes
-        return (lambda: train_side_info(model, classes, *args)), classes
-    from pipeline.train.embedder import train_embedder
-
-    bct = None
-    if model.train.loss == "bct":
-        from pipeline.graph.compat_steps import bct_classifier
-
-        bct = bct_classifier(ctx)
-    return (lambda: train_embedder(model, *args, bct)), model.train.classes
-
-
-def register(
-    ctx: Context,
-    kind: str,
-    model_dir: str | Path,
-    run: Any,
-    config_hash: str,
-    tags: dict[str, Any],
-    aliases: tuple[str, ...] = (),
-) -> int:
-    """Register a model dir as `<gallery>-<kind>` once per config hash; move the aliases."""
-    name = ctx.registry_name(kind)
-    existing = find_model_version(ctx, "carryover.config_hash", config_hash, kind)
-    if existing is None:
-        return ctx.tracker.register_model(
-            name,
-            str(model_dir),
-            run.run_id,
-            tags=ctx.tags(config_hash=config_hash, **tags),
-            aliases=list(aliases),
-        )
-    for a in aliases:
-        ctx.tracker.set_alias(name, a, existing.version)
-    return existing.version
-
-
-def find_model_version(ctx: Context, tag: str, value: str, kind: str = "embedder") -> Any:
-    """The newest registered version of `<gallery>-<kind>` whose tag equals value, if any."""
-    for info in ctx.tracker.latest_versions(ctx.registry_name(kind), limit=1000):
-        if info.tags.get(tag) == value:
-            return info
-    return None
-
-
-def registry_version_of(ctx: Context, model: ModelConfig) -> int | None:
-    """The registry version holding this model (trained here), if any."""
-    if model.uri is not None and model.uri.startswith("models:/"):
-        return ctx.tracker.resolve(model.uri).version
-    info = find_model_version(ctx, "carryover.model", model.name)
-    return info.version if info else None
 
 
 @dataclass
@@ -178,9 +62,6 @@ def embed_version_step(
     With `side_blob` (ingest of the old model) each row also stores FCT's side-information.
     Resumable: committed shards are kept; a version with a manifest is left as it is.
     """
-    from pipeline.embed.runner import embed_images_to_version
-    from pipeline.models.store import resolve_blob
-
     g, version = ctx.gallery, model.name
     if g.has_version(version):
         m = g.manifest(version)
@@ -339,8 +220,6 @@ def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.nda
 
 def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, float]]:
     """Top-1/top-5/mAP of each version on the validation split (query = gallery, self excluded)."""
-    from pipeline.evaluate.metrics import retrieval_metrics
-
     val = validation_labels(ctx.cfg)
     if val.num_rows < 2:
         raise ValueError(f"{ctx.cfg.images_uri}: fewer than 2 labelled validation rows")

@@ -16,9 +16,9 @@ from pipeline.embed.transform import ChainSpec, chain_spec
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
 from pipeline.gallery.store import GalleryError
-from pipeline.graph import compat_steps as cs
-from pipeline.graph import steps
 from pipeline.runtime import ensure_ray
+from pipeline.services import compat_steps as cs
+from pipeline.services import models, steps
 from pipeline.upgrade.execute import (
     ExecutorSpec,
     execute_shards,
@@ -87,7 +87,7 @@ def chain_models(ctx: Context, spec: ChainSpec) -> list[dict[str, Any]]:
     """The registered transformation versions a chain applies, in order (for lineage)."""
     out = []
     for name, meta in zip(spec.names, spec.metas, strict=True):
-        info = steps.find_model_version(
+        info = models.find_model_version(
             ctx, "carryover.config_hash", str(meta.get("config_hash")), "transformation"
         )
         out.append(
@@ -205,7 +205,7 @@ def _plan(ctx: Context, source: str, facts: list[ShardFacts], curve: QualityCurv
 def val_new_embeddings(ctx: Context, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """New-model embeddings of the validation keys (computed once, cached in the workdir):
     the queries of both the plan's estimate and the validation check."""
-    blob = cs.blob_of(ctx, ctx.cfg.new_model)
+    blob = models.blob_of(ctx, ctx.cfg.new_model)
     ident = [keys, blob.meta.get("config_hash") or blob.name, steps.image_shards(ctx.cfg)]
     h = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     p = Path(ctx.cfg.workdir) / "cache" / f"val-{ctx.cfg.new_model.name}-{h}.npz"
@@ -251,13 +251,13 @@ def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec
         target=cfg.target_version,
         target_model=cfg.new_model.name,
         chains=chains,
-        new_blob=cs.blob_of(ctx, cfg.new_model),
+        new_blob=models.blob_of(ctx, cfg.new_model),
         embed_cfg=cfg.embed,
         side_dim=int(g.manifest(source).get("side_info_dim") or 0),
         retries=cfg.plan.retries,
         lineage={
             "run_id": run_id,
-            "model_registry_version": steps.registry_version_of(ctx, cfg.new_model),
+            "model_registry_version": models.registry_version_of(ctx, cfg.new_model),
             "chains": {k: chain_models(ctx, spec) for k, spec in chains.items()},
         },
         num_cpus=cfg.embed.actor_num_cpus,
@@ -301,7 +301,7 @@ def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, A
     missing = {s.shard_id for s in plan.shards} - {int(r["shard_id"]) for r in recs}
     if missing:
         raise GalleryError(f"{target}: shards {sorted(missing)} are not committed; rerun")
-    dim = cs.blob_of(ctx, cfg.new_model).embedding_dim
+    dim = models.blob_of(ctx, cfg.new_model).embedding_dim
     index = steps.index_version(ctx, target, recs, dim)
     src = g.manifest(source)
     plan_summary = {
@@ -315,7 +315,7 @@ def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, A
             GalleryIdentity.of_config(cfg),
             method="planned",
             model=cfg.new_model.name,
-            registry_version=steps.registry_version_of(ctx, cfg.new_model),
+            registry_version=models.registry_version_of(ctx, cfg.new_model),
             embedding_dim=dim,
             side_info_model=src.get("side_info_model"),
             side_info_dim=src.get("side_info_dim", 0),

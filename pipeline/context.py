@@ -26,7 +26,7 @@ class Context:
     @property
     def tracker(self) -> Any:
         if self._tracker is None:
-            # Deferred: importing mlflow takes ~2 s, and commands that never track skip it.
+            # start-up: importing mlflow costs ~2 s; commands that never track skip it.
             from pipeline.tracking import Tracker
 
             self._tracker = Tracker(

@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+import torch
+
+from pipeline.bench.common import machine
+from pipeline.bench.cost import measure_embedder, measure_transformation
 from pipeline.upgrade.price import ThroughputProfile
 
 
@@ -20,11 +24,6 @@ def measure_profile(
     scan_rows_per_second: float | None = None,
 ) -> ThroughputProfile:
     """Measure ResNet-50 images/s and transformation rows/s here, as the "cost" bench does."""
-    import torch
-
-    from pipeline.bench.common import machine
-    from pipeline.bench.cost import measure_embedder, measure_transformation
-
     emb = measure_embedder(batch, seconds)
     tr = measure_transformation(dim, side_dim, rows)
     return ThroughputProfile(

@@ -54,29 +54,15 @@ def train_transformation_step(
     if side is not None:
         blobs["side"] = side
     ensure_ray(cfg.ray)  # after the models resolve: a missing one fails fast, without Ray
-    identity = {
-        "old": cfg.old_model.name,
-        "new": cfg.new_model.name,
-        "side": cfg.side_info.name if side else None,
-        "images": cfg.images_uri,
-        "models": {k: b.meta.get("config_hash") or b.name for k, b in blobs.items()},
-    }
+    identity = _transformation_identity(ctx, blobs, side is not None)
     with ctx.tracker.run(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
         parent_run_id,
     ) as run:
-        # Materialised once: training makes many passes over a small sample of features, and
-        # a lazy pipeline would compete with the trainer for the CPUs Ray Data may use.
-        feats = paired_features(
-            cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
-        )
-        if tc.max_train_rows is not None:
-            feats = feats.limit(tc.max_train_rows)
-        feats = feats.materialize()
         tr = train_transformation(
             tc,
-            feats,
+            _training_features(ctx, tc, blobs),
             {k: b.embedding_dim for k, b in blobs.items()},
             {"old": "old", "side": "side" if side else None, "new": "new"},
             new_classifier(ctx),
@@ -100,6 +86,31 @@ def train_transformation_step(
     out = asdict(tr)
     out.update(registry_version=version, step_seconds=round(time.perf_counter() - t0, 2))
     return out
+
+
+def _transformation_identity(ctx: Context, blobs: dict[str, Any], side: bool) -> dict[str, Any]:
+    """What h is trained from: the models (by config hash), side-info and images."""
+    cfg = ctx.cfg
+    return {
+        "old": cfg.old_model.name,
+        "new": cfg.new_model.name,
+        "side": cfg.side_info.name if side else None,
+        "images": cfg.images_uri,
+        "models": {k: b.meta.get("config_hash") or b.name for k, b in blobs.items()},
+    }
+
+
+def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
+    """The train split's paired features, materialised once: training makes many passes over
+    a small sample of features, and a lazy pipeline would compete with the trainer for the
+    CPUs Ray Data may use."""
+    cfg = ctx.cfg
+    feats = paired_features(
+        cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
+    )
+    if tc.max_train_rows is not None:
+        feats = feats.limit(tc.max_train_rows)
+    return feats.materialize()
 
 
 def fit_adapters_step(

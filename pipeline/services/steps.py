@@ -50,6 +50,22 @@ class VersionStepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _existing_version(version: str, method: str, m: dict[str, Any]) -> VersionStepResult:
+    """A version that already has a manifest: reported as it is, nothing embedded."""
+    return VersionStepResult(
+        version,
+        m.get("method", method),
+        m["rows"],
+        m["rejected"],
+        len(m["shards"]),
+        0.0,
+        0.0,
+        m.get("index", {}),
+        m.get("run_id"),
+        skipped=True,
+    )
+
+
 def embed_version_step(
     ctx: Context,
     model: ModelConfig,
@@ -64,25 +80,12 @@ def embed_version_step(
     """
     g, version = ctx.gallery, model.name
     if g.has_version(version):
-        m = g.manifest(version)
-        return VersionStepResult(
-            version,
-            m.get("method", method),
-            m["rows"],
-            m["rejected"],
-            len(m["shards"]),
-            0.0,
-            0.0,
-            m.get("index", {}),
-            m.get("run_id"),
-            skipped=True,
-        )
+        return _existing_version(version, method, g.manifest(version))
     files = image_shards(ctx.cfg)
     # Before any model, MLflow or Ray work: a key two shards share would otherwise stop the
     # index build only after every row was decoded and embedded.
     check_image_shards(list(files.values()), ctx.cfg.storage)
     timer = Timer()
-    source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
     with ctx.tracker.run(
         f"{method}-{version}", ctx.tags(step=method, to_version=version), parent_run_id
     ) as run:
@@ -91,46 +94,13 @@ def embed_version_step(
         with timer("probe"):  # a broken model fails here, on real images, before any Ray work
             probe_model(blob, list(files.values()), ctx.cfg.storage, ctx.cfg.embed, side_blob)
         ensure_ray(ctx.cfg.ray)
-        meta = {
-            sid: {
-                "method": method,
-                "model": model.name,
-                "source_version": None,
-                "run_id": run.run_id,
-            }
-            for sid in files
-        }
         with timer("embed"):
-            res = embed_images_to_version(
-                files,
-                g,
-                version,
-                blob,
-                ctx.cfg.embed,
-                meta,
-                source,
-                ctx.cfg.storage,
-                quiet=ctx.quiet,
-                side_blob=side_blob,
-            )
+            res = _embed_files(ctx, model, method, files, blob, side_blob, run.run_id)
         with timer("index"):
             records = list(g.committed_shards(version).values())
             index = index_version(ctx, version, records, blob.embedding_dim)
-        manifest = g.finalize(
-            version,
-            version_manifest(
-                GalleryIdentity.of_config(ctx.cfg),
-                method=method,
-                model=model.name,
-                registry_version=registry_version_of(ctx, model),
-                embedding_dim=blob.embedding_dim,
-                side_info_model=side_blob.name if side_blob else None,
-                side_info_dim=side_blob.embedding_dim if side_blob else 0,
-                index=index,
-                run_id=run.run_id,
-                rows_per_second=res.rows_per_second,
-            ),
-        )
+        meta = _manifest(ctx, model, method, blob, side_blob, index, run.run_id)
+        manifest = g.finalize(version, {**meta, "rows_per_second": res.rows_per_second})
         run.log_metrics({**res.metrics(), **timer.metrics()})
         run.log_dict(manifest, "manifest.json")
         run.set_tags({"carryover.shards": ",".join(str(r["shard_id"]) for r in records)})
@@ -145,6 +115,58 @@ def embed_version_step(
         index,
         run.run_id,
         timings=timer.seconds,
+    )
+
+
+def _manifest(
+    ctx: Context,
+    model: ModelConfig,
+    method: str,
+    blob: Any,
+    side_blob: Any,
+    index: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """The manifest of a version embedded by one model (an ingest or a full backfill)."""
+    return version_manifest(
+        GalleryIdentity.of_config(ctx.cfg),
+        method=method,
+        model=model.name,
+        registry_version=registry_version_of(ctx, model),
+        embedding_dim=blob.embedding_dim,
+        side_info_model=side_blob.name if side_blob else None,
+        side_info_dim=side_blob.embedding_dim if side_blob else 0,
+        index=index,
+        run_id=run_id,
+    )
+
+
+def _embed_files(
+    ctx: Context,
+    model: ModelConfig,
+    method: str,
+    files: dict[int, str],
+    blob: Any,
+    side_blob: Any,
+    run_id: str,
+) -> Any:
+    """Every image shard embedded into the version, each shard's commit naming this run."""
+    source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
+    meta = {
+        sid: {"method": method, "model": model.name, "source_version": None, "run_id": run_id}
+        for sid in files
+    }
+    return embed_images_to_version(
+        files,
+        ctx.gallery,
+        model.name,
+        blob,
+        ctx.cfg.embed,
+        meta,
+        source,
+        ctx.cfg.storage,
+        quiet=ctx.quiet,
+        side_blob=side_blob,
     )
 
 

@@ -555,7 +555,7 @@ def _allocate(
 
 
 @dataclass
-class _Ctx:
+class _State:
     target: str
     curve: QualityCurve
     budget: Budget
@@ -564,13 +564,13 @@ class _Ctx:
     total: int
 
 
-def _shard_gain(f: ShardFacts, n: int, ctx: _Ctx) -> float:
+def _shard_gain(f: ShardFacts, n: int, st: _State) -> float:
     """Top-1 points that re-embedding `n` of this shard's rows (most uncertain first) adds."""
-    if n <= 0 or ctx.total <= 0:
+    if n <= 0 or st.total <= 0:
         return 0.0
-    curve = ctx.curve
+    curve = st.curve
     if not _has_q(f):
-        return n / ctx.total * (curve.full_top1 - curve.transform_top1)
+        return n / st.total * (curve.full_top1 - curve.transform_top1)
     x = np.asarray(f.uncertainty, dtype=float)
     bins = len(x) - 1
     per_bin = f.nonnative / bins
@@ -578,28 +578,28 @@ def _shard_gain(f: ShardFacts, n: int, ctx: _Ctx) -> float:
     hi, lo = x[::-1][:-1], x[::-1][1:]
     # A partly taken bin holds its upper part: its middle is that part's middle.
     mid = hi - 0.5 * (take / per_bin) * (hi - lo)
-    return float(np.sum(take / ctx.total * curve._slopes(ctx.order.at(mid))))
+    return float(np.sum(take / st.total * curve._slopes(st.order.at(mid))))
 
 
-def _estimate(gains: float, ctx: _Ctx) -> float:
-    top = ctx.curve.top1
-    return float(np.clip(ctx.curve.transform_top1 + gains, min(top), max(top)))
+def _estimate(gains: float, st: _State) -> float:
+    top = st.curve.top1
+    return float(np.clip(st.curve.transform_top1 + gains, min(top), max(top)))
 
 
-def _picks_gain(facts: list[ShardFacts], picks: dict[int, _Pick], ctx: _Ctx) -> float:
-    return sum(_shard_gain(f, picks[f.shard_id].rows, ctx) for f in facts)
+def _picks_gain(facts: list[ShardFacts], picks: dict[int, _Pick], st: _State) -> float:
+    return sum(_shard_gain(f, picks[f.shard_id].rows, st) for f in facts)
 
 
 def _spend(
-    eligible: list[ShardFacts], pool_limit: np.ndarray, fixed_gain: float, ctx: _Ctx
+    eligible: list[ShardFacts], pool_limit: np.ndarray, fixed_gain: float, st: _State
 ) -> tuple[dict[int, _Pick], np.ndarray, list[str]]:
     """Allocate the pool budget, trimmed to the smallest that reaches the target top-1 if set."""
-    budget, rules = ctx.budget, ctx.rules
+    budget, rules = st.budget, st.rules
     picks = _allocate(eligible, pool_limit, budget, rules)
     target = rules.target_top1
     if target is None:
         return picks, pool_limit, []
-    best = _estimate(fixed_gain + _picks_gain(eligible, picks, ctx), ctx)
+    best = _estimate(fixed_gain + _picks_gain(eligible, picks, st), st)
     if best < target:
         return (
             picks,
@@ -607,7 +607,7 @@ def _spend(
             [f"target top-1 {target:.2f} not reached: {best:.2f} expected with the whole budget"],
         )
     zero = _allocate(eligible, np.zeros(2), budget, rules)
-    if _estimate(fixed_gain, ctx) >= target:
+    if _estimate(fixed_gain, st) >= target:
         for p in zero.values():
             p.reason = "target top-1 reached without backfill"
         return zero, np.zeros(2), []
@@ -618,7 +618,7 @@ def _spend(
     for _ in range(_TARGET_STEPS):
         mid = 0.5 * (lo + hi)
         trial = _allocate(eligible, _scaled(base, mid), budget, rules)
-        if _estimate(fixed_gain + _picks_gain(eligible, trial, ctx), ctx) >= target:
+        if _estimate(fixed_gain + _picks_gain(eligible, trial, st), st) >= target:
             hi, picks = mid, trial
         else:
             lo = mid
@@ -702,7 +702,7 @@ def _check_mandatory(
     )
 
 
-def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardWork:
+def _shard_plan(f: ShardFacts, p: _Pick, st: _State) -> ShardWork:
     return ShardWork(
         shard_id=f.shard_id,
         rows=f.rows,
@@ -710,8 +710,8 @@ def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardWork:
         reembed_rows=int(p.rows),
         fraction=p.rows / f.rows if f.rows else 0.0,
         transform=list(f.transform) if f.transform is not None else None,
-        cost_seconds=_shard_seconds(f, p.method, p.rows, ctx.budget),
-        expected_gain=_shard_gain(f, p.rows, ctx) if p.method in ("partial", "full") else 0.0,
+        cost_seconds=_shard_seconds(f, p.method, p.rows, st.budget),
+        expected_gain=_shard_gain(f, p.rows, st) if p.method in ("partial", "full") else 0.0,
         reason=p.reason,
         images_available=f.images_available,
         has_side_info=f.has_side_info,
@@ -743,15 +743,15 @@ def make_plan(
     _validate(facts, budget, rules)
     facts = sorted(facts, key=lambda f: f.shard_id)
     total = sum(f.rows for f in facts)
-    ctx = _Ctx(target, curve, budget, rules, _Ordering(facts, total), total)
+    st = _State(target, curve, budget, rules, _Ordering(facts, total), total)
     picks = {f.shard_id: p for f in facts if (p := _classify(f, target)) is not None}
     eligible = [f for f in facts if f.shard_id not in picks]
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
     _check_mandatory(mandatory, picks, need, budget)
     pool_limit = _limit(budget) - need if rules.spend_optional else np.zeros(2)
-    fixed = sum(_shard_gain(f, f.nonnative, ctx) for f in mandatory)
-    spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, ctx)
+    fixed = sum(_shard_gain(f, f.nonnative, st) for f in mandatory)
+    spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, st)
     if not rules.spend_optional:
         for p in spent.values():
             p.reason = "re-embedding would not pay: transform only"
@@ -759,7 +759,7 @@ def make_plan(
     for f in eligible:
         note = _chain_note(f)
         picks[f.shard_id].reason += f"; {note}" if note else ""
-    shards = [_shard_plan(f, picks[f.shard_id], ctx) for f in facts]
+    shards = [_shard_plan(f, picks[f.shard_id], st) for f in facts]
     blocked = [s for s in shards if s.method == "blocked"]
     if blocked:
         warnings.append(
@@ -776,7 +776,7 @@ def make_plan(
         cost_seconds=float(sum(s.cost_seconds for s in shards)),
         transform_top1=curve.transform_top1,
         full_top1=curve.full_top1,
-        expected_top1=_estimate(sum(s.expected_gain for s in shards), ctx),
+        expected_top1=_estimate(sum(s.expected_gain for s in shards), st),
         curve_ordering=curve.ordering,
         warnings=warnings,
     )

@@ -193,7 +193,7 @@ def _nothing_to_do(ctx: Context) -> UpgradeReport:
 
 def _report(ctx: Context, results: dict, stages: dict, run_id: str, until: str | None):
     cfg, g = ctx.cfg, ctx.gallery
-    plan = results.get("plan") or {}
+    plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
     ev = results.get("evaluate") or {}
     versions = version_summaries(g)
     # The report is printed and written to files: URIs lose any user:password@ they carry.

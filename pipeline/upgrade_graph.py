@@ -1,5 +1,4 @@
-"""The upgrade graph: models → transformation → evaluate → plan → execute shards → index →
-validate → promote, each stage a function of its inputs and the run the engine opened."""
+"""The upgrade graph: models → h → evaluate → plan → execute → index → validate → promote."""
 
 from __future__ import annotations
 
@@ -82,7 +81,20 @@ def check_identity(ctx: Context, log: StageLog, restart: bool) -> None:
 
 
 def plan_of(output: dict[str, Any]) -> Plan:
-    return Plan.from_json(json.dumps(output))
+    """The plan a stage record holds. A record written before each shard's work carried its
+    source and chain kept them beside the plan, under "_work": they are merged back."""
+    legacy = {w["shard_id"]: w for w in output.get("_work") or []}
+    shards = [
+        {**s, **{k: legacy[s["shard_id"]].get(k) for k in _LEGACY_KEYS}}
+        if s["shard_id"] in legacy
+        else s
+        for s in output["shards"]
+    ]
+    plan = {k: v for k, v in output.items() if not k.startswith("_")}
+    return Plan.from_json(json.dumps({**plan, "shards": shards}))
+
+
+_LEGACY_KEYS = ("chain", "source_uri", "image_file")
 
 
 def print_plan(plan: Plan, console: Console) -> None:

@@ -1,6 +1,4 @@
-"""Lineage of a gallery, from its manifests and MLflow alone: for each version, the embedder
-(registry version and run) that produced it; for each shard, how it was produced: method,
-source version, transformation versions, run id and time."""
+"""A gallery's lineage from manifests and MLflow: each version's embedder, each shard's origin."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Per-shard facts for the planner: rows, side-info, images, the chain that applies, and the
-uncertainty distribution after transformation (computed on Ray Data, one shard per task)."""
+"""Per-shard facts for the planner (rows, side-info, images, chain, uncertainty), on Ray Data."""
 
 from __future__ import annotations
 

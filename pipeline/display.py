@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pipeline.upgrade.plan import Plan, pct
-from pipeline.upgrade.validate import ValidationReport
+
+if TYPE_CHECKING:  # start-up: validate imports the metrics (torch, ~1.5 s); tables only read it
+    from pipeline.upgrade.validate import ValidationReport
 
 
 def _budget_text(plan: Plan) -> str:

@@ -29,8 +29,8 @@ from pipeline.upgrade.execute import (
 from pipeline.upgrade.facts import ScanSettings, find_chain, gather_facts
 from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, make_plan
 from pipeline.upgrade.price import price_budget
-from pipeline.upgrade.simulate import ValidationRows, simulate_plan
-from pipeline.upgrade.validate import Tolerances, ValidationReport, validate_version
+from pipeline.upgrade.simulate import simulate_plan
+from pipeline.upgrade.validate import Tolerances, ValidationReport, ValidationRows, validate_version
 
 
 # -- chains ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pipeline.gallery.store import Gallery, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.upgrade.facts import columns, side_of
 from pipeline.upgrade.plan import Plan, ShardFacts
+from pipeline.upgrade.validate import ValidationRows
 
 
 def _source_rows(g: Gallery, source: str, keys: list[str]) -> dict[str, Any]:
@@ -55,17 +56,6 @@ def _kept_rows(
         return np.random.default_rng(0).random(len(names)) >= frac
     q = np.linspace(0, 1, max(len(f.uncertainty), 2))
     return lv < np.interp(1 - frac, q, f.uncertainty)
-
-
-@dataclass(frozen=True)
-class ValidationRows:
-    """The labelled validation rows the plan is replayed on, with their new-model embeddings
-    (the queries) and whether each key was found among the images."""
-
-    keys: list[str]
-    labels: np.ndarray
-    new: np.ndarray
-    found: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,17 @@ from pipeline.gallery.rows import version_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.upgrade.plan import Plan
-from pipeline.upgrade.simulate import ValidationRows
+
+
+@dataclass(frozen=True)
+class ValidationRows:
+    """The labelled validation rows the plan is replayed on, with their new-model embeddings
+    (the queries) and whether each key was found among the images."""
+
+    keys: list[str]
+    labels: np.ndarray
+    new: np.ndarray
+    found: np.ndarray
 
 
 class ValidationFailed(GalleryError):

@@ -31,20 +31,6 @@ PACKAGE = ROOT / "pipeline"
 MAX_FUNCTION_LINES = 60
 START_UP_MARK = "start-up"
 
-# Expected failures while issue 16 is in flight: file -> the checks it is exempt from. The
-# integrator empties this when the refactor lands; nothing is to be exempted for any other reason.
-PENDING: dict[str, set[str]] = {
-    # Being restructured by the other engineer (graph/, upgrade/, context, bench/profile, ...).
-    "pipeline/bench/cost.py": {"toplevel"},
-    "pipeline/bench/profile.py": {"toplevel"},
-    "pipeline/context.py": {"toplevel"},
-    "pipeline/embed/transform.py": {"toplevel"},
-    # graph/'s application services, moving to services/ (a folder: a trailing slash).
-    "pipeline/graph/": {"length", "toplevel"},
-    "pipeline/services/": {"length", "toplevel"},
-    "pipeline/upgrade/plan.py": {"ctx"},
-}
-
 
 @dataclass(frozen=True)
 class Module:
@@ -92,14 +78,6 @@ def modules() -> tuple[Module, ...]:
 @cache
 def module_names() -> frozenset[str]:
     return frozenset(m.name for m in modules())
-
-
-def _exempt(path: str, check: str) -> bool:
-    """`PENDING` names files, or folders by a trailing slash."""
-    return any(
-        check in checks and (path == key or (key.endswith("/") and path.startswith(key)))
-        for key, checks in PENDING.items()
-    )
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -204,8 +182,6 @@ def _report(failures: list[str], rule: str) -> None:
 def test_no_function_over_60_lines() -> None:
     failures = []
     for module in modules():
-        if _exempt(module.path, "length"):
-            continue
         for name, node in _functions(module.tree):
             length = node.end_lineno - node.lineno + 1
             if length > MAX_FUNCTION_LINES:
@@ -216,7 +192,7 @@ def test_no_function_over_60_lines() -> None:
 def test_no_ctx_parameter_in_upgrade_package() -> None:
     failures = []
     for module in modules():
-        if not module.path.startswith("pipeline/upgrade/") or _exempt(module.path, "ctx"):
+        if not module.path.startswith("pipeline/upgrade/"):
             continue
         for name, node in _functions(module.tree):
             args = node.args
@@ -230,10 +206,10 @@ def _is_planner(path: str) -> bool:
     return path == "pipeline/upgrade/plan.py" or path.startswith("pipeline/plan/")
 
 
-def _import_failures(check: str, applies, forbidden: tuple[str, ...]) -> list[str]:
+def _import_failures(applies, forbidden: tuple[str, ...]) -> list[str]:
     failures = []
     for module in modules():
-        if not applies(module.path) or _exempt(module.path, check):
+        if not applies(module.path):
             continue
         for imp in imports(module):
             bad = [root for root in forbidden if _names(imp.targets, root)]
@@ -243,19 +219,17 @@ def _import_failures(check: str, applies, forbidden: tuple[str, ...]) -> list[st
 
 
 def test_planner_imports_neither_ray_nor_rich() -> None:
-    failures = _import_failures("planner", _is_planner, ("ray", "rich"))
+    failures = _import_failures(_is_planner, ("ray", "rich"))
     _report(failures, "the planner is pure: no ray, no rich (display lives at the edge)")
 
 
 def test_production_code_does_not_import_bench() -> None:
-    outside = lambda path: not path.startswith("pipeline/bench/")  # noqa: E731
-    failures = _import_failures("bench", outside, ("pipeline.bench",))
+    failures = _import_failures(lambda p: not p.startswith("pipeline/bench/"), ("pipeline.bench",))
     _report(failures, "bench/ imports production code, never the reverse")
 
 
 def test_mlflow_imported_only_in_tracking() -> None:
-    outside = lambda path: not path.startswith("pipeline/tracking/")  # noqa: E731
-    failures = _import_failures("mlflow", outside, ("mlflow",))
+    failures = _import_failures(lambda p: not p.startswith("pipeline/tracking/"), ("mlflow",))
     _report(failures, "mlflow is imported only under pipeline/tracking/")
 
 
@@ -278,8 +252,6 @@ def _marked_start_up(module: Module, line: int) -> bool:
 def test_imports_sit_at_module_level() -> None:
     failures = []
     for module in modules():
-        if _exempt(module.path, "toplevel"):
-            continue
         for imp in imports(module):
             if imp.function != "<module>" and not _marked_start_up(module, imp.line):
                 failures.append(f"{module.path}:{imp.line} {imp.function}: function-level import")
@@ -291,15 +263,13 @@ def _import_graph() -> dict[str, dict[str, int]]:
     by_name = {m.name: m for m in modules()}
     graph: dict[str, dict[str, int]] = {}
     for name, module in by_name.items():
-        if _exempt(module.path, "cycles"):
-            continue
         edges: dict[str, int] = {}
         for imp in imports(module):
             for target in imp.targets:
                 if imp.top_level and target in by_name and target != name:
                     edges.setdefault(target, imp.line)
         graph[name] = edges
-    return {n: {t: ln for t, ln in e.items() if t in graph} for n, e in graph.items()}
+    return graph
 
 
 def _find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:

@@ -31,6 +31,7 @@ from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, 
 from pipeline.upgrade.price import price_budget
 from pipeline.upgrade.simulate import simulate_plan
 from pipeline.upgrade.validate import Tolerances, ValidationReport, ValidationRows, validate_version
+from pipeline.upgrade.work import id_ranges
 
 
 # -- chains ---------------------------------------------------------------------------------
@@ -229,17 +230,6 @@ def _validation_rows(ctx: Context) -> ValidationRows:
 
 
 # -- execution ------------------------------------------------------------------------------
-def id_ranges(ids: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (shard ids fit a tag however many there are)."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec:
     """The shard executors of this upgrade: target, chains, new model and lineage."""
     cfg, g = ctx.cfg, ctx.gallery

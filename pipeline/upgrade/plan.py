@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.upgrade.work import ShardWork
+from pipeline.upgrade.work import ShardWork, id_ranges
 
 METHODS = ("skip", "transform", "partial", "full", "blocked")
 # Only when nothing was measured (no throughput profile, no explicit rate): applying h is a small
@@ -667,14 +667,7 @@ def _classify(f: ShardFacts, target: str) -> _Pick | None:
 
 def _ids(ids: list[int]) -> str:
     """[3] -> "shard 3"; [0, 1, 2, 5] -> "shards 0-2, 5"."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    return f"shard{'s' if len(ids) > 1 else ''} {text}"
+    return f"shard{'s' if len(ids) > 1 else ''} {id_ranges(ids, ', ')}"
 
 
 def _check_mandatory(

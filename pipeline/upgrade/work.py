@@ -56,3 +56,14 @@ class ShardSource:
         """From a ShardSource's or a ShardWork's fields (a ShardWork names its source too)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def id_ranges(ids: list[int], sep: str = ",") -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8": shard ids in a line (or a tag) however many."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return sep.join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -19,7 +19,7 @@ from pipeline.gallery.store import Gallery
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal
 from pipeline.ops.schedule import decide, missed_since, upgrade_config
-from pipeline.services.upgrade import id_ranges as _id_ranges
+from pipeline.upgrade.work import id_ranges as _id_ranges
 
 # Generous on purpose: these wait on events, and only a very loaded machine takes long.
 WAIT_S = 120.0

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import TransformationConfig, load_config
-from pipeline.graph import compat_steps as cs
-from pipeline.graph import steps
+from pipeline.services import compat_steps as cs
+from pipeline.services import models, steps
 
 HERE = Path(__file__).resolve().parent
 # Published top-1 (ResNet50-128, old model on half the classes): DESIGN.md, "The science".
@@ -55,9 +55,9 @@ def main(data: str, config: str, overrides: list[str]) -> int:
     with ctx.tracker.run("benchmark-compat", ctx.tags(step="benchmark")) as parent:
         pid = parent.run_id
         for m in (old, new):
-            timed(f"train {m.name}", steps.train_step, ctx, m, pid)
-        timed("train side-info", cs.train_side_info_step, ctx, pid)
-        timed(f"train {bct.name} (BCT)", steps.train_step, ctx, bct, pid)
+            timed(f"train {m.name}", models.train_step, ctx, m, pid)
+        timed("train side-info", models.train_side_info_step, ctx, pid)
+        timed(f"train {bct.name} (BCT)", models.train_step, ctx, bct, pid)
         transformations = {}
         for name, (loss, side) in VARIANTS.items():
             tc = cfg.transformation.model_dump()
@@ -67,8 +67,8 @@ def main(data: str, config: str, overrides: list[str]) -> int:
             )
             timed(f"train transformation {name}", cs.train_transformation_step, vctx, pid, ())
             transformations[name] = load_transformation(cs.transformation_dir(vctx))
-        blobs = {m.name: cs.blob_of(ctx, m) for m in (old, new, bct)}
-        blobs["side"] = cs.side_blob(ctx)
+        blobs = {m.name: models.blob_of(ctx, m) for m in (old, new, bct)}
+        blobs["side"] = models.side_blob(ctx)
         val = timed(
             "features (val split)",
             lambda: collect(

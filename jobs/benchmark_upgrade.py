@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.data.prepare import prepare
+from pipeline.display import plan_table
 from pipeline.flows import demo_config, run_upgrade
 from pipeline.gallery.store import Gallery
-from pipeline.plan.planner import Plan
+from pipeline.upgrade.plan import Plan
 
 
 def variant(workdir: str, sets: list[str], target: str, budget: float, promote: bool, console):
@@ -73,7 +74,7 @@ def main() -> int:
         variant(args.workdir, args.set, "v2-full", 1.0, False, console),
         variant(args.workdir, args.set, "v2", args.budget, True, console),
     ]
-    console.print(Plan.from_json(json.dumps(rows[-1]["plan"])).table())
+    console.print(plan_table(Plan.from_json(json.dumps(rows[-1]["plan"]))))
     t = Table(
         title=f"planned upgrade v1 → v2, {args.shards} shards, images of shard "
         f"{args.gone} gone (top-1 on the validation split, new-model queries)"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 
@@ -378,8 +379,6 @@ class ScheduleConfig(_Model):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, v: str) -> str:
-        from croniter import croniter
-
         if len(v.split()) != 5 or not croniter.is_valid(v):
             raise ValueError(
                 f"{v!r} is not a 5-field cron expression (minute hour day month weekday), "

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import upgrade_graph as ug
+from pipeline.cluster import check_cluster
 from pipeline.config import UpgradeConfig, dump_config, load_config
-from pipeline.graph import steps
-from pipeline.graph.dag import Stage
+from pipeline.context import Context, gallery_lock
+from pipeline.data.prepare import prepare
+from pipeline.display import plan_table, validation_table, versions_table
+from pipeline.evaluate.report import CompatReport
+from pipeline.gallery.lock import TOKEN_ENV
+from pipeline.gallery.records import version_summaries
+from pipeline.graph.dag import GraphError, OpenRun, Stage, StageLog, StageRun, run_stages
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
+from pipeline.ops.journal import JOB_ID_ENV
+from pipeline.tracking import ui_hint
+from pipeline.upgrade.plan import Plan
+from pipeline.upgrade.validate import ValidationReport
 
 
 @dataclass
@@ -56,8 +70,6 @@ def demo_config(workdir: str, overrides: list[str] | None = None) -> UpgradeConf
 
 def ensure_images(cfg: UpgradeConfig, source: str = "digits", shards: int = 4) -> dict[str, Any]:
     """Prepare image shards if the images URI holds none yet (the demo's first step)."""
-    from pipeline.data.prepare import prepare
-
     if uri_io.exists(cfg.images_uri, cfg.storage) and uri_io.parquet_files(
         cfg.images_uri, cfg.storage
     ):
@@ -76,15 +88,9 @@ def run_upgrade(
 ) -> UpgradeReport:
     """Run the upgrade graph (resuming any recorded stage) under the gallery's lock, one MLflow
     child run per stage under the upgrade's parent run, and report what it did."""
-    from pipeline.cluster import check_cluster
-    from pipeline.gallery.lock import TOKEN_ENV, GalleryLock
-    from pipeline.graph.dag import GraphError, StageLog, run_stages
-    from pipeline.graph.upgrade import check_identity, upgrade_stages
-    from pipeline.ops.journal import JOB_ID_ENV
-
-    ctx = steps.Context(cfg, quiet=quiet)
+    ctx = Context(cfg, quiet=quiet)
     console = console or Console()
-    names = [s.name for s in upgrade_stages(ctx, lambda: None, lambda: None, console)]
+    names = [s.name for s in ug.upgrade_stages(ctx, console)]
     if until is not None and until not in names:
         raise GraphError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
     # From records alone, before Ray, MLflow or any cache: a finished upgrade rerun (a nightly
@@ -96,17 +102,11 @@ def run_upgrade(
     tracker = ctx.tracker
     target = cfg.target_version
     job_id = os.environ.get(JOB_ID_ENV)
-    lock = GalleryLock(
-        cfg.gallery_uri,
-        cfg.storage,
-        cfg.schedule.lock_ttl_seconds,
-        owner=f"carryover upgrade ({job_id or 'cli'})",
-        purpose=f"upgrade to {target}",
-        token=os.environ.get(TOKEN_ENV) or None,
-    )
-    with lock:
+    owner = f"carryover upgrade ({job_id or 'cli'})"
+    token = os.environ.get(TOKEN_ENV) or None
+    with gallery_lock(cfg, owner, f"upgrade to {target}", token) as lock:
         log = StageLog(ctx.gallery, target)
-        check_identity(ctx, log, restart)
+        ug.check_identity(ctx, log, restart)
         check_cluster(cfg)  # on several nodes, refuse local paths before any work
         if prepare_source:
             ensure_images(cfg, prepare_source)
@@ -114,102 +114,88 @@ def run_upgrade(
         lineage = {"from_version": source, "to_version": target}
         if job_id:
             lineage["job_id"] = job_id
-        stages: dict[str, dict[str, Any]] = {}
         with tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
             parent.log_dict(dump_config(cfg), "config.yaml")  # secrets masked
-            current: list[Any] = [parent]
-            stage_runs: dict[str, str] = {}
-
-            def in_child_run(stage: Stage) -> Stage:
-                def run(inputs: dict[str, Any]) -> Any:
-                    lock.renew()  # LockLost if another holder took the gallery meanwhile
-                    tags = ctx.tags(step=stage.name, stage=stage.name, **lineage)
-                    with ctx.tracker.run(stage.name, tags, parent.run_id) as child:
-                        stage_runs[stage.name] = child.run_id
-                        current.append(child)
-                        try:
-                            return stage.run(inputs)
-                        finally:
-                            current.pop()
-
-                return replace(stage, run=run)
-
-            def on_event(name: str, event: str, secs: float) -> None:
-                if event == "start":
-                    console.print(f"[bold cyan]▶ {name}[/]")
-                    return
-                stages[name] = {"status": event, "seconds": secs}
-                mark = "✓" if event == "done" else "↻"
-                note = "" if event == "done" else " (done in an earlier run)"
-                console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
-                parent.set_tags({f"carryover.stage.{name}": event})
-                if event == "resumed":  # point at the run of the upgrade attempt that did it
-                    earlier = (log.get(name) or {}).get("run_id")
-                    if earlier:
-                        parent.set_tags({f"carryover.stage.{name}.run_id": earlier})
-                if event == "done":
-                    parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
-
-            graph = upgrade_stages(
-                ctx,
-                lambda: current[-1].run_id,
-                lambda: current[-1],
-                console,
-                lambda: parent,
-            )
+            events = _StageEvents(console, parent, log)
             results = run_stages(
-                [in_child_run(s) for s in graph],
+                ug.upgrade_stages(ctx, console),
                 log,
-                on_event,
+                events,
                 until,
-                lambda name: {"run_id": stage_runs.get(name)},
+                _child_runs(ctx, lock, parent, lineage),
             )
-    return _report(ctx, results, stages, parent.run_id, until)
+    return _report(ctx, results, events.stages, parent.run_id, until)
 
 
-def finished_upgrade(ctx: steps.Context) -> bool:
+def _child_runs(ctx: Context, lock: Any, parent: Any, lineage: dict[str, str]) -> OpenRun:
+    """The engine's run opener: each stage in its own MLflow run under the upgrade's, after
+    renewing the gallery's lease (LockLost if another holder took the gallery meanwhile)."""
+
+    @contextlib.contextmanager
+    def open_run(stage: Stage) -> Iterator[StageRun]:
+        lock.renew()
+        tags = ctx.tags(step=stage.name, stage=stage.name, **lineage)
+        with ctx.tracker.run(stage.name, tags, parent.run_id) as child:
+            yield StageRun(child, parent)
+
+    return open_run
+
+
+class _StageEvents:
+    """Prints each stage's start and end and tags the parent run with it."""
+
+    def __init__(self, console: Console, parent: Any, log: StageLog) -> None:
+        self.console, self.parent, self.log = console, parent, log
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, event: str, secs: float) -> None:
+        console, parent = self.console, self.parent
+        if event == "start":
+            console.print(f"[bold cyan]▶ {name}[/]")
+            return
+        self.stages[name] = {"status": event, "seconds": secs}
+        mark = "✓" if event == "done" else "↻"
+        note = "" if event == "done" else " (done in an earlier run)"
+        console.print(f"[green]{mark}[/] {name} [dim]{secs:.1f}s{note}[/]")
+        parent.set_tags({f"carryover.stage.{name}": event})
+        if event == "resumed":  # point at the run of the upgrade attempt that did it
+            earlier = (self.log.get(name) or {}).get("run_id")
+            if earlier:
+                parent.set_tags({f"carryover.stage.{name}.run_id": earlier})
+        if event == "done":
+            parent.log_metrics({f"stage_seconds_{name.replace('-', '_')}": secs})
+
+
+def finished_upgrade(ctx: Context) -> bool:
     """The records say this config's upgrade is done: the target version has a manifest,
     CURRENT names it, and its recorded identity is this config's (a config that would build
     a different version is not finished)."""
-    from pipeline.graph.dag import StageLog
-    from pipeline.graph.upgrade import config_identity
-
     g, target = ctx.gallery, ctx.cfg.target_version
     if g.current() != target or not g.has_version(target):
         return False
     rec = StageLog(g, target).get("_identity")
-    ident = json.loads(json.dumps(config_identity(ctx.cfg)))  # as the record stores it
+    ident = json.loads(json.dumps(ug.config_identity(ctx.cfg)))  # as the record stores it
     return rec is not None and rec.get("output") == ident
 
 
-def _nothing_to_do(ctx: steps.Context) -> UpgradeReport:
+def _nothing_to_do(ctx: Context) -> UpgradeReport:
     cfg = ctx.cfg
     return UpgradeReport(
         gallery=redact_text(cfg.gallery_uri),
         serving=cfg.target_version,
         target=cfg.target_version,
         parent_run_id=None,
-        versions=_versions(ctx.gallery),
+        versions=version_summaries(ctx.gallery),
         tracking_uri=redact_text(cfg.tracking_uri),
         nothing_to_do=True,
     )
 
 
-def _versions(g: Any) -> dict[str, dict[str, Any]]:
-    versions = {}
-    for v in g.versions():
-        m = g.manifest(v)
-        versions[v] = {
-            k: m.get(k) for k in ("model", "method", "rows", "rejected", "source_version")
-        } | {"shards": len(m["shards"]), "index": (m.get("index") or {}).get("kind")}
-    return versions
-
-
-def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until: str | None):
+def _report(ctx: Context, results: dict, stages: dict, run_id: str, until: str | None):
     cfg, g = ctx.cfg, ctx.gallery
     plan = {k: v for k, v in (results.get("plan") or {}).items() if not k.startswith("_")}
     ev = results.get("evaluate") or {}
-    versions = _versions(g)
+    versions = version_summaries(g)
     # The report is printed and written to files: URIs lose any user:password@ they carry.
     return UpgradeReport(
         gallery=redact_text(cfg.gallery_uri),
@@ -223,7 +209,7 @@ def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until:
         validation=results.get("validate") or {},
         timings={k: v["seconds"] for k, v in stages.items()},
         tracking_uri=redact_text(cfg.tracking_uri),
-        ui_hint=_ui_hint(cfg.tracking_uri),
+        ui_hint=ui_hint(cfg.tracking_uri),
         transformation=results.get("transformation") or {},
         compat=ev.get("report") or {},
         compat_files=ev.get("files") or {},
@@ -231,41 +217,14 @@ def _report(ctx: steps.Context, results: dict, stages: dict, run_id: str, until:
     )
 
 
-def _ui_hint(tracking_uri: str) -> str:
-    from pipeline.tracking import ui_hint
-
-    return ui_hint(tracking_uri)
-
-
-def versions_table(report: UpgradeReport) -> Table:
-    """One row per gallery version; the serving one starred."""
-    t = Table(title=f"gallery {report.gallery} (serving: {report.serving})")
-    for col in ("version", "model", "method", "rows", "rejected", "shards", "from", "index"):
-        t.add_column(col, justify="right" if col in ("rows", "rejected", "shards") else "left")
-    for v, d in report.versions.items():
-        t.add_row(
-            v + (" *" if v == report.serving else ""),
-            str(d["model"]),
-            str(d["method"]),
-            str(d["rows"]),
-            str(d["rejected"]),
-            str(d["shards"]),
-            str(d.get("source_version") or "-"),
-            str(d.get("index") or "-"),
-        )
-    return t
-
-
 def print_summary(report: UpgradeReport, console: Console) -> None:
-    from pipeline.plan.planner import Plan
-
+    """The upgrade's versions, compatibility report, plan, validation and stage times."""
     if report.nothing_to_do:
         console.print(f"{report.target} is already serving: nothing to do")
         return
-    console.print(versions_table(report))
+    title = f"gallery {report.gallery} (serving: {report.serving})"
+    console.print(versions_table(title, report.versions, report.serving))
     if report.compat:
-        from pipeline.evaluate.report import CompatReport
-
         compat = CompatReport.from_json(json.dumps(report.compat))
         console.print(compat.table())
         if compat.curves:
@@ -275,12 +234,10 @@ def print_summary(report: UpgradeReport, console: Console) -> None:
                 f"compatibility report: {Path(report.compat_files['report.json']).parent}"
             )
     if report.plan:
-        console.print(Plan.from_json(json.dumps(report.plan)).table())
+        console.print(plan_table(Plan.from_json(json.dumps(report.plan))))
     if report.validation:
-        from pipeline.graph.validate import ValidationReport
-
         v = {k: x for k, x in report.validation.items() if k != "ok"}
-        console.print(ValidationReport(**v).table())
+        console.print(validation_table(ValidationReport(**v)))
     tt = Table(title="stages (s)")
     tt.add_column("stage")
     tt.add_column("status")
@@ -302,8 +259,6 @@ def write_report(report: UpgradeReport, path: str | Path) -> None:
 def run_demo(workdir: str, overrides: list[str] | None, console: Console, quiet: bool = False):
     """The embedded demo end to end; leaves report.json and the resolved config.yaml behind so
     later commands (`carryover evaluate -c <workdir>/config.yaml`) address the same gallery."""
-    import yaml
-
     cfg = demo_config(workdir, overrides)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     cfg_path = Path(workdir) / "config.yaml"

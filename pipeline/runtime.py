@@ -21,6 +21,8 @@ class RayStartError(RuntimeError):
 
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Initialise Ray if needed: `cfg.address` (or RAY_ADDRESS) or a local instance."""
+    # start-up: ray costs ~0.4 s to import and ray.data ~0.5 s more; every CLI command imports
+    # this module (for RayStartError) and most never start Ray.
     import ray
 
     if ray.is_initialized():
@@ -46,7 +48,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         # `ray start` left on this machine (another user's, or a stopped test's).
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False)
     _init_with_retries(cfg, address, kwargs)
-    from ray.data import DataContext
+    from ray.data import DataContext  # start-up: as above
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -61,7 +63,7 @@ def _first_line(e: BaseException) -> str:
 def _init_with_retries(cfg: RayConfig, address: str | None, kwargs: dict) -> None:
     """ray.init, retried with exponential backoff: a local raylet that timed out at start-up
     on a loaded machine usually starts on a later try."""
-    import ray
+    import ray  # start-up: see ensure_ray
 
     attempts = cfg.start_retries + 1
     for i in range(attempts):

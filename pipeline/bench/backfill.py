@@ -12,19 +12,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import save
 
 from pipeline.bench.common import Figure
 from pipeline.config import ArchitectureConfig, DataConfig, EmbedConfig, ModelConfig
 from pipeline.config import PreprocessConfig as Pre
+from pipeline.data.decode import decode_batch
+from pipeline.data.prepare import prepare
+from pipeline.embed.runner import embed_images_to_version
+from pipeline.gallery.store import Gallery
+from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.store import WEIGHTS_FILE, ModelBlob, build_model, embedder_meta
+from pipeline.runtime import ensure_ray
 
 
 def small_cnn(size: int = 28) -> Any:
     """The benchmark's embedder: carryover's EmbeddingNet (demo-sized), as a ModelBlob."""
-    from safetensors.torch import save
-
-    from pipeline.models.backbone import EmbeddingNet
-    from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta
-
     cfg = ModelConfig(
         name="bench",
         architecture=ArchitectureConfig(widths=[16, 32, 64], embedding_dim=64),
@@ -40,17 +43,12 @@ def small_cnn(size: int = 28) -> Any:
 
 def make_images(root: Path, n: int, shards: int) -> dict[int, str]:
     """n synthetic 28×28 PNG digits in Parquet shards (carryover's own `data prepare`)."""
-    from pipeline.data.prepare import prepare
-
     res = prepare("synthetic", str(root / "images"), shards, None, DataConfig(), synthetic_n=n)
     return dict(enumerate(res.files))
 
 
 def plain_loop(files: dict[int, str], blob: Any, threads: int, batch: int, out: Path) -> float:
     """rows/s of one process: read → decode → embed (inference_mode) → write Parquet."""
-    from pipeline.data.decode import decode_batch
-    from pipeline.models.store import build_model
-
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     model = build_model(blob)
@@ -96,9 +94,6 @@ def carryover_backfill(
 ) -> tuple[float, int]:
     """rows/s of `embed_images_to_version` (the ingest / full-backfill path), first row read to
     last shard committed; returns (rows/s, rows written)."""
-    from pipeline.embed.runner import embed_images_to_version
-    from pipeline.gallery.store import Gallery
-
     g = Gallery(str(root / "gallery"))
     meta = {sid: {"method": "full", "model": "bench", "run_id": None} for sid in files}
     res = embed_images_to_version(files, g, "bench", blob, cfg, meta, "backfill:bench", quiet=True)
@@ -112,8 +107,6 @@ def run_backfill(
     shards: int = 10,
     cfg: EmbedConfig | None = None,
 ) -> list[Figure]:
-    from pipeline.runtime import ensure_ray
-
     cfg = cfg or EmbedConfig()
     root = Path(workdir) / "backfill"
     shutil.rmtree(root, ignore_errors=True)

@@ -10,6 +10,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+import ray
+import torch
+
 
 @dataclass
 class Figure:
@@ -70,9 +74,6 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def machine() -> dict[str, Any]:
     """The facts a reader needs to compare figures across machines."""
-    import numpy as np
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -82,7 +83,6 @@ def machine() -> dict[str, Any]:
     mem = None
     with suppress(ValueError, OSError):
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import ray
 
     return {
         "cpu": cpu,

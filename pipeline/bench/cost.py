@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from pipeline.bench.common import Figure
+from pipeline.models.compat import Transformation, fold_batchnorm
+from pipeline.models.resnet import resnet50_embedder
+from pipeline.train.transformation import apply_transformation
 
 SECTION = "cost"
 IMAGE_SIZE = 224
@@ -70,8 +73,6 @@ def measure_embedder(
     batch: int = 16, seconds: float = 20.0, image_size: int = IMAGE_SIZE
 ) -> Throughput:
     """ResNet-50 images/s on random 3-channel images: eval mode, inference_mode, warm-up first."""
-    from pipeline.models.resnet import resnet50_embedder
-
     torch.manual_seed(0)
     model = resnet50_embedder().eval()
     x = torch.randn(batch, 3, image_size, image_size)
@@ -97,9 +98,6 @@ def measure_transformation(
     dim: int = 128, side_dim: int = 32, rows: int = 200_000, batch: int = TRANSFORM_BATCH
 ) -> Throughput:
     """rows/s of production's transformation (FastFill head on, default inner width)."""
-    from pipeline.models.compat import Transformation, fold_batchnorm
-    from pipeline.train.transformation import apply_transformation
-
     torch.manual_seed(0)
     arch = {"old_dim": dim, "new_dim": dim, "side_dim": side_dim, "inner_dim": None}
     # As the executor's TransformChain runs it: eval mode, BatchNorm folded into the Linears.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -126,14 +127,27 @@ def run_index(
         "true_neighbours_in_own_cluster": round(own_cluster, 4),
     }
     size = f"{rows:,} rows x {dim}-D, {queries:,} queries, {threads} threads"
+    return _figures(extra, size, kind, queries / idx_s, queries / flat_s, recall, build_s)
+
+
+def _figures(
+    extra: dict[str, Any],
+    size: str,
+    kind: str,
+    qps: float,
+    flat_qps: float,
+    recall: float,
+    build_s: float,
+) -> list[Figure]:
+    k = extra["k"]
     return [
         Figure(
             SECTION,
             "queries/s",
-            queries / idx_s,
+            qps,
             "queries/s",
             baseline="flat index",
-            baseline_value=queries / flat_s,
+            baseline_value=flat_qps,
             target=_TARGET_QPS_RATIO,
             tried="the index type is chosen by size (flat up to IndexConfig.flat_max_rows, then "
             "IVF-flat with nlist ~ 4·sqrt(rows)); nprobe is the smallest that reaches recall@10 "

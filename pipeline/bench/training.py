@@ -33,11 +33,15 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
+import ray.data
 from torch import nn
 
 from pipeline.bench.common import Figure, stopwatch
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.train.loop import Task
+from pipeline.runtime import ensure_ray
+from pipeline.train.embedder import build_task
+from pipeline.train.loop import Task, fit
 
 SECTION = "training"
 _EPOCHS = 2  # epoch 0 warms up (caches the shard, allocator, DDP buckets); epoch 1 is timed
@@ -51,8 +55,6 @@ def timed_task(config: dict[str, Any]) -> Task:
     next batch). The loop divides per-epoch sums by the epoch's rows before reporting; the
     caller multiplies back by `rows`.
     """
-    from pipeline.train.embedder import build_task
-
     task = build_task(config)
     per_epoch = int(config["bench_steps_per_epoch"])
     inner = task.step
@@ -74,8 +76,6 @@ def timed_task(config: dict[str, Any]) -> Task:
 def _dataset(rows: int, classes: int, seed: int):
     """Decoded-looking images: a class-dependent pattern plus noise, normalised like
     PreprocessConfig's defaults, flattened as `training_batch` returns them."""
-    import ray.data
-
     rng = np.random.default_rng(seed)
     pattern = rng.standard_normal((classes, _SIDE * _SIDE), dtype=np.float32)
     label = rng.integers(0, classes, rows)
@@ -87,8 +87,6 @@ def _dataset(rows: int, classes: int, seed: int):
 def _steps_per_second(workers: int, steps: int, batch_size: int, cpus: float, seed: int):
     """(steps/s, loop seconds, fit wall seconds, per-worker batch) of one fit: `workers`
     workers of `cpus` CPUs (and torch threads) each."""
-    from pipeline.train.loop import fit
-
     per_worker = max(1, batch_size // workers)
     rows = (steps + 1) * per_worker * workers  # steps+1 per epoch: `steps` gaps are timed
     tc = TrainConfig(
@@ -131,10 +129,6 @@ def run_training(
     Each worker gets `cpus_per_worker` (TrainConfig's default: 1 CPU, 1 torch thread), so
     N workers use N times the CPUs of one: the question is whether a second worker on the
     machine's second core pays off, as the pipeline is configured."""
-    import ray
-
-    from pipeline.runtime import ensure_ray
-
     ensure_ray()
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     if max(workers) * cpus_per_worker > cpus:  # Ray Train would wait for them forever
@@ -148,42 +142,54 @@ def run_training(
             n, steps, batch_size, cpus_per_worker, seed
         )
         rate[n] = sps
-        figures.append(
-            Figure(
-                SECTION,
-                f"steps/s ({n} worker{'s' if n > 1 else ''})",
-                sps,
-                "steps/s",
-                note=f"real fit() + embedder task (default ResNet-style net, 16x16x1), CPU, "
-                f"{n} x {cpus_per_worker:g} CPU, global batch {per_worker * n} "
-                f"({per_worker}/worker), {steps} timed steps of the warm epoch",
-                extra={
-                    "workers": n,
-                    "cpus_per_worker": cpus_per_worker,
-                    "batch_per_worker": per_worker,
-                    "global_batch": per_worker * n,
-                    "timed_steps": steps,
-                    "loop_seconds": loop_s,
-                    "fit_wall_seconds": wall_s,
-                    "rows_per_second": sps * per_worker * n,
-                },
-            )
-        )
+        figures.append(_worker_figure(n, sps, loop_s, wall_s, per_worker, steps, cpus_per_worker))
     if 1 in rate and len(rate) > 1:
-        top = max(rate)
-        figures.append(
-            Figure(
-                SECTION,
-                f"steps/s ({top} workers vs 1)",
-                rate[top],
-                "steps/s",
-                baseline="1 worker",
-                baseline_value=rate[1],
-                note=f"same global batch, so the ratio is the speed-up; {cpus_per_worker:g} "
-                f"CPU per worker: {top} workers take {top * cpus_per_worker:g} of the "
-                f"{cpus:g} CPUs, sharing them with Ray's own processes and the driver, "
-                f"and add DDP's all-reduce",
-                extra={"cpus": cpus, "cpus_per_worker": cpus_per_worker},
-            )
-        )
+        figures.append(_speed_up_figure(rate, cpus, cpus_per_worker))
     return figures
+
+
+def _worker_figure(
+    n: int,
+    sps: float,
+    loop_s: float,
+    wall_s: float,
+    per_worker: int,
+    steps: int,
+    cpus_per_worker: float,
+) -> Figure:
+    return Figure(
+        SECTION,
+        f"steps/s ({n} worker{'s' if n > 1 else ''})",
+        sps,
+        "steps/s",
+        note=f"real fit() + embedder task (default ResNet-style net, 16x16x1), CPU, "
+        f"{n} x {cpus_per_worker:g} CPU, global batch {per_worker * n} "
+        f"({per_worker}/worker), {steps} timed steps of the warm epoch",
+        extra={
+            "workers": n,
+            "cpus_per_worker": cpus_per_worker,
+            "batch_per_worker": per_worker,
+            "global_batch": per_worker * n,
+            "timed_steps": steps,
+            "loop_seconds": loop_s,
+            "fit_wall_seconds": wall_s,
+            "rows_per_second": sps * per_worker * n,
+        },
+    )
+
+
+def _speed_up_figure(rate: dict[int, float], cpus: float, cpus_per_worker: float) -> Figure:
+    top = max(rate)
+    return Figure(
+        SECTION,
+        f"steps/s ({top} workers vs 1)",
+        rate[top],
+        "steps/s",
+        baseline="1 worker",
+        baseline_value=rate[1],
+        note=f"same global batch, so the ratio is the speed-up; {cpus_per_worker:g} "
+        f"CPU per worker: {top} workers take {top * cpus_per_worker:g} of the "
+        f"{cpus:g} CPUs, sharing them with Ray's own processes and the driver, "
+        f"and add DDP's all-reduce",
+        extra={"cpus": cpus, "cpus_per_worker": cpus_per_worker},
+    )

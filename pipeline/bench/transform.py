@@ -8,17 +8,30 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
+from safetensors.torch import save
 
 from pipeline.bench.common import Figure, best_of
 from pipeline.bench.memory import PeakMemory, wait_settled
+from pipeline.config import ArchitectureConfig, EmbedConfig, ModelConfig
+from pipeline.embed.transform import TransformChain, chain_spec
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow, shard_file
+from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.compat import Transformation
+from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta, save_model_dir
+from pipeline.runtime import ensure_ray
+from pipeline.upgrade.execute import ShardExecutor
+from pipeline.upgrade.facts import shard_sources
+from pipeline.upgrade.pool import run_shards
+from pipeline.upgrade.work import ShardWork
 
 
 def make_gallery(
@@ -58,9 +71,6 @@ def make_gallery(
 def make_transformation(out: Path, dim: int, side_dim: int) -> Path:
     """An FCT-sized transformation with FastFill's uncertainty head (random weights: speed does
     not depend on them), saved like a trained one (model.json + safetensors)."""
-    from pipeline.models.compat import Transformation
-    from pipeline.models.store import save_model_dir
-
     arch = {
         "old_dim": dim,
         "new_dim": dim,
@@ -76,8 +86,6 @@ def make_transformation(out: Path, dim: int, side_dim: int) -> Path:
 
 def flops_per_row(model_dir: Path) -> int:
     """2·in·out per Linear layer of the transformation (BN and ReLU are noise beside them)."""
-    from pipeline.embed.transform import TransformChain, chain_spec
-
     chain = TransformChain(chain_spec([model_dir]))
     return sum(
         2 * m.in_features * m.out_features
@@ -103,8 +111,6 @@ def matmul_gflops(n: int = 4096, threads: int | None = None) -> float:
 
 def h_alone(model_dir: Path, dim: int, side_dim: int, batch: int = 8192) -> float:
     """rows/s of the executor's TransformChain on one batch, one torch thread, best of 3."""
-    from pipeline.embed.transform import TransformChain, chain_spec
-
     chain = TransformChain(chain_spec([model_dir]))
     rng = np.random.default_rng(0)
     old = rng.standard_normal((batch, dim), dtype=np.float32)
@@ -137,15 +143,19 @@ def carryover_transform(
     g: Gallery, model_dir: Path, target: str, parallel: int, actor_cpus: float, threads: int
 ) -> tuple[float, list[dict[str, Any]]]:
     """rows/s of transform-executing every shard of v1 into `target` with ShardExecutor."""
-    from pipeline.config import EmbedConfig
-    from pipeline.embed.transform import chain_spec
-    from pipeline.embed.upgrade import ShardExecutor, run_shards
-    from pipeline.plan.facts import shard_work
-
     spec = chain_spec([model_dir], ["fct"])
     work = [
-        {**w, "method": "transform", "chain": "side", "reembed_rows": 0}
-        for w in shard_work(g, "v1")
+        ShardWork(
+            shard_id=s.shard_id,
+            method="transform",
+            reembed_rows=0,
+            source_version=s.source_version,
+            space=s.space,
+            chain="side",
+            source_uri=s.source_uri,
+            image_file=s.image_file,
+        )
+        for s in shard_sources(g, "v1", {"side": spec})
     ]
     kwargs = {
         "gallery_uri": g.uri,
@@ -166,12 +176,6 @@ def carryover_transform(
 
 def _tiny_embedder(dim: int) -> Any:
     """The executor needs a new-model blob even when it only transforms (never called here)."""
-    from safetensors.torch import save
-
-    from pipeline.config import ArchitectureConfig, ModelConfig
-    from pipeline.models.backbone import EmbeddingNet
-    from pipeline.models.store import WEIGHTS_FILE, ModelBlob, embedder_meta
-
     cfg = ModelConfig(name="v2", architecture=ArchitectureConfig(widths=[4], embedding_dim=dim))
     net = EmbeddingNet(cfg.architecture, in_channels=1)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
@@ -186,9 +190,6 @@ def _tiny_embedder(dim: int) -> Any:
 
 
 def _fresh_ray_run(g, mdir, parallel, actor_cpus, threads) -> tuple[float, list, PeakMemory]:
-    import ray
-
-    from pipeline.runtime import ensure_ray
 
     ray.shutdown()
     ensure_ray()
@@ -198,6 +199,33 @@ def _fresh_ray_run(g, mdir, parallel, actor_cpus, threads) -> tuple[float, list,
     ray.shutdown()
     wait_settled(2.0)
     return rps, recs, mem
+
+
+@dataclass(frozen=True)
+class _TransformRun:
+    """What run_transform measured: sizes, floors, the executor's records and memory peaks."""
+
+    rows: int
+    dim: int
+    side_dim: int
+    shards: int
+    parallel: int
+    threads: int
+    flops: int
+    gflops: float
+    gflops_1: float
+    floor_io: float
+    roof: float
+    alone: float
+    rps: float
+    recs: list[dict[str, Any]]
+    small_rows: int
+    mem_small: PeakMemory
+    mem_big: PeakMemory
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.roof < self.floor_io else "read+write"
 
 
 def run_transform(
@@ -216,8 +244,7 @@ def run_transform(
     g = make_gallery(root, rows, dim, side_dim, shards)
     mdir = make_transformation(root / "fct", dim, side_dim)
     floor_io = read_write_floor(g, "v1", root / "rw")
-    total_threads = parallel * threads
-    gflops = matmul_gflops(threads=total_threads)
+    gflops = matmul_gflops(threads=parallel * threads)
     flops = flops_per_row(mdir)
     roof = gflops * 1e9 / flops
     # h by itself, one process, one thread, the executor's batch: how close the layers' GEMMs
@@ -230,27 +257,50 @@ def run_transform(
     mem_small = _fresh_ray_run(g_small, mdir, parallel, actor_cpus, threads)[2]
     rps, recs, mem_big = _fresh_ray_run(g, mdir, parallel, actor_cpus, threads)
     assert sum(r["rows"] for r in recs) == rows, "the transform lost rows"
-    lower = min(floor_io, roof)
-    bound = "compute" if roof < floor_io else "read+write"
-    # The profile behind the figure, from the executor's own per-shard timings: seconds inside
-    # h against everything else (read, merge, write, checksum, commit), summed over shards.
-    in_h = sum(r["timings"].get("transform", 0.0) for r in recs)
-    shard_s = sum(r["seconds"] for r in recs)
-    h_rows = rows / in_h if in_h else 0.0  # one actor's rate while inside h
-    per_thread_roof = roof / total_threads
+    run = _TransformRun(
+        rows=rows,
+        dim=dim,
+        side_dim=side_dim,
+        shards=shards,
+        parallel=parallel,
+        threads=threads,
+        flops=flops,
+        gflops=gflops,
+        gflops_1=gflops_1,
+        floor_io=floor_io,
+        roof=roof,
+        alone=alone,
+        rps=rps,
+        recs=recs,
+        small_rows=small_rows,
+        mem_small=mem_small,
+        mem_big=mem_big,
+    )
+    return _transform_figures(run)
+
+
+def _profile(run: _TransformRun) -> tuple[dict[str, Any], str]:
+    """The figure's extra fields and note: the profile behind it, from the executor's own
+    per-shard timings (seconds inside h against read, merge, write, checksum, commit)."""
+    r = run
+    total_threads = r.parallel * r.threads
+    in_h = sum(rec["timings"].get("transform", 0.0) for rec in r.recs)
+    shard_s = sum(rec["seconds"] for rec in r.recs)
+    h_rows = r.rows / in_h if in_h else 0.0  # one actor's rate while inside h
+    per_thread_roof = r.roof / total_threads
     extra = {
-        "rows": rows,
-        "dim": dim,
-        "side_dim": side_dim,
-        "shards": shards,
-        "flops_per_row": flops,
-        "matmul_gflops": round(gflops, 1),
-        "read_write_rows_per_second": round(floor_io),
-        "roofline_rows_per_second": round(roof),
-        "parallel_shards": parallel,
-        "torch_threads_per_actor": threads,
-        "h_alone_rows_per_second": round(alone),
-        "matmul_gflops_1_thread": round(gflops_1, 1),
+        "rows": r.rows,
+        "dim": r.dim,
+        "side_dim": r.side_dim,
+        "shards": r.shards,
+        "flops_per_row": r.flops,
+        "matmul_gflops": round(r.gflops, 1),
+        "read_write_rows_per_second": round(r.floor_io),
+        "roofline_rows_per_second": round(r.roof),
+        "parallel_shards": r.parallel,
+        "torch_threads_per_actor": r.threads,
+        "h_alone_rows_per_second": round(r.alone),
+        "matmul_gflops_1_thread": round(r.gflops_1, 1),
         "executor_seconds": round(shard_s, 2),
         "seconds_in_h": round(in_h, 2),
         "share_in_h": round(in_h / shard_s, 3) if shard_s else None,
@@ -258,26 +308,32 @@ def run_transform(
         "roofline_per_thread": round(per_thread_roof),
     }
     note = (
-        f"{rows:,}×{dim} + {side_dim}-d side-info in {shards} shards; h = FCT-sized with FastFill "
-        f"head, {flops / 1e6:.1f} MFLOP/row; matmul {gflops:.0f} GFLOP/s on {total_threads} "
-        f"threads; floor = {bound}. Profile: the actors spent {in_h / max(shard_s, 1e-9):.0%} "
-        f"of their shard time inside h, at {h_rows:,.0f} rows/s per actor "
-        f"({h_rows / max(per_thread_roof, 1e-9):.2f}× one thread's share of the roofline); the "
-        "rest is read, merge, write, checksum and commit. h alone (one process, one thread, "
-        f"8192-row batches) runs at {alone:,.0f} rows/s = "
-        f"{alone * flops / (gflops_1 * 1e9):.2f}× the 1-thread matmul peak "
-        f"({gflops_1:.0f} GFLOP/s): its GEMMs are efficient; two single-thread actors side by "
+        f"{r.rows:,}×{r.dim} + {r.side_dim}-d side-info in {r.shards} shards; h = FCT-sized "
+        f"with FastFill head, {r.flops / 1e6:.1f} MFLOP/row; matmul {r.gflops:.0f} GFLOP/s on "
+        f"{total_threads} threads; floor = {r.bound}. Profile: the actors spent "
+        f"{in_h / max(shard_s, 1e-9):.0%} of their shard time inside h, at {h_rows:,.0f} rows/s "
+        f"per actor ({h_rows / max(per_thread_roof, 1e-9):.2f}× one thread's share of the "
+        "roofline); the rest is read, merge, write, checksum and commit. h alone (one process, "
+        f"one thread, 8192-row batches) runs at {r.alone:,.0f} rows/s = "
+        f"{r.alone * r.flops / (r.gflops_1 * 1e9):.2f}× the 1-thread matmul peak "
+        f"({r.gflops_1:.0f} GFLOP/s): its GEMMs are efficient; two single-thread actors side by "
         f"side each get less than half of one {total_threads}-thread GEMM (shared cache, memory "
         "bandwidth and clock), and the roofline is a best-of-3 peak, not a sustained rate"
     )
+    return extra, note
+
+
+def _transform_figures(run: _TransformRun) -> list[Figure]:
+    extra, note = _profile(run)
+    mem_big = run.mem_big
     return [
         Figure(
             "transform",
             "transform rows/s",
-            rps,
+            run.rps,
             "rows/s",
-            f"floor ({bound})",
-            lower,
+            f"floor ({run.bound})",
+            min(run.floor_io, run.roof),
             0.7,
             note=note,
             tried="BatchNorm folded into the preceding Linear at load; batches of 8192 rows; "
@@ -288,24 +344,24 @@ def run_transform(
         Figure(
             "transform",
             "read+write floor",
-            floor_io,
+            run.floor_io,
             "rows/s",
             note="pyarrow: read every shard and write it back, 8192-row batches",
         ),
         Figure(
             "transform",
             "compute roofline",
-            roof,
+            run.roof,
             "rows/s",
-            note=f"{gflops:.0f} GFLOP/s ÷ {flops / 1e6:.1f} MFLOP/row",
+            note=f"{run.gflops:.0f} GFLOP/s ÷ {run.flops / 1e6:.1f} MFLOP/row",
         ),
         Figure(
             "memory",
-            f"peak memory, transform upgrade of {rows:,} rows",
+            f"peak memory, transform upgrade of {run.rows:,} rows",
             mem_big.peak / 2**20,
             "MiB",
-            f"{small_rows:,} rows",
-            mem_small.peak / 2**20,
+            f"{run.small_rows:,} rows",
+            run.mem_small.peak / 2**20,
             1.2,
             higher_is_better=False,
             tried="every stage streams record batches shard by shard; the driver holds commit "

@@ -77,6 +77,38 @@ def synthesize_old_classifier(
     if isinstance(known_classes, Tensor):
         known_classes = known_classes.tolist()
     known = [int(c) for c in known_classes]
+    labels = _checked_inputs(weight, bias, known, features, labels, num_classes)
+    d = weight.shape[1]
+    w = torch.zeros(num_classes, d, dtype=weight.dtype, device=weight.device)
+    b = torch.zeros(num_classes, dtype=bias.dtype, device=bias.device)
+    feats = features.to(dtype=weight.dtype, device=weight.device)
+    labels = labels.to(weight.device)
+    known_set = set(known)
+    for c in torch.unique(labels).tolist():
+        if c not in known_set:
+            w[c] = feats[labels == c].mean(dim=0)
+    synthesised = [c for c in torch.unique(labels).tolist() if c not in known_set]
+    if known:
+        idx = torch.tensor(known, dtype=torch.long, device=weight.device)
+        w[idx] = weight[idx].detach()
+        b[idx] = bias[idx].detach()
+        if match_norm and synthesised:
+            new = torch.tensor(synthesised, dtype=torch.long, device=weight.device)
+            norms = w[new].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            w[new] = w[new] / norms * w[idx].norm(dim=1).mean()
+            b[new] = b[idx].mean()
+    return w, b
+
+
+def _checked_inputs(
+    weight: Tensor,
+    bias: Tensor,
+    known: list[int],
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+) -> Tensor:
+    """Raise on shapes or classes synthesize_old_classifier cannot use; the labels as int64."""
     if weight.ndim != 2:
         raise ValueError(f"weight must be (classes, d), got shape {tuple(weight.shape)}")
     if bias.ndim != 1 or bias.shape[0] != weight.shape[0]:
@@ -97,26 +129,7 @@ def synthesize_old_classifier(
     labels = labels.long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
-
-    w = torch.zeros(num_classes, d, dtype=weight.dtype, device=weight.device)
-    b = torch.zeros(num_classes, dtype=bias.dtype, device=bias.device)
-    feats = features.to(dtype=weight.dtype, device=weight.device)
-    labels = labels.to(weight.device)
-    known_set = set(known)
-    for c in torch.unique(labels).tolist():
-        if c not in known_set:
-            w[c] = feats[labels == c].mean(dim=0)
-    synthesised = [c for c in torch.unique(labels).tolist() if c not in known_set]
-    if known:
-        idx = torch.tensor(known, dtype=torch.long, device=weight.device)
-        w[idx] = weight[idx].detach()
-        b[idx] = bias[idx].detach()
-        if match_norm and synthesised:
-            new = torch.tensor(synthesised, dtype=torch.long, device=weight.device)
-            norms = w[new].norm(dim=1, keepdim=True).clamp_min(1e-12)
-            w[new] = w[new] / norms * w[idx].norm(dim=1).mean()
-            b[new] = b[idx].mean()
-    return w, b
+    return labels
 
 
 def transformation_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -76,7 +76,7 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray, classes: li
 
 
 def _digits_source() -> _Source:
-    from sklearn.datasets import load_digits  # lazy: importing scikit-learn takes ~1 s
+    from sklearn.datasets import load_digits  # start-up: importing scikit-learn takes ~1 s
 
     digits = load_digits()
     # load_digits holds 0..16 intensities; stretch to the full 8-bit range.
@@ -217,6 +217,49 @@ def _remove_stale_shards(out_uri: str, keep: int, storage: StorageConfig | None)
             uri.delete(uri.join(out_uri, name), storage)
 
 
+def _row_order(src: _Source, source: str, seed: int, limit: int | None, order: str) -> np.ndarray:
+    """The source's row indices in shard order: shuffled (seeded), or grouped by label."""
+    # Shuffle before sharding: array sources are often sorted by label.
+    if order not in ("shuffle", "label"):
+        raise DataError(f"order must be 'shuffle' or 'label', got {order!r}")
+    perm = np.random.default_rng(seed).permutation(src.n)[:limit]
+    if order == "label":
+        if src.labels is None:
+            raise DataError(f"source {source!r} has no labels to order the shards by")
+        perm = perm[np.argsort(src.labels[perm], kind="stable")]
+    return perm
+
+
+def _write_shards(
+    src: _Source,
+    order: np.ndarray,
+    shards: int,
+    out_uri: str,
+    storage: StorageConfig | None,
+    data: DataConfig,
+    timings: dict[str, float],
+) -> tuple[list[str], list[int], int]:
+    """Encode and write the rows as `shards` shards; (files, rows per shard, val rows).
+    Adds the seconds spent to `timings`."""
+    files: list[str] = []
+    rows_per_shard: list[int] = []
+    val_rows = 0
+    for i, idx in enumerate(np.array_split(order, shards)):
+        t = time.perf_counter()
+        keys, images, labels = src.encode(idx)
+        splits = [split_for_key(k, data.val_fraction, data.seed) for k in keys]
+        table = make_image_table(keys, images, labels, splits)
+        timings["encode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        file_uri = uri.join(out_uri, shard_name(i))
+        uri.write_table(table, file_uri, storage)
+        timings["write"] += time.perf_counter() - t
+        files.append(file_uri)
+        rows_per_shard.append(table.num_rows)
+        val_rows += splits.count("val")
+    return files, rows_per_shard, val_rows
+
+
 def prepare(
     source: str,
     out_uri: str,
@@ -240,34 +283,13 @@ def prepare(
     src = _open_source(source, data, synthetic_n)
     if src.n == 0:
         raise DataError(f"source {source!r} has no images")
-    # Shuffle before sharding: array sources are often sorted by label.
-    if order not in ("shuffle", "label"):
-        raise DataError(f"order must be 'shuffle' or 'label', got {order!r}")
-    perm = np.random.default_rng(data.seed).permutation(src.n)[:limit]
-    if order == "label":
-        if src.labels is None:
-            raise DataError(f"source {source!r} has no labels to order the shards by")
-        perm = perm[np.argsort(src.labels[perm], kind="stable")]
-    order = perm
-    if len(order) < shards:
-        raise DataError(f"source {source!r} has {len(order)} rows, fewer than shards={shards}")
+    perm = _row_order(src, source, data.seed, limit, order)
+    if len(perm) < shards:
+        raise DataError(f"source {source!r} has {len(perm)} rows, fewer than shards={shards}")
     timings = {"read": time.perf_counter() - t0, "encode": 0.0, "write": 0.0}
-    files: list[str] = []
-    rows_per_shard: list[int] = []
-    val_rows = 0
-    for i, idx in enumerate(np.array_split(order, shards)):
-        t = time.perf_counter()
-        keys, images, labels = src.encode(idx)
-        splits = [split_for_key(k, data.val_fraction, data.seed) for k in keys]
-        table = make_image_table(keys, images, labels, splits)
-        timings["encode"] += time.perf_counter() - t
-        t = time.perf_counter()
-        file_uri = uri.join(out_uri, shard_name(i))
-        uri.write_table(table, file_uri, storage)
-        timings["write"] += time.perf_counter() - t
-        files.append(file_uri)
-        rows_per_shard.append(table.num_rows)
-        val_rows += splits.count("val")
+    files, rows_per_shard, val_rows = _write_shards(
+        src, perm, shards, out_uri, storage, data, timings
+    )
     _remove_stale_shards(out_uri, shards, storage)
     return PrepareResult(
         out_uri=out_uri,

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import ray.data
 import torch
 
+from pipeline.compat.augment import simclr_augment
 from pipeline.config import EmbedConfig, StorageConfig
+from pipeline.data.decode import decode_batch
 from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
+from pipeline.train.embedder import image_dataset
 
 
 class FeatureStage:
@@ -36,8 +40,6 @@ class FeatureStage:
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.data.decode import decode_batch
-
         decoded: dict[str, dict[str, np.ndarray]] = {}
         for blob in self.blobs.values():
             k = blob.preprocess.model_dump_json()
@@ -62,8 +64,6 @@ class FeatureStage:
         self, decoded: dict[str, dict[str, np.ndarray]], ok: np.ndarray, view: int
     ) -> dict[str, torch.Tensor]:
         """Each model's input tensor for one view (view 0 = the image itself)."""
-        from pipeline.compat.augment import simclr_augment
-
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
         xs = {}
         for name, blob in self.blobs.items():
@@ -98,10 +98,6 @@ def paired_features(
     seed: int = 0,
 ) -> Any:
     """A Ray Dataset of key, label, view and one (n, d) column per model, for one split."""
-    import ray.data
-
-    from pipeline.train.embedder import image_dataset
-
     ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
     ds = ds.map_batches(_keep_split, fn_kwargs={"split": split, "classes": classes}, num_cpus=0.25)
     return ds.map_batches(

@@ -8,18 +8,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import EmbedConfig, PreprocessConfig, StorageConfig
+from pipeline.data.shards import read_footer, validate_image_table
 from pipeline.embed.errors import quiet_own_errors, user_error
 from pipeline.embed.read import image_rows_dataset
-from pipeline.embed.stages import EmbedStage, decode_stage
+from pipeline.embed.stages import DecodeEmbedStage, EmbedStage, decode_stage
+from pipeline.gallery.records import shard_record
 from pipeline.gallery.store import (
     REJECT_SCHEMA,
     Gallery,
     embedding_schema,
     embeddings_to_arrow,
-    shard_file,
 )
 from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, ModelLoadError
@@ -167,18 +169,16 @@ class _ShardSink:
                 self.g.rejects_uri(self.version, sid),
                 self.g.storage,
             )
-        rec = {
-            "shard_id": sid,
-            "path": shard_file(sid),
-            "rows": w.rows,
-            "rejected": len(rej),
-            "rows_in": self.expected[sid],
-            "checksum": self.g.file_checksum(self.g.shard_uri(self.version, sid)),
-            "seconds": round(time.perf_counter() - self.t0[sid], 3),
-            "committed_at": time.time(),
-            "workers": sorted(self.workers.pop(sid, ())),
+        rec = shard_record(
+            sid,
+            rows=w.rows,
+            rejected=len(rej),
+            rows_in=self.expected[sid],
+            checksum=self.g.file_checksum(self.g.shard_uri(self.version, sid)),
+            seconds=time.perf_counter() - self.t0[sid],
+            workers=sorted(self.workers.pop(sid, ())),
             **self.meta[sid],
-        }
+        )
         self.g.commit_shard(self.version, rec)
         self.records.append(rec)
         self.committed_rejected += len(rej)
@@ -228,20 +228,12 @@ def embed_images_to_version(
     With `side_blob`, each row also stores FCT's side-information. Shards already committed
     in this version are skipped, so a rerun after a crash resumes.
     """
-
     t0 = time.perf_counter()
     done = _reusable(gallery.committed_shards(version), blob)
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
     expected = {sid: _image_shard_rows(f, storage) for sid, f in todo.items()}
     rows_in = sum(expected.values())
-    progress = Progress(
-        TextColumn(f"embed {version}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} rows"),
-        TimeRemainingColumn(),
-        disable=quiet,
-        transient=False,
-    )
+    progress = _progress(version, quiet)
     task = progress.add_task("embed", total=rows_in)
     sink = _ShardSink(
         gallery,
@@ -267,40 +259,75 @@ def embed_images_to_version(
         sink._commit(sid)  # an empty input shard is complete from the start
     live = {sid: f for sid, f in todo.items() if expected[sid] > 0}
     if live:
-        paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
-        ds = image_rows_dataset(
-            {f: uri_io.resolve(f, storage).path for f in live.values()},
-            storage.resolved() if storage is not None else None,  # workers may lack AWS_*
-            embed_cfg.batch_size,
-            embed_cfg.decode_num_cpus,
-        )
-        ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
-        try:
-            with progress, quiet_own_errors():
-                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                    sink.add(batch)
-        except BaseException as e:
-            sink.abort()  # nothing half-written becomes visible
-            raise user_error(e) from None
+        _stream_into(sink, progress, live, blob, embed_cfg, storage, side_blob)
     missing = [sid for sid in live if sink.seen[sid] != expected[sid]]
     if missing:
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume")
+    images_uri = str(next(iter(image_files.values()), ""))
+    return _result(images_uri, gallery, version, sink, len(done), rows_in, t0)
+
+
+def _result(
+    images_uri: str,
+    gallery: Gallery,
+    version: str,
+    sink: _ShardSink,
+    skipped: int,
+    rows_in: int,
+    t0: float,
+) -> EmbedResult:
     secs = time.perf_counter() - t0
-    written = sum(r["rows"] for r in sink.records)
-    rejected = sum(r["rejected"] for r in sink.records)
     return EmbedResult(
-        images_uri=str(next(iter(image_files.values()), "")),
+        images_uri=images_uri,
         gallery_uri=gallery.uri,
         version=version,
         shards_written=len(sink.records),
-        shards_skipped=len(done),
+        shards_skipped=skipped,
         rows_in=rows_in,
-        rows_written=written,
-        rows_rejected=rejected,
+        rows_written=sum(r["rows"] for r in sink.records),
+        rows_rejected=sum(r["rejected"] for r in sink.records),
         seconds=round(secs, 2),
         rows_per_second=round(rows_in / secs, 1) if secs else 0.0,
         records=sink.records,
     )
+
+
+def _progress(version: str, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn(f"embed {version}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
+
+
+def _stream_into(
+    sink: _ShardSink,
+    progress: Progress,
+    live: dict[int, str],
+    blob: ModelBlob,
+    embed_cfg: EmbedConfig,
+    storage: StorageConfig | None,
+    side_blob: ModelBlob | None,
+) -> None:
+    """Read, decode and embed the shards with rows (id → image file) into the sink."""
+    paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
+    ds = image_rows_dataset(
+        {f: uri_io.resolve(f, storage).path for f in live.values()},
+        storage.resolved() if storage is not None else None,  # workers may lack AWS_*
+        embed_cfg.batch_size,
+        embed_cfg.decode_num_cpus,
+    )
+    ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
+    try:
+        with progress, quiet_own_errors():
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                sink.add(batch)
+    except BaseException as e:
+        sink.abort()  # nothing half-written becomes visible
+        raise user_error(e) from None
 
 
 def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, dict[str, Any]]:
@@ -312,8 +339,6 @@ def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, 
 def _image_shard_rows(file_uri: str, storage: StorageConfig | None) -> int:
     """Rows of an image shard, from its footer, once its columns are what the pipeline reads:
     a bad file stops the run before any image is decoded, naming the file and column."""
-    from pipeline.data.shards import read_footer, validate_image_table
-
     schema, rows = read_footer(file_uri, storage)
     validate_image_table(schema, file_uri)
     return rows
@@ -327,12 +352,8 @@ def _pipeline(
     side_blob: ModelBlob | None = None,
 ) -> Any:
     """Decode in tasks, embed in an actor pool sized below the CPU count (no 2-CPU deadlock)."""
-    import ray.data
-
     pre: PreprocessConfig = blob.preprocess
     if cfg.fuse_decode:
-        from pipeline.embed.stages import DecodeEmbedStage
-
         return ds.map_batches(
             DecodeEmbedStage,
             fn_constructor_kwargs={

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from pipeline.config import PreprocessConfig
+from pipeline.data.decode import decode_batch
 from pipeline.embed.quality import NON_FINITE, row_problems
 from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
 
@@ -20,8 +21,6 @@ def decode_stage(
     shard_of_path: dict[str, int],
 ) -> dict[str, np.ndarray]:
     """Decode images; tag each row with its gallery shard id (from the file it came from)."""
-    from pipeline.data.decode import decode_batch
-
     out = decode_batch({"key": batch["key"], "image": batch["image"]}, pre, max_pixels)
     paths = batch["path"]
     # Blocks come from one file each, so the lookup is usually a single dict hit.

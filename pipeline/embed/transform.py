@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import load
+
+from pipeline.models.compat import Transformation, fold_batchnorm
+from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
+from pipeline.train.transformation import apply_transformation
 
 
 @dataclass
@@ -33,8 +38,6 @@ class ChainSpec:
 
 def chain_spec(dirs: list[str | Path], names: list[str] | None = None) -> ChainSpec:
     """Read each transformation dir (model.json + weights) of a chain, in application order."""
-    from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
-
     spec = ChainSpec()
     for i, d in enumerate(dirs):
         d = Path(d)
@@ -61,10 +64,6 @@ class TransformChain:
     """
 
     def __init__(self, spec: ChainSpec):
-        from safetensors.torch import load
-
-        from pipeline.models.compat import Transformation, fold_batchnorm
-
         self.spec = spec
         self.models = []
         for meta, w in zip(spec.metas, spec.weights, strict=True):
@@ -76,8 +75,6 @@ class TransformChain:
     def __call__(
         self, old: np.ndarray, side: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        from pipeline.train.transformation import apply_transformation
-
         # Arrow-backed arrays are read-only; torch wants writable memory (a cheap copy).
         x, log_var = np.array(old, dtype=np.float32), None
         side = None if side is None else np.array(side, dtype=np.float32)

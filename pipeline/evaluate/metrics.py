@@ -196,6 +196,18 @@ class BackfillCurve:
         }
 
 
+def _order_pieces(perm: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The order cut into steps + 1 pieces (piece 0 empty), and each gallery row's step."""
+    n = len(perm)
+    # Step i swaps in rows perm[round((i-1)n/steps) : round(i n/steps)]: piece i of the order.
+    bounds = [round(i * n / steps) for i in range(steps + 1)]
+    pieces = [perm[:0]] + [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    step_of = np.empty(n, dtype=np.int64)
+    for i, cols in enumerate(pieces):
+        step_of[cols] = i
+    return pieces, step_of
+
+
 def backfill_curve(
     g_transformed: ArrayLike,
     g_new: ArrayLike,
@@ -231,13 +243,7 @@ def backfill_curve(
         gt_sq = gn_sq = None
     else:
         gt_sq, gn_sq = (gt * gt).sum(1), (gn * gn).sum(1)
-    # Step i swaps in rows perm[round((i-1)n/steps) : round(i n/steps)]: piece i of the order.
-    bounds = [round(i * n / steps) for i in range(steps + 1)]
-    perm = perm.numpy()
-    pieces = [perm[:0]] + [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    step_of = np.empty(n, dtype=np.int64)
-    for i, cols in enumerate(pieces):
-        step_of[cols] = i
+    pieces, step_of = _order_pieces(perm.numpy(), steps)
 
     def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kt = _keys(_distances(q[lo:hi], gt, gt_sq).numpy())

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.compat.orderings import backfill_order
+from pipeline.evaluate.metrics import backfill_curve
 from pipeline.evaluate.report import CompatReport, build_report
+from pipeline.train.transformation import apply_transformation
 
 
 @dataclass
@@ -32,8 +35,6 @@ class StudyInputs:
 
 
 def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    from pipeline.train.transformation import apply_transformation
-
     out, uncertainty = {}, {}
     for name, (model, meta) in inp.transformations.items():
         side = inp.side if meta.get("side_info_model") else None
@@ -84,9 +85,6 @@ def compat_study(
     else the first one): the gallery starts fully transformed and rows switch to the new
     model's embedding in each ordering's order; queries are new-model embeddings.
     """
-    from pipeline.compat.orderings import backfill_order
-    from pipeline.evaluate.metrics import backfill_curve
-
     for role in (inp.old, inp.new):
         if role not in inp.sets:
             raise ValueError(f"study needs embeddings of {role!r}; have {sorted(inp.sets)}")

@@ -130,6 +130,7 @@ class _S3Object:
     """An S3 object with conditional writes (AWS S3 and compatible endpoints since 2024)."""
 
     def __init__(self, uri: str, storage: StorageConfig | None) -> None:
+        # start-up: botocore's session and config cost ~0.15 s; only s3:// galleries need them.
         import botocore.session
         from botocore.config import Config
 

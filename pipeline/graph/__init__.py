@@ -1,1 +1,1 @@
-"""carryover: graph."""
+"""The stage engine: stages with declared inputs, completion records, resume, --until."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,14 +13,33 @@ from pipeline.io import uri as uri_io
 
 
 @dataclass(frozen=True)
+class StageRun:
+    """What the engine hands a running stage: its own MLflow run and the graph's parent run
+    (None when no tracking run is open: a unit test, a graph run without tracking)."""
+
+    run: Any = None
+    parent: Any = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run is not None else None
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """An artifact in the stage's run and in the parent's (the upgrade's summary)."""
+        for r in {id(x): x for x in (self.run, self.parent) if x is not None}.values():
+            r.log_dict(obj, name)
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One node: `run(inputs)` gets the outputs of `needs` by name and returns JSON-able output.
+    """One node: `run(inputs, stage_run)` gets the outputs of `needs` by name and the stage's
+    tracking run, and returns JSON-able output.
 
     `remember=False` stages run every time (they are cheap, or must re-check the world).
     """
 
     name: str
-    run: Callable[[dict[str, Any]], Any]
+    run: Callable[[dict[str, Any], StageRun], Any]
     needs: tuple[str, ...] = ()
     remember: bool = True
     doc: str = ""
@@ -64,17 +84,25 @@ def check_order(stages: list[Stage]) -> None:
         seen.add(s.name)
 
 
+OpenRun = Callable[[Stage], AbstractContextManager[StageRun]]
+
+
+def no_run(stage: Stage) -> AbstractContextManager[StageRun]:
+    """Stages run without a tracking run of their own."""
+    return nullcontext(StageRun())
+
+
 def run_stages(
     stages: list[Stage],
     log: StageLog,
     on_event: Callable[[str, str, float], None] = lambda name, event, secs: None,
     until: str | None = None,
-    annotate: Callable[[str], dict[str, Any]] = lambda name: {},
+    open_run: OpenRun = no_run,
 ) -> dict[str, Any]:
     """Run stages in order, skipping those with a completion record; stop after `until`.
 
     Events: ("start", 0), ("done", seconds), ("resumed", seconds of the original run).
-    `annotate(name)` adds fields to a finished stage's record (e.g. the run that did it).
+    `open_run(stage)` opens the stage's tracking run around it; its id goes into the record.
     """
     check_order(stages)
     if until is not None and until not in {s.name for s in stages}:
@@ -88,19 +116,13 @@ def run_stages(
         else:
             on_event(s.name, "start", 0.0)
             t0 = time.perf_counter()
-            out = s.run({n: results[n] for n in s.needs})
+            with open_run(s) as handle:
+                out = s.run({n: results[n] for n in s.needs}, handle)
             secs = round(time.perf_counter() - t0, 3)
             if s.remember:
-                log.put(
-                    s.name,
-                    {
-                        "stage": s.name,
-                        "output": out,
-                        "seconds": secs,
-                        "finished_at": time.time(),
-                        **annotate(s.name),
-                    },
-                )
+                run_id = {"run_id": handle.run_id} if handle.run_id is not None else {}
+                rec = {"stage": s.name, "output": out, "seconds": secs, "finished_at": time.time()}
+                log.put(s.name, {**rec, **run_id})
             results[s.name] = out
             on_event(s.name, "done", secs)
         if s.name == until:

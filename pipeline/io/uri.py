@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.config import StorageConfig
 
@@ -130,8 +132,6 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 
 def sha256(uri: str, storage: StorageConfig | None = None, chunk: int = 8 << 20) -> str:
     """Hex SHA-256 of an object, streamed in `chunk`-byte reads (never the whole file in memory)."""
-    import hashlib
-
     loc = resolve(uri, storage)
 
     def _hash() -> str:
@@ -181,8 +181,6 @@ def open_atomic(uri: str, storage: StorageConfig | None = None) -> Iterator[Any]
 def _s3_move(tmp: str, dst: Location, storage: StorageConfig | None) -> None:
     """Copy a finished temporary object over `dst` server side, then delete it. Through
     botocore: pyarrow's move would also write an empty directory-marker object each time."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, _, key = dst.path.partition("/")
     src = {"Bucket": bucket, "Key": tmp.partition("/")[2]}
     try:
@@ -194,8 +192,6 @@ def _s3_move(tmp: str, dst: Location, storage: StorageConfig | None) -> None:
 
 
 def _s3_delete(path: str, storage: StorageConfig | None) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, _, key = path.partition("/")
     try:
         _s3_client(storage).delete_object(Bucket=bucket, Key=key)
@@ -227,6 +223,7 @@ def _s3_client(storage: StorageConfig | None) -> Any:
     key = (os.getpid(), st.endpoint_url, st.region, st.anon, creds, st.retries)
     with _S3_CLIENTS_LOCK:
         if key not in _S3_CLIENTS:
+            # start-up: botocore's session and config cost ~0.15 s; only s3:// URIs need them.
             import botocore.session
             from botocore import UNSIGNED
             from botocore.config import Config
@@ -246,8 +243,6 @@ def _read_s3_whole(uri: str, storage: StorageConfig | None) -> bytes:
     """An S3 object in one GET, so every byte comes from one version of it. pyarrow reads an
     object's size with a HEAD, then GETs that byte range: one replaced in between (CURRENT on a
     promote) reads as its new bytes cut to, or padded out to, its old length."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, _, key = resolve(uri, storage).path.partition("/")
     try:
         return _s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of `model` with every eval-mode BatchNorm1d that follows a Linear in a
     Sequential folded into that Linear (BN becomes Identity): one GEMM + bias per block instead
     of a GEMM and a normalisation pass. Outputs equal the original's up to float rounding."""
-    import copy
-
     out = copy.deepcopy(model).eval()
     for seq in [m for m in out.modules() if isinstance(m, nn.Sequential)]:
         for i in range(1, len(seq)):

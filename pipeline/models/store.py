@@ -168,6 +168,8 @@ def resolve_blob(
             raise ModelLoadError(f"model {cfg.name!r} has no uri and has not been trained yet")
         return _blob_from_dir(Path(trained_dir), cfg)
     if cfg.uri.startswith("models:/"):
+        # start-up: pipeline.tracking imports mlflow (~1.4 s), which a Ray worker loading a
+        # model from a path never needs.
         from pipeline.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:

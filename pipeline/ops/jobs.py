@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, UpgradeConfig
+from pipeline.gallery.lock import TOKEN_ENV as LOCK_ENV
 from pipeline.io.redact import is_secret_key, redact_text, uri_has_credentials
 from pipeline.ops.journal import JOB_ID_ENV, Journal, check_job_id, new_id
 
@@ -70,8 +73,8 @@ def job_address(address: str | None, cfg: UpgradeConfig | None = None) -> str | 
 
 def connect(address: str, token_file: str | Path | None = None) -> Any:
     """A JobSubmissionClient for `address`, with the bearer token if one is found."""
-    import logging
-
+    # start-up: ray.job_submission costs ~0.7 s; the journal's commands (`jobs list`, a local
+    # job's status) never connect.
     from ray.job_submission import JobSubmissionClient
 
     # Ray's SDK logs every package upload at INFO; our own lines say what matters.
@@ -195,8 +198,6 @@ def _env(env: list[str] | None, lock_token: str | None, job_id: str) -> dict[str
             value = os.environ[key]
         out[key] = value
     if lock_token:
-        from pipeline.gallery.lock import TOKEN_ENV as LOCK_ENV
-
         out[LOCK_ENV] = lock_token
     return out
 
@@ -209,8 +210,6 @@ def _names_secret(name: str) -> bool:
 def entrypoint(job: str, args: list[str], python: str = "python") -> str:
     """The job's command line. Ray keeps it in the job's record, the journal keeps it too, so
     an argument that carries a credential (`--set storage.secret_access_key=...`) is refused."""
-    import shlex
-
     for arg in args:
         names = arg.split("=")[:-1] if "=" in arg else [arg] if arg.startswith("-") else []
         secret = [n for n in names if _names_secret(n)]

@@ -15,7 +15,8 @@ from typing import Any
 from croniter import croniter
 
 from pipeline.config import UpgradeConfig
-from pipeline.gallery.lock import GalleryLock, LockHeld
+from pipeline.context import Context, gallery_lock
+from pipeline.gallery.lock import LockHeld
 from pipeline.gallery.store import VERSION_PATTERN
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal, new_id
@@ -55,8 +56,6 @@ class Decision:
 
 def decide(cfg: UpgradeConfig) -> Decision:
     """Candidate newer than serving (by registry version), and the gallery serving something."""
-    from pipeline.graph.steps import Context
-
     ctx = Context(cfg, quiet=True)
     sc, name = cfg.schedule, ctx.registry_name("embedder")
     cand = ctx.tracker.get_alias(name, sc.candidate_alias)
@@ -144,13 +143,7 @@ def tick(
 ) -> TickResult:
     """One tick: lock the gallery, decide, submit (and wait, unless `wait` is False)."""
     r = TickResult(new_id("tick", cfg.gallery_name), time.time(), "error", "")
-    lock = GalleryLock(
-        cfg.gallery_uri,
-        cfg.storage,
-        cfg.schedule.lock_ttl_seconds,
-        owner=f"schedule tick {r.id}",
-        purpose="scheduled upgrade",
-    )
+    lock = gallery_lock(cfg, f"schedule tick {r.id}", "scheduled upgrade")
     try:
         lock.acquire()
     except LockHeld as e:
@@ -168,26 +161,7 @@ def tick(
             r.outcome = "noop"
             _record(cfg, r, "NOOP")
             return r
-        up = upgrade_config(cfg, d)
-        echo(f"tick {r.id}: {d.reason}: upgrading {cfg.gallery_name} to {up.target_version}")
-        if address is None:
-            sub = jobs.run_here(up, cfg.schedule.job, [], env, "schedule", lock.token)
-            r.job_id, final = sub.id, sub.status
-        else:
-            sub = jobs.submit(
-                up, address, cfg.schedule.job, [], env, token_file, "schedule", lock.token
-            )
-            r.job_id, r.outcome = sub.id, "submitted"
-            _record(cfg, r, "SUBMITTED", target=up.target_version)
-            if not wait:
-                handed_over = True  # the job adopts the lease; we stop renewing it
-                return r
-            final = jobs.wait(
-                sub.id, address, token_file, _journal(cfg), poll=cfg.schedule.poll_seconds
-            )["status"]
-        r.outcome = "succeeded" if final == "SUCCEEDED" else "failed"
-        r.reason += f"; job {sub.id} {final}"
-        _record(cfg, r, final, target=up.target_version)
+        handed_over = _upgrade(cfg, r, d, address, token_file, wait, env, echo, lock.token)
         return r
     except Exception as e:
         r.outcome, r.reason = "error", f"{type(e).__name__}: {e}"
@@ -198,6 +172,40 @@ def tick(
             lock.stop_heartbeat()
         else:
             lock.release()  # a no-op when the finished job already released it
+
+
+def _upgrade(
+    cfg: UpgradeConfig,
+    r: TickResult,
+    d: Decision,
+    address: str | None,
+    token_file: str | Path | None,
+    wait: bool,
+    env: list[str] | None,
+    echo: Callable[[str], None],
+    lock_token: str,
+) -> bool:
+    """Run the upgrade job here, or submit it (and wait, unless `wait` is False), recording
+    the tick in `r`; True when the job has adopted the lease (we stop renewing it)."""
+    up = upgrade_config(cfg, d)
+    echo(f"tick {r.id}: {d.reason}: upgrading {cfg.gallery_name} to {up.target_version}")
+    if address is None:
+        sub = jobs.run_here(up, cfg.schedule.job, [], env, "schedule", lock_token)
+        r.job_id, final = sub.id, sub.status
+    else:
+        job = cfg.schedule.job
+        sub = jobs.submit(up, address, job, [], env, token_file, "schedule", lock_token)
+        r.job_id, r.outcome = sub.id, "submitted"
+        _record(cfg, r, "SUBMITTED", target=up.target_version)
+        if not wait:
+            return True
+        final = jobs.wait(
+            sub.id, address, token_file, _journal(cfg), poll=cfg.schedule.poll_seconds
+        )["status"]
+    r.outcome = "succeeded" if final == "SUCCEEDED" else "failed"
+    r.reason += f"; job {sub.id} {final}"
+    _record(cfg, r, final, target=up.target_version)
+    return False
 
 
 def missed_since(cron: str, last: float | None, now: float) -> list[float]:

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.data
 import torch
 from torch import nn
 
+from pipeline.compat.losses import bct_loss
 from pipeline.config import ModelConfig, PreprocessConfig, StorageConfig
+from pipeline.data.decode import decode_batch
 from pipeline.data.shards import image_shard_files
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
@@ -55,8 +58,6 @@ def training_batch(
     classes: list[int] | None,
 ) -> dict[str, np.ndarray]:
     """Decode a batch and keep the usable labelled rows of the split/classes asked for."""
-    from pipeline.data.decode import decode_batch
-
     keep = np.ones(len(batch["key"]), dtype=bool)
     if split is not None and "split" in batch:
         keep &= batch["split"] == split
@@ -79,8 +80,6 @@ def image_dataset(
     columns: list[str] | None = None,
 ):
     """A Ray Dataset over the Parquet image shards under a URI (local or s3://)."""
-    import ray.data
-
     files = list(image_shard_files(images_uri, storage).values())  # stray files left out
     loc = uri_io.resolve(files[0], storage)
     paths = [uri_io.resolve(f, storage).path for f in files]
@@ -130,8 +129,6 @@ class _TrainHead(nn.Module):
 
 def build_task(config: dict[str, Any]) -> Task:
     """Classification training; with `bct`, BCT's influence loss through the old classifier."""
-    from pipeline.compat.losses import bct_loss
-
     cfg = ModelConfig.model_validate(config["model"])
     pre, tc = cfg.preprocess, cfg.train
     net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)

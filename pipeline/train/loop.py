@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.io.uri import Location
+from pipeline.models.store import (
+    FORMAT,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    restore_training_state,
+    save_model_dir,
+)
 
 # step(model, batch) -> (loss, rows, sums): sums are per-epoch totals (e.g. correct predictions).
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
@@ -37,10 +47,11 @@ def _builder(path: str) -> Callable[[dict[str, Any]], Task]:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs on each Ray Train worker: build the task, stream the shard, train, checkpoint."""
+    # start-up: ray.train with its torch backend costs ~1.7 s to import, and this module is
+    # also imported where nothing trains (transform actors and the study, via
+    # train.transformation); only training pays it.
     import ray.train
     import ray.train.torch
-
-    from pipeline.models.store import restore_training_state, save_model_dir
 
     tc = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
@@ -102,7 +113,7 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 def _report(metrics: dict[str, Any], d: str, with_checkpoint: bool) -> None:
     """Every rank reports; rank 0 attaches the checkpoint in `d`."""
-    import ray.train
+    import ray.train  # start-up: see worker_loop
 
     ckpt = ray.train.Checkpoint.from_directory(d) if with_checkpoint else None
     ray.train.report(metrics, checkpoint=ckpt)
@@ -141,8 +152,6 @@ class _EpochBatches:
 def _save_ckpt(
     task: Task, opt: torch.optim.Optimizer, metrics: dict[str, Any], d: str, save_dir
 ) -> None:
-    from safetensors.torch import save
-
     epoch = int(metrics["epoch"])
     save_dir(task.save, {"epoch": epoch}, d)  # weights.safetensors: the model to keep
     state = {k: v.detach().cpu().contiguous() for k, v in task.train.state_dict().items()}
@@ -167,6 +176,7 @@ def fit(
     Re-running with the same name and results_dir resumes from the last checkpoint.
     `results_dir` may be a resolved s3:// Location: the storage every node of a cluster shares.
     """
+    # start-up: see worker_loop
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -210,8 +220,6 @@ def _run_storage(results_dir: str | Path | Location) -> tuple[str, Any]:
 
 def cached_meta(out_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
     """The model.json of a model dir already trained with this config hash, if any."""
-    from pipeline.models.store import MODEL_FILE
-
     p = Path(out_dir) / MODEL_FILE
     if p.exists():
         meta = json.loads(p.read_text())
@@ -222,10 +230,6 @@ def cached_meta(out_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
 
 def install_checkpoint(checkpoint: Any, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Copy the checkpoint's weights into `out_dir` with its model.json, atomically."""
-    import shutil
-
-    from pipeline.models.store import FORMAT, MODEL_FILE, WEIGHTS_FILE
-
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,7 +244,5 @@ def install_checkpoint(checkpoint: Any, out_dir: str | Path, meta: dict[str, Any
 
 def config_hash(*parts: Any) -> str:
     """Identity of a training run: same config + data + inputs → same model (cache key)."""
-    import hashlib
-
     payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.compat.augment import simclr_augment
+from pipeline.compat.losses import nt_xent
 from pipeline.config import SideInfoConfig, StorageConfig
 from pipeline.models.backbone import EmbeddingNet
+from pipeline.models.compat import SimCLRHead
 from pipeline.models.store import embedder_meta
 from pipeline.train.embedder import TrainResult, image_training_dataset
 from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
@@ -19,10 +22,6 @@ from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_che
 
 def build_task(config: dict[str, Any]) -> Task:
     """Two augmented views per image, one pass through backbone + projection, NT-Xent."""
-    from pipeline.compat.augment import simclr_augment
-    from pipeline.compat.losses import nt_xent
-    from pipeline.models.compat import SimCLRHead
-
     cfg = SideInfoConfig.model_validate(config["model"])
     pre = cfg.preprocess
     net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)

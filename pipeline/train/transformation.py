@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
+from pipeline.compat.losses import fastfill_loss, transformation_loss
 from pipeline.config import TransformationConfig
-from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
+from pipeline.models.compat import Transformation
+from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
 from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
 
 
@@ -49,9 +51,6 @@ class TransformationResult:
 
 def build_task(config: dict[str, Any]) -> Task:
     """L2 regression to the new embedding (FCT), or FastFill's uncertainty-weighted loss."""
-    from pipeline.compat.losses import fastfill_loss, transformation_loss
-    from pipeline.models.compat import Transformation
-
     tcfg = TransformationConfig.model_validate(config["transformation"])
     model = Transformation(**config["arch"])
     side = model.side_dim > 0
@@ -90,13 +89,7 @@ def train_transformation(
     cache key, so the same upgrade reuses a trained transformation.
     """
     side_dim = dims.get("side", 0) if columns.get("side") else 0
-    arch = {
-        "old_dim": dims["old"],
-        "new_dim": dims["new"],
-        "side_dim": side_dim,
-        "inner_dim": tcfg.inner_dim,
-        "uncertainty": tcfg.loss == "fastfill",
-    }
+    arch = _architecture(tcfg, dims, side_dim)
     h = config_hash(tcfg.model_dump(mode="json"), arch, identity)
     if (meta := cached_meta(out_dir, h)) is not None:
         return TransformationResult(**{**meta["train_result"], "cached": True})
@@ -133,7 +126,23 @@ def train_transformation(
         config_hash=h,
         resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
     )
-    meta = {
+    install_checkpoint(ckpt, out_dir, _model_meta(tcfg, arch, tr))
+    return tr
+
+
+def _architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
+    return {
+        "old_dim": dims["old"],
+        "new_dim": dims["new"],
+        "side_dim": side_dim,
+        "inner_dim": tcfg.inner_dim,
+        "uncertainty": tcfg.loss == "fastfill",
+    }
+
+
+def _model_meta(tcfg: TransformationConfig, arch: dict, tr: TransformationResult) -> dict[str, Any]:
+    """model.json of a trained transformation: its architecture, lineage and training result."""
+    return {
         "kind": "transformation",
         "name": tcfg.name,
         "arch": arch,
@@ -141,18 +150,13 @@ def train_transformation(
         "to_model": tr.to_model,
         "side_info_model": tr.side_info_model,
         "loss": tcfg.loss,
-        "config_hash": h,
+        "config_hash": tr.config_hash,
         "train_result": asdict(tr),
     }
-    install_checkpoint(ckpt, out_dir, meta)
-    return tr
 
 
 def load_transformation(d: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A trained transformation (eval mode) and its model.json, without unpickling."""
-    from pipeline.models.compat import Transformation
-    from pipeline.models.store import ModelLoadError
-
     d = Path(d)
     try:
         meta = json.loads((d / MODEL_FILE).read_text())

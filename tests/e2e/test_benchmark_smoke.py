@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.profile import ThroughputProfile
+from pipeline.upgrade.price import ThroughputProfile
 from tests.fixtures.ray_local import own_ray_env
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.context import Context
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
-from pipeline.graph import steps
 from tests.e2e.test_upgrade_e2e import TINY
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def test_bct_upgrade_without_side_info_and_the_evaluate_cli(tmp_path: Path, ray_
     cfg = load_config(None, sets)
     prepare("digits", cfg.images_uri, 3, cfg.storage, cfg.data, limit=600)
     report = run_upgrade(cfg, quiet=True)
-    ctx = steps.Context(cfg)
+    ctx = Context(cfg)
     assert ctx.gallery.manifest("v1")["side_info_dim"] == 0
     meta = json.loads((tmp_path / "models" / "fct" / "model.json").read_text())
     assert meta["arch"]["side_dim"] == 0 and meta["arch"]["uncertainty"] is False

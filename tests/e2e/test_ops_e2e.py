@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
+from pipeline.context import Context
 from pipeline.data.prepare import prepare
 from pipeline.gallery.lock import holder_of
-from pipeline.graph import steps
 from tests.e2e.test_upgrade_e2e import TINY
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_submitted_upgrade_succeeds_with_logs_and_lineage(submitted) -> None:
     row = next(r for r in listed if r["id"] == job_id)
     assert row["status"] == "SUCCEEDED" and row["trigger"] == "manual" and row["job"] == "upgrade"
 
-    ctx = steps.Context(cfg, quiet=True)
+    ctx = Context(cfg, quiet=True)
     assert ctx.gallery.current() == "v2" and holder_of(cfg.gallery_uri) is None
     lin = json.loads(_carryover("lineage", "--json", *_flags(wd)).stdout)
     assert lin["serving"] == "v2" and [v["version"] for v in lin["versions"]] == ["v1", "v2"]
@@ -119,7 +119,7 @@ def test_nightly_ticks_noop_then_upgrade_and_lock_refuses(submitted, ray_head) -
         *_flags(wd, "new_model.name=v3", "new_model.train.epochs=1"),
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
-    ctx = steps.Context(cfg, quiet=True)
+    ctx = Context(cfg, quiet=True)
     assert ctx.tracker.get_alias("ops-embedder", "candidate").version == 3
 
     second = subprocess.Popen(

@@ -20,16 +20,17 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.context import Context
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
 from pipeline.gallery.lock import holder_of
 from pipeline.gallery.store import Gallery, arrow_to_embeddings, embeddings_to_arrow
-from pipeline.graph import steps
 from pipeline.graph.dag import StageLog
-from pipeline.graph.search import search_gallery
-from pipeline.graph.upgrade import compute_plan
-from pipeline.graph.validate import ValidationFailed
 from pipeline.io import uri
+from pipeline.services import steps
+from pipeline.services.search import search_gallery
+from pipeline.services.upgrade import compute_plan
+from pipeline.upgrade.validate import ValidationFailed
 from tests.e2e.test_upgrade_e2e import TINY
 from tests.fixtures.mlflow_server import _free_port, _stop, _wait_healthy
 from tests.fixtures.ray_local import own_ray_env
@@ -134,7 +135,7 @@ def _flags(sets: list[str]) -> list[str]:
 def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path) -> None:
     wd = _copy(evaluated, tmp_path / "wd")
     cfg = load_config(None, _sets(wd, "plan.no_side_info=backfill", "plan.budget_fraction=0.25"))
-    ctx = steps.Context(cfg, quiet=True)
+    ctx = Context(cfg, quiet=True)
     g = ctx.gallery
     (wd / "images" / "shard-00006.parquet").unlink()  # images gone: transform only
     _strip_side_info(g, "v1", 7)  # no side-info, no fallback h: full backfill
@@ -270,7 +271,7 @@ def test_sigkilled_upgrade_resumes_and_redoes_no_committed_shard(
     assert sum(s["rows"] for s in got) == ROWS
     assert holder_of(g.uri) is None
     # the last upgrade run points at the earlier run of each stage it did not redo
-    tracker = steps.Context(load_config(None, sets), quiet=True).tracker
+    tracker = Context(load_config(None, sets), quiet=True).tracker
     runs = tracker.search_runs(order_by=["attributes.start_time DESC"])
     tags = next(r for r in runs if r["name"] == "upgrade")["tags"]
     assert tags["carryover.stage.plan"] == "resumed" and tags["carryover.stage.promote"] == "done"
@@ -340,7 +341,7 @@ def test_killed_ray_data_actor_mid_backfill_changes_nothing(evaluated, reference
 def test_failed_validation_leaves_current_and_serving_alias(evaluated, tmp_path) -> None:
     wd = _copy(evaluated, tmp_path / "wd")
     cfg = load_config(None, _sets(wd))
-    ctx = steps.Context(cfg, quiet=True)
+    ctx = Context(cfg, quiet=True)
     g = ctx.gallery
     alias_before = ctx.tracker.get_alias("plan-embedder", "serving")
     run_upgrade(cfg, quiet=True, until="index")
@@ -436,7 +437,7 @@ def test_fct_upgrade_keeps_to_its_budget_and_its_estimates(evaluated, tmp_path) 
     assert plan["expected_top1"] == pytest.approx(plan["transform_top1"], abs=1e-6)
 
     # a partial budget: the fct h's rows in a seeded random order, the estimate replayed on them
-    ctx = steps.Context(load_config(None, _sets(wd, *FCT_ONLY, "plan.budget_fraction=0.25")))
+    ctx = Context(load_config(None, _sets(wd, *FCT_ONLY, "plan.budget_fraction=0.25")))
     p, _ = compute_plan(ctx, "v1", ev, quiet=True, train_missing=False)
     assert 0 < p.reembed_rows <= 200
     partial = [s for s in p.shards if s.method == "partial"]
@@ -514,7 +515,7 @@ def _lost_mid_run(wd: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) ->
     run_upgrade(cfg, quiet=True, until="plan")
     g = Gallery(cfg.gallery_uri)
     shards_dir = wd / "gallery" / "versions" / "v2" / "_shards"
-    open_run = steps.Context(cfg).tracker.run("open-when-lost")  # a stage's run, left open
+    open_run = Context(cfg).tracker.run("open-when-lost")  # a stage's run, left open
     open_run.__enter__()
 
     # the upgrade goes on in another process; the server dies once a shard is committed
@@ -571,7 +572,7 @@ def _lost_mid_run(wd: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) ->
     assert report.execute["shards_resumed"] == len(committed)
     assert sum(s["rows"] for s in g.manifest("v2")["shards"]) == ROWS
     # MLflow has both attempts: the lost one could not be told it ended
-    tracker = steps.Context(load_config(None, sets), quiet=True).tracker
+    tracker = Context(load_config(None, sets), quiet=True).tracker
     runs = tracker.search_runs("attributes.run_name = 'execute'")
     assert sorted(r["status"] for r in runs) == ["FINISHED", "RUNNING"]
     assert tracker.search_runs("attributes.run_name = 'open-when-lost'")[0]["status"] == "RUNNING"

@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
+from pipeline.context import Context
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
 from pipeline.gallery.store import Gallery
-from pipeline.graph import steps
-from pipeline.graph.lineage import gallery_lineage
-from pipeline.graph.search import search_gallery
 from pipeline.io import uri
+from pipeline.services import models, steps
+from pipeline.services.lineage import gallery_lineage
+from pipeline.services.search import search_gallery
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def test_upgrade_all_on_s3_with_mlflow_server(
         assert curve["top1"][-1] == pytest.approx(cases["new/new"]["top1"], abs=0.01)
     for name in ("report.json", "backfill_curves.png", "compat_matrix.png", "cases.png"):
         assert Path(report.compat_files[name]).read_bytes()[:4] in (b"{\n  ", b"\x89PNG")
-    tracker = steps.Context(cfg).tracker
+    tracker = Context(cfg).tracker
     (side,) = tracker.latest_versions("e2e-side-info")
     assert side.tags["carryover.trained_classes"] == "[0, 1, 2, 3, 4]"
     (trans,) = tracker.latest_versions("e2e-transformation")
@@ -110,7 +111,7 @@ def test_upgrade_all_on_s3_with_mlflow_server(
     assert ev["metrics"]["top1_new_new"] == pytest.approx(cases["new/new"]["top1"])
     assert "auc_top1_uncertainty" in ev["metrics"]
     # search by key from the serving version, over the S3 gallery
-    ctx = steps.Context(cfg)
+    ctx = Context(cfg)
     key = next(iter(g.iter_embeddings("v2", columns=("key",)))).column("key")[0].as_py()
     hits = search_gallery(ctx, key=key, k=5)
     assert hits["version"] == "v2" and len(hits["keys"]) == 5 and key not in hits["keys"]
@@ -160,8 +161,8 @@ def test_undecodable_image_is_rejected_not_fatal(tmp_path: Path, ray_local) -> N
         }
     )
     uri.write_table(t, uri.join(cfg.images_uri, "shard-00002.parquet"))
-    ctx = steps.Context(cfg, quiet=True)
-    steps.train_step(ctx, cfg.old_model, None)
+    ctx = Context(cfg, quiet=True)
+    models.train_step(ctx, cfg.old_model, None)
     r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
     assert r.rows + r.rejected == 205
     assert r.rejected == 3
@@ -233,8 +234,8 @@ def test_search_cli_by_key_and_image(tmp_path: Path, ray_local) -> None:
     sets = TINY + [f"workdir={tmp_path}", "gallery_name=srch"]
     cfg = load_config(None, sets)
     prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=300)
-    ctx = steps.Context(cfg, quiet=True)
-    steps.train_step(ctx, cfg.old_model, None)
+    ctx = Context(cfg, quiet=True)
+    models.train_step(ctx, cfg.old_model, None)
     steps.embed_version_step(ctx, cfg.old_model, "embed", None)
     steps.promote_step(ctx, "v1")
     flags = [a for s in sets for a in ("--set", s)]

@@ -40,7 +40,6 @@ from pipeline.data.shards import DataError, check_image_shards, make_image_table
 from pipeline.embed.runner import _ShardSink, embed_images_to_version
 from pipeline.embed.stages import EmbedStage, decode_stage
 from pipeline.embed.transform import ChainSpec, TransformChain
-from pipeline.embed.upgrade import reembed_order, scan_shard
 from pipeline.gallery.index import build_index
 from pipeline.gallery.store import (
     Gallery,
@@ -50,8 +49,6 @@ from pipeline.gallery.store import (
     embeddings_to_arrow,
     shard_file,
 )
-from pipeline.graph.steps import image_shards
-from pipeline.graph.validate import ValidationReport, check_keys_and_values
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import Transformation
@@ -62,7 +59,10 @@ from pipeline.models.store import (
     resolve_blob,
     save_model_dir,
 )
+from pipeline.services.steps import image_shards
 from pipeline.train.embedder import training_batch
+from pipeline.upgrade.facts import reembed_order, scan_shard
+from pipeline.upgrade.validate import ValidationReport, check_keys_and_values
 
 PRE = PreprocessConfig(input_size=8, channels=1, mean=[0.5], std=[0.5])
 RGB = PreprocessConfig(input_size=8, channels=3, mean=[0.5], std=[0.5])

@@ -10,11 +10,11 @@ from rich.console import Console
 
 from pipeline.cluster import train_storage, train_storage_uri, worker_locations
 from pipeline.config import load_config
+from pipeline.context import Context
 from pipeline.flows import finished_upgrade, print_summary, run_upgrade
-from pipeline.graph import steps
 from pipeline.graph.dag import StageLog
-from pipeline.graph.upgrade import config_identity
 from pipeline.io import uri
+from pipeline.upgrade_graph import config_identity
 
 
 def test_train_storage_follows_the_gallery_or_the_setting(tmp_path: Path) -> None:
@@ -34,9 +34,9 @@ def test_train_storage_follows_the_gallery_or_the_setting(tmp_path: Path) -> Non
     assert train_storage_uri(chosen) == "s3://c/rr"
 
 
-def _finished(workdir: Path, sets: list[str]) -> steps.Context:
+def _finished(workdir: Path, sets: list[str]) -> Context:
     """A gallery whose records say v2 was built with `sets` and serves."""
-    ctx = steps.Context(load_config(None, [f"workdir={workdir}", *sets]))
+    ctx = Context(load_config(None, [f"workdir={workdir}", *sets]))
     g = ctx.gallery
     uri.write_json(g.path("versions", "v2", "manifest.json"), {"shards": [], "rows": 0})
     StageLog(g, "v2").put("_identity", {"output": config_identity(ctx.cfg), "seconds": 0})
@@ -48,14 +48,14 @@ def test_finished_upgrade_is_decided_from_records(tmp_path: Path) -> None:
     ctx = _finished(tmp_path, ["plan.budget_fraction=0.25"])
     assert finished_upgrade(ctx) is True
     # a config that would build a different version is not finished
-    other = steps.Context(load_config(None, [f"workdir={tmp_path}", "plan.budget_fraction=0.5"]))
+    other = Context(load_config(None, [f"workdir={tmp_path}", "plan.budget_fraction=0.5"]))
     assert finished_upgrade(other) is False
     # settings outside the identity (where it runs, tracking) do not matter
     moved = ["plan.budget_fraction=0.25", "ray.address=10.0.0.1:6379", "tracking.experiment=x"]
-    assert finished_upgrade(steps.Context(load_config(None, [f"workdir={tmp_path}", *moved])))
+    assert finished_upgrade(Context(load_config(None, [f"workdir={tmp_path}", *moved])))
     # another target, or CURRENT rolled back: not finished
     v3 = ["plan.budget_fraction=0.25", "plan.target_version=v3"]
-    assert finished_upgrade(steps.Context(load_config(None, [f"workdir={tmp_path}", *v3]))) is False
+    assert finished_upgrade(Context(load_config(None, [f"workdir={tmp_path}", *v3]))) is False
     uri.write_json(ctx.gallery.path("CURRENT"), {"version": "v1", "history": ["v1"]})
     assert finished_upgrade(ctx) is False
 
@@ -71,7 +71,7 @@ def test_rerun_of_a_finished_upgrade_opens_no_run(tmp_path: Path, monkeypatch) -
     sets = ["plan.budget_fraction=0.25"]
     ctx = _finished(tmp_path, sets)
     before = _listing(tmp_path / "gallery")
-    monkeypatch.setattr(steps.Context, "tracker", property(no_tracking))
+    monkeypatch.setattr(Context, "tracker", property(no_tracking))
     out = io.StringIO()
     cfg = load_config(None, [f"workdir={tmp_path}", *sets])
     report = run_upgrade(cfg, console=Console(file=out))

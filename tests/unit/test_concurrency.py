@@ -25,12 +25,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipeline.config import IndexConfig, StorageConfig, UpgradeConfig
+from pipeline.context import Context
 from pipeline.gallery.index import build_index
 from pipeline.gallery.lock import GalleryLock, LockHeld, holder_of
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow
-from pipeline.graph.search import search_gallery
-from pipeline.graph.steps import Context
 from pipeline.io import uri as uri_io
+from pipeline.services.search import search_gallery
 
 DIM, K, QUERY = 8, 5, "img-0007"
 FORK = mp.get_context("fork")  # children inherit the test's patches; nothing re-imported
@@ -223,7 +223,7 @@ def _upgrade(cfg: UpgradeConfig, q, done) -> None:
 def test_two_upgrades_at_once_one_runs_the_other_is_refused(
     tmp_path: Path, no_tracking: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.graph import upgrade
+    from pipeline import upgrade_graph as upgrade
 
     cfg = UpgradeConfig(workdir=str(tmp_path), gallery=str(tmp_path / "gallery"))
     q, done = FORK.Queue(), FORK.Event()

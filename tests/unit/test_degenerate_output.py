@@ -25,9 +25,9 @@ from pipeline.embed.quality import NON_FINITE, OVERFLOW, ZERO_NORM, OutputStats,
 from pipeline.embed.runner import PassRejected, _reusable, _ShardSink
 from pipeline.embed.stages import EmbedStage, decode_stage
 from pipeline.gallery.store import Gallery, embedding_schema, embeddings_to_arrow
-from pipeline.graph.validate import ValidationReport, check_keys_and_values
 from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, ModelLoadError, resolve_blob
+from pipeline.upgrade.validate import ValidationReport, check_keys_and_values
 
 PRE = PreprocessConfig(input_size=8, channels=1, mean=[0.5], std=[0.5])
 DIM = 4

@@ -13,13 +13,13 @@ import yaml
 from croniter import croniter
 
 from pipeline.config import ConfigError, StorageConfig, load_config
+from pipeline.context import Context
 from pipeline.gallery.lock import GalleryLock, LockHeld, LockLost, break_lock, holder_of
 from pipeline.gallery.store import Gallery
-from pipeline.graph import steps
-from pipeline.graph.upgrade import _id_ranges
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal
 from pipeline.ops.schedule import decide, missed_since, upgrade_config
+from pipeline.upgrade.work import id_ranges as _id_ranges
 
 # Generous on purpose: these wait on events, and only a very loaded machine takes long.
 WAIT_S = 120.0
@@ -211,7 +211,7 @@ def test_shard_id_ranges() -> None:
     assert _id_ranges([3]) == "3" and _id_ranges([]) == ""
 
 
-def _register(ctx: steps.Context, tmp_path: Path, model: str, aliases: list[str]) -> int:
+def _register(ctx: Context, tmp_path: Path, model: str, aliases: list[str]) -> int:
     d = tmp_path / "models" / model
     d.mkdir(parents=True)
     (d / "model.json").write_text(json.dumps({"format": "carryover-model/1", "name": model}))
@@ -233,7 +233,7 @@ def _serve(g: Gallery, version: str, model: str, registry_version: int) -> None:
 
 def test_schedule_decides_from_the_registry(tmp_path: Path) -> None:
     cfg = load_config(None, [f"workdir={tmp_path}", "gallery_name=sched", "plan.target_version=x"])
-    ctx = steps.Context(cfg, quiet=True)
+    ctx = Context(cfg, quiet=True)
     d = decide(cfg)
     assert not d.upgrade and "no sched-embedder@candidate" in d.reason
     v1 = _register(ctx, tmp_path, "v1", ["candidate", "serving"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from rich.console import Console
 
-from pipeline.plan.planner import (
+from pipeline.display import plan_table
+from pipeline.upgrade.plan import (
     Budget,
     Plan,
     PlanError,
@@ -15,6 +18,7 @@ from pipeline.plan.planner import (
     ShardFacts,
     make_plan,
 )
+from pipeline.upgrade_graph import plan_of
 
 FRACTIONS = [i / 20 for i in range(21)]
 # Concave like a real uncertainty-ordered curve: the first rows backfilled gain the most.
@@ -280,7 +284,7 @@ def test_json_round_trip_and_table():
     back = Plan.from_json(plan.to_json())
     assert back == plan
     console = Console(record=True, width=250)
-    console.print(plan.table())
+    console.print(plan_table(plan))
     text = console.export_text()
     for word in ("transform", "partial", "full", "gone", "images unavailable", "by uncertainty"):
         assert word in text
@@ -309,3 +313,18 @@ def test_bad_facts_raise(facts, message):
 def test_negative_budget_raises():
     with pytest.raises(PlanError, match="budget images"):
         make_plan([_shard(0)], "v2", CURVE, Budget(images=-1))
+
+
+def test_plan_record_round_trips_its_work_and_reads_an_older_record():
+    facts = [_shard(0, chain="side", source_uri="s/0.parquet", image_file="i/0.parquet")]
+    plan = _plan(Budget(images=2_000), facts)
+    record = json.loads(plan.to_json())
+    assert plan_of(record) == plan and plan.shards[0].chain == "side"
+    # Written before the plan carried each shard's source and chain: they sat under "_work".
+    for s in record["shards"]:
+        for k in ("chain", "source_uri", "image_file"):
+            s.pop(k)
+    record["_work"] = [
+        {"shard_id": 0, "chain": "side", "source_uri": "s/0.parquet", "image_file": "i/0.parquet"}
+    ]
+    assert plan_of(record) == plan

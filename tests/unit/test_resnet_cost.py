@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pipeline.bench.cost import count_macs, linear_flops, run_cost
-from pipeline.bench.profile import ThroughputProfile
 from pipeline.models.compat import Transformation
 from pipeline.models.resnet import EXPANSION, RESNET50_STAGES, resnet50_embedder
+from pipeline.upgrade.price import ThroughputProfile
 
 
 def _expected_params(embedding_dim: int) -> int:

@@ -238,7 +238,7 @@ def test_mlflow_params_tags_and_artifacts_hold_no_secret(
     """What an upgrade logs (config.yaml artifact, params, tags, a failed run's error, a
     registered model's tags), on a file-backed MLflow: no secret in any byte it wrote."""
     from pipeline.config import dump_config
-    from pipeline.graph.steps import Context
+    from pipeline.context import Context
     from pipeline.tracking import TrackingError
 
     cfg = _secret_config(
@@ -361,8 +361,8 @@ def test_tampered_manifest_and_current_are_refused(tmp_path: Path) -> None:
 
 
 def test_model_gallery_and_adapter_names_cannot_escape(tmp_path: Path) -> None:
-    from pipeline.graph.search import load_adapter
-    from pipeline.graph.steps import Context
+    from pipeline.context import Context
+    from pipeline.services.search import load_adapter
 
     for key in ("gallery_name", "new_model.name", "plan.target_version", "side_info.name"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -375,7 +375,7 @@ def test_model_gallery_and_adapter_names_cannot_escape(tmp_path: Path) -> None:
 def test_registry_tag_naming_a_path_is_not_upgraded_to(tmp_path: Path) -> None:
     """The scheduler turns the candidate's `carryover.model` tag into a model and version
     name: a registry entry tagged "../x" is refused, not submitted."""
-    from pipeline.graph.steps import Context
+    from pipeline.context import Context
     from pipeline.ops.schedule import decide
 
     cfg = load_config(None, [f"workdir={tmp_path}", "gallery_name=sec"])

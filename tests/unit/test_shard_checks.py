@@ -25,7 +25,7 @@ from pipeline.data.shards import (
 )
 from pipeline.embed.read import iter_image_rows
 from pipeline.gallery.store import Gallery
-from pipeline.graph.steps import image_shards
+from pipeline.services.steps import image_shards
 
 runner = CliRunner()
 

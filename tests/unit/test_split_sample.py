@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare
-from pipeline.graph.steps import split_labels
+from pipeline.services.steps import split_labels
 
 
 def test_split_sample_is_seeded_exact_and_of_one_split(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ resume, transformation chains, and the per-shard facts / executor over a tiny lo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,13 @@ from pipeline.config import ArchitectureConfig, EmbedConfig, ModelConfig, Prepro
 from pipeline.data.decode import decode_batch
 from pipeline.data.prepare import encode_png
 from pipeline.embed.transform import ChainSpec, TransformChain, chain_spec
-from pipeline.embed.upgrade import FactsStage, ShardExecutor
 from pipeline.gallery.store import (
     Gallery,
     arrow_to_embeddings,
     embedding_schema,
     embeddings_to_arrow,
 )
-from pipeline.graph.dag import GraphError, Stage, StageLog, check_order, run_stages
+from pipeline.graph.dag import GraphError, Stage, StageLog, StageRun, check_order, run_stages
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import Transformation
@@ -38,7 +37,9 @@ from pipeline.models.store import (
     resolve_blob,
     save_model_dir,
 )
-from pipeline.plan.facts import find_chain
+from pipeline.upgrade.execute import ShardExecutor
+from pipeline.upgrade.facts import FactsStage, find_chain
+from pipeline.upgrade.work import ShardWork
 
 # --------------------------------------------------------------------------- find_chain
 
@@ -84,7 +85,7 @@ def test_find_chain_cycles_terminate() -> None:
 
 
 def test_check_order_rejects_later_missing_and_duplicate_stages() -> None:
-    def noop(_: dict[str, Any]) -> None:
+    def noop(_: dict[str, Any], __: StageRun) -> None:
         return None
 
     check_order([Stage("a", noop), Stage("b", noop, needs=("a",))])
@@ -104,7 +105,7 @@ class _Counter:
         self.inputs: dict[str, dict[str, Any]] = {}
 
     def stage(self, name: str, value: Any, **kw: Any) -> Stage:
-        def run(inputs: dict[str, Any]) -> Any:
+        def run(inputs: dict[str, Any], _: StageRun) -> Any:
             self.calls[name] = self.calls.get(name, 0) + 1
             self.inputs[name] = inputs
             return value
@@ -190,7 +191,7 @@ def test_failing_stage_leaves_no_record_and_reruns(tmp_path: Path) -> None:
     c, log = _Counter(), _log(tmp_path)
     fails = {"left": 1}
 
-    def flaky(inputs: dict[str, Any]) -> str:
+    def flaky(inputs: dict[str, Any], _: StageRun) -> str:
         c.calls["b"] = c.calls.get("b", 0) + 1
         if fails["left"]:
             fails["left"] -= 1
@@ -326,19 +327,19 @@ class World:
     junk: str  # undecodable bytes for this key
     image_file: str
 
-    def work(self, method: str, chain: str | None = "side", reembed: int = 0) -> dict[str, Any]:
-        return {
-            "shard_id": 0,
-            "source_version": "v1",
-            "source_uri": self.g.shard_uri("v1", 0),
-            "image_file": self.image_file,
-            "space": "v1",
-            "method": method,
-            "reembed_rows": reembed,
-            "chain": chain,
-        }
+    def work(self, method: str, chain: str | None = "side", reembed: int = 0) -> ShardWork:
+        return ShardWork(
+            shard_id=0,
+            source_version="v1",
+            source_uri=self.g.shard_uri("v1", 0),
+            image_file=self.image_file,
+            space="v1",
+            method=method,
+            reembed_rows=reembed,
+            chain=chain,
+        )
 
-    def run(self, w: dict[str, Any], chains: dict[str, ChainSpec] | None = None) -> dict:
+    def run(self, w: ShardWork, chains: dict[str, ChainSpec] | None = None) -> dict:
         ex = ShardExecutor(
             self.g.uri,
             None,
@@ -350,7 +351,7 @@ class World:
             side_dim=2,
             retries=0,
         )
-        out = ex({"work": np.array([json.dumps(w)])})
+        out = ex({"work": np.array([json.dumps(w.to_dict())])})
         assert list(out) == ["record"] and len(out["record"]) == 1
         return json.loads(out["record"][0])
 
@@ -561,7 +562,7 @@ def test_probe_ranks_name_exactly_the_rows_a_partial_backfill_reembeds(tmp_path:
 def test_facts_with_side_info_uses_side_chain(tmp_path: Path) -> None:
     w = _world(tmp_path)
     stage = FactsStage({"side": w.spec}, None, "v2", 11)
-    out = stage({"work": np.array([json.dumps(w.work("transform", chain=None))])})
+    out = stage({"work": np.array([json.dumps(w.work("transform", chain=None).to_dict())])})
     facts = json.loads(out["record"][0])
     assert facts["chain"] == "side"
     assert facts["rows"] == N_ROWS and facts["native_rows"] == 0
@@ -592,8 +593,8 @@ def _v2_shard(w: World, uncertainty: list[float | None]) -> str:
     return uri
 
 
-def _identity_work(w: World, uri: str) -> dict[str, Any]:
-    return {**w.work("transform", chain="identity"), "source_uri": uri, "space": "v2"}
+def _identity_work(w: World, uri: str) -> ShardWork:
+    return replace(w.work("transform", chain="identity"), source_uri=uri, space="v2")
 
 
 def test_facts_identity_chain_counts_native_rows(tmp_path: Path) -> None:

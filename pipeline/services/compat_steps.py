@@ -9,100 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from pipeline.graph.steps import Context, ModelStepResult, register
-from pipeline.models.store import ModelBlob, ModelLoadError, resolve_blob
+from pipeline.cluster import train_storage
+from pipeline.context import Context
+from pipeline.embed.features import collect, paired_features
+from pipeline.evaluate.report import write_report
+from pipeline.evaluate.study import StudyInputs, compat_study
+from pipeline.gallery.rows import version_rows
+from pipeline.models.compat import fit_adapter
+from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
-
-
-def blob_of(ctx: Context, model: Any) -> ModelBlob:
-    """The bytes of a configured model (trained in this workdir, or its uri)."""
-    return resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
-
-
-def side_blob(ctx: Context) -> ModelBlob | None:
-    """The side-info model for ingest, or None when disabled; it must share the old preprocess."""
-    sc = ctx.cfg.side_info_model
-    if not sc.enabled:
-        return None
-    blob = blob_of(ctx, sc)
-    if blob.preprocess != ctx.cfg.old_model.preprocess:
-        raise ModelLoadError(
-            "side_info.preprocess must equal old_model.preprocess: both run on the same decoded "
-            f"pixels at ingest (got {blob.preprocess} vs {ctx.cfg.old_model.preprocess})"
-        )
-    return blob
-
-
-def train_side_info_step(ctx: Context, parent_run_id: str | None) -> ModelStepResult | None:
-    """Train (or reuse) the SimCLR side-info model; None when side-info is disabled."""
-    from pipeline.graph.steps import train_step
-
-    sc = ctx.cfg.side_info_model
-    return train_step(ctx, sc, parent_run_id) if sc.enabled else None
-
-
-def bct_classifier(ctx: Context) -> dict[str, Any]:
-    """BCT's frozen old classifier: the old model's rows for the classes it was trained on,
-    class means of its train-split features for every other class (synthesised weights)."""
-    import torch
-
-    from pipeline.compat.losses import synthesize_old_classifier
-    from pipeline.embed.features import collect, paired_features
-
-    old = ctx.cfg.old_model
-    net, meta = _with_classifier(ctx, old)
-    if net is None:
-        raise ModelLoadError(
-            "new_model.train.loss=bct needs the old model's classifier: train the old model "
-            "here or bring a carryover model (models:/...); TorchScript has no classifier"
-        )
-    known = meta.get("trained_classes") or list(range(net.classifier.out_features))
-    ensure_ray(ctx.cfg.ray)
-    feats = collect(
-        paired_features(
-            ctx.cfg.images_uri, {"old": blob_of(ctx, old)}, ctx.cfg.embed, ctx.cfg.storage
-        )
-    )
-    w, b = synthesize_old_classifier(
-        net.classifier.weight.detach(),
-        net.classifier.bias.detach(),
-        known,
-        torch.from_numpy(feats["old"]),
-        torch.from_numpy(feats["label"]),
-        ctx.cfg.new_model.architecture.num_classes,
-    )
-    return {"weight": w.tolist(), "bias": b.tolist(), "from_model": old.name, "known": known}
-
-
-def new_classifier(ctx: Context) -> dict[str, list]:
-    """The new model's frozen classifier (FastFill's loss); zeros when the model has none."""
-    new = ctx.cfg.new_model
-    net, _ = _with_classifier(ctx, new)
-    if net is not None:
-        return {
-            "weight": net.classifier.weight.detach().numpy().tolist(),
-            "bias": net.classifier.bias.detach().numpy().tolist(),
-        }
-    if ctx.cfg.transformation.loss == "fastfill":
-        raise ModelLoadError(
-            "transformation.loss=fastfill needs the new model's classifier; a TorchScript "
-            "model has none: set transformation.loss=fct"
-        )
-    return {"weight": [[0.0] * blob_of(ctx, new).embedding_dim], "bias": [0.0]}
-
-
-def _with_classifier(ctx: Context, model: Any) -> tuple[Any, dict[str, Any]]:
-    """A carryover embedder with its classifier head (trained here, or from the registry),
-    and its model.json; (None, {}) for a TorchScript model, which has no head."""
-    from pipeline.models.store import build_model, load_trained
-
-    if model.uri is None:
-        return load_trained(ctx.model_dir(model))
-    blob = blob_of(ctx, model)
-    if blob.kind != "carryover":
-        return None, {}
-    return build_model(blob), blob.meta
+from pipeline.services.models import blob_of, new_classifier, register, side_blob
+from pipeline.services.steps import split_labels
+from pipeline.train.loop import config_hash
+from pipeline.train.transformation import load_transformation, train_transformation
 
 
 def transformation_dir(ctx: Context, tc: Any = None) -> Path:
@@ -124,10 +45,6 @@ def train_transformation_step(
     """Train h(old, side) → new on the train split's paired features; register it in MLflow.
 
     `tc` overrides the configured transformation (the side-info-free fallback uses it)."""
-    from pipeline.cluster import train_storage
-    from pipeline.embed.features import paired_features
-    from pipeline.train.transformation import train_transformation
-
     tc, cfg = tc or ctx.cfg.transformation, ctx.cfg
     if not tc.enabled:
         return None
@@ -137,29 +54,15 @@ def train_transformation_step(
     if side is not None:
         blobs["side"] = side
     ensure_ray(cfg.ray)  # after the models resolve: a missing one fails fast, without Ray
-    identity = {
-        "old": cfg.old_model.name,
-        "new": cfg.new_model.name,
-        "side": cfg.side_info.name if side else None,
-        "images": cfg.images_uri,
-        "models": {k: b.meta.get("config_hash") or b.name for k, b in blobs.items()},
-    }
+    identity = _transformation_identity(ctx, blobs, side is not None)
     with ctx.tracker.run(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
         parent_run_id,
     ) as run:
-        # Materialised once: training makes many passes over a small sample of features, and
-        # a lazy pipeline would compete with the trainer for the CPUs Ray Data may use.
-        feats = paired_features(
-            cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
-        )
-        if tc.max_train_rows is not None:
-            feats = feats.limit(tc.max_train_rows)
-        feats = feats.materialize()
         tr = train_transformation(
             tc,
-            feats,
+            _training_features(ctx, tc, blobs),
             {k: b.embedding_dim for k, b in blobs.items()},
             {"old": "old", "side": "side" if side else None, "new": "new"},
             new_classifier(ctx),
@@ -185,6 +88,31 @@ def train_transformation_step(
     return out
 
 
+def _transformation_identity(ctx: Context, blobs: dict[str, Any], side: bool) -> dict[str, Any]:
+    """What h is trained from: the models (by config hash), side-info and images."""
+    cfg = ctx.cfg
+    return {
+        "old": cfg.old_model.name,
+        "new": cfg.new_model.name,
+        "side": cfg.side_info.name if side else None,
+        "images": cfg.images_uri,
+        "models": {k: b.meta.get("config_hash") or b.name for k, b in blobs.items()},
+    }
+
+
+def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
+    """The train split's paired features, materialised once: training makes many passes over
+    a small sample of features, and a lazy pipeline would compete with the trainer for the
+    CPUs Ray Data may use."""
+    cfg = ctx.cfg
+    feats = paired_features(
+        cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
+    )
+    if tc.max_train_rows is not None:
+        feats = feats.limit(tc.max_train_rows)
+    return feats.materialize()
+
+
 def fit_adapters_step(
     ctx: Context,
     new_train: np.ndarray,
@@ -192,12 +120,6 @@ def fit_adapters_step(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Fit each configured query adapter (new → old) on paired rows; save and register them."""
-    import torch
-
-    from pipeline.models.compat import fit_adapter
-    from pipeline.models.store import save_model_dir
-    from pipeline.train.loop import config_hash
-
     ac, cfg = ctx.cfg.adapters, ctx.cfg
     n = min(len(new_train), ac.sample_rows)
     idx = np.random.default_rng(cfg.data.seed).permutation(len(new_train))[:n]
@@ -238,8 +160,6 @@ def _gallery_sets(
     ctx: Context, versions: list[str], keys: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
     """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info."""
-    from pipeline.graph.steps import version_rows
-
     g, old = ctx.gallery, ctx.cfg.old_model.name
     sets, found = {}, np.ones(len(keys), dtype=bool)
     for v in versions:
@@ -254,8 +174,6 @@ def _gallery_sets(
 
 def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """New-model embeddings of a split computed from the images (new version not built yet)."""
-    from pipeline.embed.features import collect, paired_features
-
     blob = blob_of(ctx, ctx.cfg.new_model)  # resolved once: a models:/ URI downloads
     feats = collect(
         paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, ctx.cfg.storage, split)
@@ -269,8 +187,6 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
 
 def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None = None):
     """Labels and per-version embeddings of one split's rows, read from the gallery."""
-    from pipeline.graph.steps import split_labels
-
     cfg, g = ctx.cfg, ctx.gallery
     old, new = cfg.old_model.name, cfg.new_model.name
     if not g.has_version(old):
@@ -303,10 +219,6 @@ def evaluate_compat_step(
 
     Writes report.json and the plots to `report_dir` and logs them to an MLflow run.
     """
-    from pipeline.evaluate.report import write_report
-    from pipeline.evaluate.study import StudyInputs, compat_study
-    from pipeline.train.transformation import load_transformation
-
     cfg = ctx.cfg
     t0 = time.perf_counter()
     ensure_ray(cfg.ray)
@@ -359,8 +271,6 @@ def default_report_dir(ctx: Context) -> Path:
 
 def _is_bct(ctx: Context, version: str) -> bool:
     """Whether a gallery version's model was trained with BCT's influence loss (here)."""
-    from pipeline.models.store import MODEL_FILE
-
     g = ctx.gallery
     # the new model's set is computed from the images before its version exists
     model = g.manifest(version).get("model") if g.has_version(version) else version

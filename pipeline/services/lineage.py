@@ -1,6 +1,4 @@
-"""Lineage of a gallery, from its manifests and MLflow alone: for each version, the embedder
-(registry version and run) that produced it; for each shard, how it was produced: method,
-source version, transformation versions, run id and time."""
+"""A gallery's lineage from manifests and MLflow: each version's embedder, each shard's origin."""
 
 from __future__ import annotations
 
@@ -11,8 +9,8 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline.context import Context
 from pipeline.gallery.store import GalleryError
-from pipeline.graph import steps
 
 
 @dataclass
@@ -147,9 +145,7 @@ class _Runs:
         return self.seen[run_id]
 
 
-def gallery_lineage(
-    ctx: steps.Context, version: str | None = None, shard: int | None = None
-) -> Lineage:
+def gallery_lineage(ctx: Context, version: str | None = None, shard: int | None = None) -> Lineage:
     """Lineage of every complete version (or one), every shard (or one)."""
     g, tracker = ctx.gallery, ctx.tracker
     versions = g.versions()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from rich.markup import escape
-from rich.table import Table
+
+from pipeline.upgrade.work import ShardWork, id_ranges
 
 METHODS = ("skip", "transform", "partial", "full", "blocked")
 # Only when nothing was measured (no throughput profile, no explicit rate): applying h is a small
@@ -29,6 +29,31 @@ class PlanError(ValueError):
     """Invalid planner input; the message names the offending shard or setting."""
 
 
+@dataclass(frozen=True)
+class PlanSettings:
+    """The plan.* settings that decide a plan. Each field is part of a version's identity, so
+    a changed rule or budget refuses to resume a plan recorded under the old one: a new
+    planner rule is a field here (and in PlanConfig), read in `rules()` or `make_plan`."""
+
+    target_version: str | None
+    budget_fraction: float | None
+    budget_images: int | None
+    budget_seconds: float | None
+    target_top1: float | None
+    full_threshold: float
+    min_partial_fraction: float
+    min_gain: float
+    no_side_info: str
+
+    @classmethod
+    def of(cls, plan_config: Any) -> PlanSettings:
+        """The settings of a `PlanConfig`."""
+        return cls(**{f.name: getattr(plan_config, f.name) for f in fields(cls)})
+
+    def rules(self) -> PlanRules:
+        return PlanRules(self.full_threshold, self.min_partial_fraction, self.target_top1)
+
+
 @dataclass
 class ShardFacts:
     """What the planner knows about one gallery shard."""
@@ -42,6 +67,10 @@ class ShardFacts:
     images_available: bool = True
     transform: list[str] | None = None
     uncertainty: list[float] = field(default_factory=list)
+    # Where the shard is and which chain maps it: carried into its ShardWork.
+    chain: str | None = None
+    source_uri: str = ""
+    image_file: str | None = None
 
     @property
     def nonnative(self) -> int:
@@ -152,26 +181,7 @@ class PlanRules:
     spend_optional: bool = True
 
 
-@dataclass
-class ShardPlan:
-    """The decision for one shard."""
-
-    shard_id: int
-    rows: int
-    method: str
-    reembed_rows: int
-    fraction: float
-    transform: list[str] | None
-    cost_seconds: float
-    expected_gain: float
-    reason: str
-    images_available: bool
-    has_side_info: bool
-    space: str
-    source_version: str
-
-
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
 
 
@@ -180,7 +190,7 @@ class Plan:
     """A backfill plan over every shard, with its cost and expected top-1."""
 
     target: str
-    shards: list[ShardPlan]
+    shards: list[ShardWork]
     budget: dict
     rules: dict
     reembed_rows: int
@@ -211,7 +221,7 @@ class Plan:
             out[s.method] += 1
         return out
 
-    def shard(self, shard_id: int) -> ShardPlan:
+    def shard(self, shard_id: int) -> ShardWork:
         """The plan of shard `shard_id`."""
         for s in self.shards:
             if s.shard_id == shard_id:
@@ -226,54 +236,8 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         """Inverse of `to_json`."""
         d = json.loads(text)
-        d["shards"] = [ShardPlan(**s) for s in d["shards"]]
+        d["shards"] = [ShardWork.from_dict(s) for s in d["shards"]]
         return cls(**d)
-
-    def _budget_text(self) -> str:
-        images, seconds = self.budget.get("images"), self.budget.get("seconds")
-        parts = [f"{images:,} images"] if images is not None else []
-        parts += [f"{seconds:,.0f} s"] if seconds is not None else []
-        return " / ".join(parts) or "unlimited"
-
-    def _estimate_text(self) -> str:
-        if self.estimate == "simulated":
-            curve = f", curve {self.curve_top1:.2f}" if self.curve_top1 is not None else ""
-            return f"simulated on {self.estimate_rows:,} validation rows{curve}"
-        return f"from the {self.curve_ordering} backfilling curve"
-
-    def _caption(self) -> str:
-        share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
-        lines = [
-            f"re-embed {self.reembed_rows:,} of {self.total_rows:,} images ({_pct(share)}) · "
-            f"budget {self._budget_text()} · est. cost {self.cost_seconds:,.1f} s · "
-            f"expected top-1 {self.expected_top1:.2f} (transform-only "
-            f"{self.transform_top1:.2f}, full {self.full_top1:.2f}; {self._estimate_text()})"
-        ]
-        lines += [f"warning: {escape(w)}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def table(self) -> Table:
-        """One row per shard: method, re-embed rows, availability, cost, gain and reason."""
-        t = Table(title=f"backfill plan → {self.target}", caption=self._caption())
-        for name in ("shard", "rows", "method", "re-embed", "images", "side-info", "space"):
-            t.add_column(name, justify="right" if name in ("shard", "rows", "re-embed") else "left")
-        t.add_column("cost (s)", justify="right")
-        t.add_column("+top-1", justify="right")
-        t.add_column("reason", overflow="fold")
-        for s in self.shards:
-            t.add_row(
-                str(s.shard_id),
-                f"{s.rows:,}",
-                s.method,
-                f"{s.reembed_rows:,} ({_pct(s.fraction)})",
-                "yes" if s.images_available else "gone",
-                "yes" if s.has_side_info else "no",
-                escape(s.space),
-                f"{s.cost_seconds:,.1f}",
-                f"{s.expected_gain:+.2f}",
-                escape(s.reason),
-            )
-        return t
 
     def summary(self) -> str:
         """One line: methods, rows re-embedded, cost and expected top-1."""
@@ -281,7 +245,7 @@ class Plan:
         share = self.reembed_rows / self.total_rows if self.total_rows else 0.0
         line = (
             f"plan → {self.target}: {len(self.shards)} shards ({methods}); re-embed "
-            f"{self.reembed_rows:,} of {self.total_rows:,} ({_pct(share)}); est. "
+            f"{self.reembed_rows:,} of {self.total_rows:,} ({pct(share)}); est. "
             f"{self.cost_seconds:,.0f} s; top-1 {self.expected_top1:.2f} (transform-only "
             f"{self.transform_top1:.2f}, full {self.full_top1:.2f})"
         )
@@ -515,8 +479,8 @@ def _promote(
             picks[active[i].shard_id] = _Pick(
                 "full",
                 active[i].nonnative,
-                f"re-embed fraction {_pct(frac[i])} ≥ full_threshold "
-                f"{_pct(rules.full_threshold)}: full",
+                f"re-embed fraction {pct(frac[i])} ≥ full_threshold "
+                f"{pct(rules.full_threshold)}: full",
             )
             changed = True
     return changed
@@ -533,8 +497,8 @@ def _demote(
             picks[f.shard_id] = _Pick(
                 "transform",
                 0,
-                f"re-embed fraction {_pct(frac)} < min_partial_fraction "
-                f"{_pct(rules.min_partial_fraction)}: transform only",
+                f"re-embed fraction {pct(frac)} < min_partial_fraction "
+                f"{pct(rules.min_partial_fraction)}: transform only",
             )
             changed = True
     return changed
@@ -549,9 +513,9 @@ def _final_pick(f: ShardFacts, k: int, tau: float, rules: PlanRules) -> _Pick:
     if k >= f.nonnative:
         return _Pick("full", f.nonnative, "whole shard fits in the budget: full")
     if _has_q(f):
-        reason = f"top {_pct(frac)} by uncertainty (τ={tau:.2f})"
+        reason = f"top {pct(frac)} by uncertainty (τ={tau:.2f})"
     else:
-        reason = f"{_pct(frac)} in {NO_Q_ORDER}"
+        reason = f"{pct(frac)} in {NO_Q_ORDER}"
     if frac >= rules.full_threshold:
         reason += "; a full re-embed would exceed the budget"
     return _Pick("partial", k, reason)
@@ -591,7 +555,7 @@ def _allocate(
 
 
 @dataclass
-class _Ctx:
+class _State:
     target: str
     curve: QualityCurve
     budget: Budget
@@ -600,13 +564,13 @@ class _Ctx:
     total: int
 
 
-def _shard_gain(f: ShardFacts, n: int, ctx: _Ctx) -> float:
+def _shard_gain(f: ShardFacts, n: int, st: _State) -> float:
     """Top-1 points that re-embedding `n` of this shard's rows (most uncertain first) adds."""
-    if n <= 0 or ctx.total <= 0:
+    if n <= 0 or st.total <= 0:
         return 0.0
-    curve = ctx.curve
+    curve = st.curve
     if not _has_q(f):
-        return n / ctx.total * (curve.full_top1 - curve.transform_top1)
+        return n / st.total * (curve.full_top1 - curve.transform_top1)
     x = np.asarray(f.uncertainty, dtype=float)
     bins = len(x) - 1
     per_bin = f.nonnative / bins
@@ -614,28 +578,28 @@ def _shard_gain(f: ShardFacts, n: int, ctx: _Ctx) -> float:
     hi, lo = x[::-1][:-1], x[::-1][1:]
     # A partly taken bin holds its upper part: its middle is that part's middle.
     mid = hi - 0.5 * (take / per_bin) * (hi - lo)
-    return float(np.sum(take / ctx.total * curve._slopes(ctx.order.at(mid))))
+    return float(np.sum(take / st.total * curve._slopes(st.order.at(mid))))
 
 
-def _estimate(gains: float, ctx: _Ctx) -> float:
-    top = ctx.curve.top1
-    return float(np.clip(ctx.curve.transform_top1 + gains, min(top), max(top)))
+def _estimate(gains: float, st: _State) -> float:
+    top = st.curve.top1
+    return float(np.clip(st.curve.transform_top1 + gains, min(top), max(top)))
 
 
-def _picks_gain(facts: list[ShardFacts], picks: dict[int, _Pick], ctx: _Ctx) -> float:
-    return sum(_shard_gain(f, picks[f.shard_id].rows, ctx) for f in facts)
+def _picks_gain(facts: list[ShardFacts], picks: dict[int, _Pick], st: _State) -> float:
+    return sum(_shard_gain(f, picks[f.shard_id].rows, st) for f in facts)
 
 
 def _spend(
-    eligible: list[ShardFacts], pool_limit: np.ndarray, fixed_gain: float, ctx: _Ctx
+    eligible: list[ShardFacts], pool_limit: np.ndarray, fixed_gain: float, st: _State
 ) -> tuple[dict[int, _Pick], np.ndarray, list[str]]:
     """Allocate the pool budget, trimmed to the smallest that reaches the target top-1 if set."""
-    budget, rules = ctx.budget, ctx.rules
+    budget, rules = st.budget, st.rules
     picks = _allocate(eligible, pool_limit, budget, rules)
     target = rules.target_top1
     if target is None:
         return picks, pool_limit, []
-    best = _estimate(fixed_gain + _picks_gain(eligible, picks, ctx), ctx)
+    best = _estimate(fixed_gain + _picks_gain(eligible, picks, st), st)
     if best < target:
         return (
             picks,
@@ -643,7 +607,7 @@ def _spend(
             [f"target top-1 {target:.2f} not reached: {best:.2f} expected with the whole budget"],
         )
     zero = _allocate(eligible, np.zeros(2), budget, rules)
-    if _estimate(fixed_gain, ctx) >= target:
+    if _estimate(fixed_gain, st) >= target:
         for p in zero.values():
             p.reason = "target top-1 reached without backfill"
         return zero, np.zeros(2), []
@@ -654,7 +618,7 @@ def _spend(
     for _ in range(_TARGET_STEPS):
         mid = 0.5 * (lo + hi)
         trial = _allocate(eligible, _scaled(base, mid), budget, rules)
-        if _estimate(fixed_gain + _picks_gain(eligible, trial, ctx), ctx) >= target:
+        if _estimate(fixed_gain + _picks_gain(eligible, trial, st), st) >= target:
             hi, picks = mid, trial
         else:
             lo = mid
@@ -703,14 +667,7 @@ def _classify(f: ShardFacts, target: str) -> _Pick | None:
 
 def _ids(ids: list[int]) -> str:
     """[3] -> "shard 3"; [0, 1, 2, 5] -> "shards 0-2, 5"."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    return f"shard{'s' if len(ids) > 1 else ''} {text}"
+    return f"shard{'s' if len(ids) > 1 else ''} {id_ranges(ids, ', ')}"
 
 
 def _check_mandatory(
@@ -738,21 +695,24 @@ def _check_mandatory(
     )
 
 
-def _shard_plan(f: ShardFacts, p: _Pick, ctx: _Ctx) -> ShardPlan:
-    return ShardPlan(
+def _shard_plan(f: ShardFacts, p: _Pick, st: _State) -> ShardWork:
+    return ShardWork(
         shard_id=f.shard_id,
         rows=f.rows,
         method=p.method,
         reembed_rows=int(p.rows),
         fraction=p.rows / f.rows if f.rows else 0.0,
         transform=list(f.transform) if f.transform is not None else None,
-        cost_seconds=_shard_seconds(f, p.method, p.rows, ctx.budget),
-        expected_gain=_shard_gain(f, p.rows, ctx) if p.method in ("partial", "full") else 0.0,
+        cost_seconds=_shard_seconds(f, p.method, p.rows, st.budget),
+        expected_gain=_shard_gain(f, p.rows, st) if p.method in ("partial", "full") else 0.0,
         reason=p.reason,
         images_available=f.images_available,
         has_side_info=f.has_side_info,
         space=f.space,
         source_version=f.source_version,
+        chain=f.chain,
+        source_uri=f.source_uri,
+        image_file=f.image_file,
     )
 
 
@@ -776,15 +736,15 @@ def make_plan(
     _validate(facts, budget, rules)
     facts = sorted(facts, key=lambda f: f.shard_id)
     total = sum(f.rows for f in facts)
-    ctx = _Ctx(target, curve, budget, rules, _Ordering(facts, total), total)
+    st = _State(target, curve, budget, rules, _Ordering(facts, total), total)
     picks = {f.shard_id: p for f in facts if (p := _classify(f, target)) is not None}
     eligible = [f for f in facts if f.shard_id not in picks]
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
     _check_mandatory(mandatory, picks, need, budget)
     pool_limit = _limit(budget) - need if rules.spend_optional else np.zeros(2)
-    fixed = sum(_shard_gain(f, f.nonnative, ctx) for f in mandatory)
-    spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, ctx)
+    fixed = sum(_shard_gain(f, f.nonnative, st) for f in mandatory)
+    spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, st)
     if not rules.spend_optional:
         for p in spent.values():
             p.reason = "re-embedding would not pay: transform only"
@@ -792,7 +752,7 @@ def make_plan(
     for f in eligible:
         note = _chain_note(f)
         picks[f.shard_id].reason += f"; {note}" if note else ""
-    shards = [_shard_plan(f, picks[f.shard_id], ctx) for f in facts]
+    shards = [_shard_plan(f, picks[f.shard_id], st) for f in facts]
     blocked = [s for s in shards if s.method == "blocked"]
     if blocked:
         warnings.append(
@@ -809,7 +769,7 @@ def make_plan(
         cost_seconds=float(sum(s.cost_seconds for s in shards)),
         transform_top1=curve.transform_top1,
         full_top1=curve.full_top1,
-        expected_top1=_estimate(sum(s.expected_gain for s in shards), ctx),
+        expected_top1=_estimate(sum(s.expected_gain for s in shards), st),
         curve_ordering=curve.ordering,
         warnings=warnings,
     )

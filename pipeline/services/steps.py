@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,173 +10,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ModelConfig, UpgradeConfig
+from pipeline.context import Context
 from pipeline.data.shards import check_image_shards, image_shard_files
 from pipeline.embed.probe import probe_model
 from pipeline.embed.quality import OutputStats
+from pipeline.embed.runner import embed_images_to_version
+from pipeline.evaluate.metrics import retrieval_metrics
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.index import GalleryIndex, build_index
+from pipeline.gallery.records import version_manifest
+from pipeline.gallery.rows import version_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
+from pipeline.models.store import resolve_blob
 from pipeline.runtime import Timer, ensure_ray
-
-
-@dataclass
-class Context:
-    """What every step needs: the config, the gallery, and (lazily) tracking."""
-
-    cfg: UpgradeConfig
-    quiet: bool = False
-    _tracker: Any = None
-
-    @property
-    def gallery(self) -> Gallery:
-        return Gallery(self.cfg.gallery_uri, self.cfg.storage)
-
-    @property
-    def tracker(self) -> Any:
-        if self._tracker is None:
-            from pipeline.tracking import Tracker
-
-            self._tracker = Tracker(
-                self.cfg.tracking_uri, self.cfg.tracking.experiment, self.cfg.artifact_location
-            )
-        return self._tracker
-
-    def registry_name(self, kind: str = "embedder") -> str:
-        return f"{self.cfg.gallery_name}-{kind}"
-
-    def model_dir(self, model: ModelConfig) -> Path:
-        return Path(self.cfg.workdir) / "models" / model.name
-
-    def tags(self, **extra: Any) -> dict[str, str]:
-        return {
-            "carryover.gallery": self.cfg.gallery_name,
-            **{f"carryover.{k}": str(v) for k, v in extra.items()},
-        }
+from pipeline.services.models import registry_version_of
 
 
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
     """Gallery shard id → image shard file, the id read from the name (shard-NNNNN.parquet)."""
     return image_shard_files(cfg.images_uri, cfg.storage)
-
-
-@dataclass
-class ModelStepResult:
-    """A model made available to the upgrade: trained here or brought in."""
-
-    name: str
-    registry_name: str | None
-    registry_version: int | None
-    trained: bool
-    cached: bool
-    seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def train_step(
-    ctx: Context, model: ModelConfig, parent_run_id: str | None, aliases: tuple[str, ...] = ()
-) -> ModelStepResult:
-    """Train (or reuse) a model on Ray Train and register it in MLflow with aliases.
-
-    An embedder (independent or BCT) registers as `<gallery>-embedder`; FCT's side-info model
-    (a `SideInfoConfig`) trains with SimCLR on the old model's classes, as `<gallery>-side-info`.
-    """
-    from pipeline.config import SideInfoConfig
-
-    t0 = time.perf_counter()
-    if model.uri is not None:  # brought from elsewhere: nothing to train
-        return ModelStepResult(model.name, None, None, False, True, 0.0)
-    ensure_ray(ctx.cfg.ray)
-    side = isinstance(model, SideInfoConfig)
-    kind = "side-info" if side else "embedder"
-    train, classes = _trainer(ctx, model)
-    with ctx.tracker.run(
-        f"train-{model.name}", ctx.tags(step=f"train_{kind}", model=model.name), parent_run_id
-    ) as run:
-        tr = train()
-        run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
-        run.log_metrics(tr.metrics())
-        tags = {"model": model.name, "trained_classes": classes or "all"}
-        if not side:
-            tags["compat_loss"] = model.train.loss
-        version = register(ctx, kind, ctx.model_dir(model), run, tr.config_hash, tags, aliases)
-        run.set_tags(
-            {"carryover.registry_version": str(version), "carryover.cached": str(tr.cached)}
-        )
-    secs = round(time.perf_counter() - t0, 2)
-    return ModelStepResult(
-        model.name, ctx.registry_name(kind), version, True, tr.cached, secs, tr.metrics()
-    )
-
-
-def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
-    """A zero-argument training call for the model's kind, and the classes it trains on."""
-    from pipeline.cluster import train_storage
-    from pipeline.config import SideInfoConfig
-
-    args = (
-        ctx.cfg.images_uri,
-        ctx.model_dir(model),
-        ctx.cfg.storage,
-        train_storage(ctx.cfg),
-        ctx.cfg.embed.max_decoded_pixels,
-    )
-    if isinstance(model, SideInfoConfig):
-        from pipeline.train.side_info import train_side_info
-
-        # FCT: side-info learns from the data the old model saw, without its labels
-        classes = model.train.classes or ctx.cfg.old_model.train.classes
-        return (lambda: train_side_info(model, classes, *args)), classes
-    from pipeline.train.embedder import train_embedder
-
-    bct = None
-    if model.train.loss == "bct":
-        from pipeline.graph.compat_steps import bct_classifier
-
-        bct = bct_classifier(ctx)
-    return (lambda: train_embedder(model, *args, bct)), model.train.classes
-
-
-def register(
-    ctx: Context,
-    kind: str,
-    model_dir: str | Path,
-    run: Any,
-    config_hash: str,
-    tags: dict[str, Any],
-    aliases: tuple[str, ...] = (),
-) -> int:
-    """Register a model dir as `<gallery>-<kind>` once per config hash; move the aliases."""
-    name = ctx.registry_name(kind)
-    existing = find_model_version(ctx, "carryover.config_hash", config_hash, kind)
-    if existing is None:
-        return ctx.tracker.register_model(
-            name,
-            str(model_dir),
-            run.run_id,
-            tags=ctx.tags(config_hash=config_hash, **tags),
-            aliases=list(aliases),
-        )
-    for a in aliases:
-        ctx.tracker.set_alias(name, a, existing.version)
-    return existing.version
-
-
-def find_model_version(ctx: Context, tag: str, value: str, kind: str = "embedder") -> Any:
-    """The newest registered version of `<gallery>-<kind>` whose tag equals value, if any."""
-    for info in ctx.tracker.latest_versions(ctx.registry_name(kind), limit=1000):
-        if info.tags.get(tag) == value:
-            return info
-    return None
-
-
-def registry_version_of(ctx: Context, model: ModelConfig) -> int | None:
-    """The registry version holding this model (trained here), if any."""
-    if model.uri is not None and model.uri.startswith("models:/"):
-        return ctx.tracker.resolve(model.uri).version
-    info = find_model_version(ctx, "carryover.model", model.name)
-    return info.version if info else None
 
 
 @dataclass
@@ -198,6 +50,22 @@ class VersionStepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _existing_version(version: str, method: str, m: dict[str, Any]) -> VersionStepResult:
+    """A version that already has a manifest: reported as it is, nothing embedded."""
+    return VersionStepResult(
+        version,
+        m.get("method", method),
+        m["rows"],
+        m["rejected"],
+        len(m["shards"]),
+        0.0,
+        0.0,
+        m.get("index", {}),
+        m.get("run_id"),
+        skipped=True,
+    )
+
+
 def embed_version_step(
     ctx: Context,
     model: ModelConfig,
@@ -210,30 +78,14 @@ def embed_version_step(
     With `side_blob` (ingest of the old model) each row also stores FCT's side-information.
     Resumable: committed shards are kept; a version with a manifest is left as it is.
     """
-    from pipeline.embed.runner import embed_images_to_version
-    from pipeline.models.store import resolve_blob
-
     g, version = ctx.gallery, model.name
     if g.has_version(version):
-        m = g.manifest(version)
-        return VersionStepResult(
-            version,
-            m.get("method", method),
-            m["rows"],
-            m["rejected"],
-            len(m["shards"]),
-            0.0,
-            0.0,
-            m.get("index", {}),
-            m.get("run_id"),
-            skipped=True,
-        )
+        return _existing_version(version, method, g.manifest(version))
     files = image_shards(ctx.cfg)
     # Before any model, MLflow or Ray work: a key two shards share would otherwise stop the
     # index build only after every row was decoded and embedded.
     check_image_shards(list(files.values()), ctx.cfg.storage)
     timer = Timer()
-    source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
     with ctx.tracker.run(
         f"{method}-{version}", ctx.tags(step=method, to_version=version), parent_run_id
     ) as run:
@@ -242,46 +94,13 @@ def embed_version_step(
         with timer("probe"):  # a broken model fails here, on real images, before any Ray work
             probe_model(blob, list(files.values()), ctx.cfg.storage, ctx.cfg.embed, side_blob)
         ensure_ray(ctx.cfg.ray)
-        meta = {
-            sid: {
-                "method": method,
-                "model": model.name,
-                "source_version": None,
-                "run_id": run.run_id,
-            }
-            for sid in files
-        }
         with timer("embed"):
-            res = embed_images_to_version(
-                files,
-                g,
-                version,
-                blob,
-                ctx.cfg.embed,
-                meta,
-                source,
-                ctx.cfg.storage,
-                quiet=ctx.quiet,
-                side_blob=side_blob,
-            )
+            res = _embed_files(ctx, model, method, files, blob, side_blob, run.run_id)
         with timer("index"):
             records = list(g.committed_shards(version).values())
             index = index_version(ctx, version, records, blob.embedding_dim)
-        manifest = g.finalize(
-            version,
-            {
-                **GalleryIdentity.of_config(ctx.cfg).manifest_fields(),
-                "method": method,
-                "model": model.name,
-                "registry_version": registry_version_of(ctx, model),
-                "embedding_dim": blob.embedding_dim,
-                "side_info_model": side_blob.name if side_blob else None,
-                "side_info_dim": side_blob.embedding_dim if side_blob else 0,
-                "index": index,
-                "run_id": run.run_id,
-                "rows_per_second": res.rows_per_second,
-            },
-        )
+        meta = _manifest(ctx, model, method, blob, side_blob, index, run.run_id)
+        manifest = g.finalize(version, {**meta, "rows_per_second": res.rows_per_second})
         run.log_metrics({**res.metrics(), **timer.metrics()})
         run.log_dict(manifest, "manifest.json")
         run.set_tags({"carryover.shards": ",".join(str(r["shard_id"]) for r in records)})
@@ -296,6 +115,58 @@ def embed_version_step(
         index,
         run.run_id,
         timings=timer.seconds,
+    )
+
+
+def _manifest(
+    ctx: Context,
+    model: ModelConfig,
+    method: str,
+    blob: Any,
+    side_blob: Any,
+    index: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """The manifest of a version embedded by one model (an ingest or a full backfill)."""
+    return version_manifest(
+        GalleryIdentity.of_config(ctx.cfg),
+        method=method,
+        model=model.name,
+        registry_version=registry_version_of(ctx, model),
+        embedding_dim=blob.embedding_dim,
+        side_info_model=side_blob.name if side_blob else None,
+        side_info_dim=side_blob.embedding_dim if side_blob else 0,
+        index=index,
+        run_id=run_id,
+    )
+
+
+def _embed_files(
+    ctx: Context,
+    model: ModelConfig,
+    method: str,
+    files: dict[int, str],
+    blob: Any,
+    side_blob: Any,
+    run_id: str,
+) -> Any:
+    """Every image shard embedded into the version, each shard's commit naming this run."""
+    source = f"{'embed' if method == 'embed' else 'backfill'}:{model.name}"
+    meta = {
+        sid: {"method": method, "model": model.name, "source_version": None, "run_id": run_id}
+        for sid in files
+    }
+    return embed_images_to_version(
+        files,
+        ctx.gallery,
+        model.name,
+        blob,
+        ctx.cfg.embed,
+        meta,
+        source,
+        ctx.cfg.storage,
+        quiet=ctx.quiet,
+        side_blob=side_blob,
     )
 
 
@@ -362,48 +233,15 @@ def validation_labels(cfg: UpgradeConfig) -> pa.Table:
     return split_labels(cfg, "val", cfg.evaluate.max_queries)
 
 
-def version_rows(
-    g: Gallery, version: str, keys: list[str], column: str = "embedding"
-) -> tuple[np.ndarray, np.ndarray]:
-    """`column` of the given keys in a version, in the order of `keys` (streamed).
-
-    Returns (values (n, d) float32, found mask); rows of keys the version lacks are zeros.
-    """
-    pos = {k: i for i, k in enumerate(keys)}
-    value_set = pa.array(keys, pa.string())
-    out: np.ndarray | None = None
-    found = np.zeros(len(keys), dtype=bool)
-    for b in g.iter_embeddings(version, columns=("key", column)):
-        t = pa.Table.from_batches([b])
-        t = t.filter(pc.is_in(t["key"], value_set=value_set))
-        if not t.num_rows:
-            continue
-        vals = arrow_to_embeddings(t[column])
-        if out is None:
-            out = np.zeros((len(keys), vals.shape[1]), np.float32)
-        idx = np.array([pos[k] for k in t["key"].to_pylist()], dtype=np.int64)
-        out[idx], found[idx] = vals, True
-    return (out if out is not None else np.zeros((len(keys), 0), np.float32)), found
-
-
 def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of the given keys in a version (streamed; returns keys found and vectors)."""
-    ks, vs = [], []
-    for b in g.iter_embeddings(version):
-        t = pa.Table.from_batches([b])
-        t = t.filter(pc.is_in(t["key"], value_set=keys))
-        if t.num_rows:
-            ks.append(t["key"].to_numpy(zero_copy_only=False))
-            vs.append(arrow_to_embeddings(t["embedding"]))
-    if not ks:
-        return np.zeros(0, dtype=object), np.zeros((0, 0), np.float32)
-    return np.concatenate(ks), np.concatenate(vs)
+    """The keys a version holds of the given ones, and their embeddings (in the keys' order)."""
+    names = keys.to_pylist()
+    emb, found = version_rows(g, version, names)
+    return np.asarray(names, dtype=object)[found], emb[found]
 
 
 def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, float]]:
     """Top-1/top-5/mAP of each version on the validation split (query = gallery, self excluded)."""
-    from pipeline.evaluate.metrics import retrieval_metrics
-
     val = validation_labels(ctx.cfg)
     if val.num_rows < 2:
         raise ValueError(f"{ctx.cfg.images_uri}: fewer than 2 labelled validation rows")

@@ -6,11 +6,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from rich.table import Table
 
 from pipeline.embed.quality import OutputStats
+from pipeline.evaluate.metrics import retrieval_metrics
+from pipeline.gallery.rows import version_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
+from pipeline.upgrade.plan import Plan
+
+
+@dataclass(frozen=True)
+class ValidationRows:
+    """The labelled validation rows the plan is replayed on, with their new-model embeddings
+    (the queries) and whether each key was found among the images."""
+
+    keys: list[str]
+    labels: np.ndarray
+    new: np.ndarray
+    found: np.ndarray
 
 
 class ValidationFailed(GalleryError):
@@ -40,14 +53,6 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
-
-    def table(self) -> Table:
-        t = Table(title=f"validation of {self.version} (from {self.source_version})")
-        for c in ("check", "result", "detail"):
-            t.add_column(c)
-        for c in self.checks:
-            t.add_row(c["check"], "[green]pass[/]" if c["ok"] else "[red]FAIL[/]", c["detail"])
-        return t
 
 
 def check_keys_and_values(
@@ -121,8 +126,6 @@ def check_retrieval(
 ) -> None:
     """Top-1 of new-model queries against the version's rows of the same labelled keys
     (each query's own row excluded), against the plan's estimate minus the tolerance."""
-    from pipeline.evaluate.metrics import retrieval_metrics
-
     report.queries = len(labels)
     if len(labels) < 2:
         report.add("retrieval", False, "fewer than 2 labelled validation rows to query with")
@@ -138,3 +141,33 @@ def check_retrieval(
         f"{report.tolerance:.1f} = {floor:.2f} (transform only {report.transform_top1:.2f}, "
         f"full {report.full_top1:.2f}; {len(labels)} queries)",
     )
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far a built version may fall short: top-1 points under the plan's estimate, and the
+    least share of distinct rows (a collapsed model writes one vector)."""
+
+    top1_drop: float
+    min_distinct_fraction: float
+
+
+def validate_version(
+    g: Gallery, target: str, plan: Plan, val: ValidationRows, tol: Tolerances, metric: str
+) -> ValidationReport:
+    """Keys, values, dimension and retrieval quality of the built version vs the plan."""
+    source = plan.shards[0].source_version
+    dim = int(g.manifest(target)["embedding_dim"])
+    rep = ValidationReport(
+        target,
+        source,
+        expected_top1=plan.expected_top1,
+        transform_top1=plan.transform_top1,
+        full_top1=plan.full_top1,
+        tolerance=tol.top1_drop,
+    )
+    check_keys_and_values(g, source, target, dim, rep, tol.min_distinct_fraction)
+    gal, found = version_rows(g, target, val.keys)
+    ok = found & val.found
+    check_retrieval(rep, gal[ok], val.new[ok], val.labels[ok], metric)
+    return rep

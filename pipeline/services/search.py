@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from safetensors.torch import load
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.context import Context
+from pipeline.data.decode import decode_images
 from pipeline.data.shards import DataError
-from pipeline.graph.steps import Context, load_index, version_embeddings
+from pipeline.io import uri as uri_io
+from pipeline.models.compat import ADAPTERS, build_adapter
+from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, build_model, resolve_blob
+from pipeline.services.steps import image_shards, load_index, version_embeddings
 
 
 class QueryError(DataError):
@@ -51,9 +59,6 @@ def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
 
 def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.ndarray:
     """Embed one encoded image with `model`; a bad image names `what`."""
-    from pipeline.data.decode import decode_images
-    from pipeline.models.store import build_model, resolve_blob
-
     blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
     dec = decode_images([data], blob.preprocess, ctx.cfg.embed.max_decoded_pixels)
     if not dec.ok[0]:  # not an image, or too large to decode: the query is at fault
@@ -65,13 +70,6 @@ def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.
 def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
     """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling. It must
     map into the space of `version`'s model."""
-    import json
-
-    from safetensors.torch import load
-
-    from pipeline.models.compat import ADAPTERS, build_adapter
-    from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE
-
     if kind not in ADAPTERS:  # it names a directory: "../x" must not reach the filesystem
         raise ConfigError(f"--adapter {kind!r}: expected one of {', '.join(ADAPTERS)}")
     d = Path(ctx.cfg.workdir) / "models" / f"adapter-{kind}"
@@ -93,11 +91,6 @@ def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
 
 def image_bytes_of_key(ctx: Context, key: str) -> bytes:
     """The encoded image of a key, found by scanning the image shards (filter on key)."""
-    import pyarrow.compute as pc
-
-    from pipeline.graph.steps import image_shards
-    from pipeline.io import uri as uri_io
-
     for f in image_shards(ctx.cfg).values():
         for b in uri_io.iter_parquet_batches(f, ctx.cfg.storage, ["key", "image"]):
             t = pa.Table.from_batches([b])

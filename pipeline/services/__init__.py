@@ -1,0 +1,1 @@
+"""The application steps over a Context: models, versions, compatibility, search, lineage."""

@@ -1,0 +1,331 @@
+"""The upgrade's steps over a Context: chains, plan, execute, finalize and validate a version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.context import Context
+from pipeline.display import shard_progress
+from pipeline.embed.transform import ChainSpec, chain_spec
+from pipeline.gallery.identity import GalleryIdentity
+from pipeline.gallery.records import version_manifest
+from pipeline.gallery.store import GalleryError
+from pipeline.runtime import ensure_ray
+from pipeline.services import compat_steps as cs
+from pipeline.services import models, steps
+from pipeline.upgrade.execute import (
+    ExecutorSpec,
+    execute_shards,
+    execution_summary,
+    pending_work,
+    probe_new_model,
+)
+from pipeline.upgrade.facts import ScanSettings, find_chain, gather_facts
+from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, make_plan
+from pipeline.upgrade.price import price_budget
+from pipeline.upgrade.simulate import simulate_plan
+from pipeline.upgrade.validate import Tolerances, ValidationReport, ValidationRows, validate_version
+from pipeline.upgrade.work import id_ranges
+
+
+# -- chains ---------------------------------------------------------------------------------
+def _registry_chain(ctx: Context, src: str, dst: str) -> list[tuple[str, Path]] | None:
+    """Registered transformations composing `src` → `dst` (downloaded), or None."""
+    name = ctx.registry_name("transformation")
+    edges, by = [], {}
+    for info in reversed(ctx.tracker.latest_versions(name, limit=1000)):
+        a, b = info.tags.get("carryover.from_model"), info.tags.get("carryover.to_model")
+        if a and b:
+            label = f"{info.tags.get('carryover.model', 'h')}@{info.version}"
+            edges.append((a, b, label))
+            by[label] = info
+    chain = find_chain(edges, src, dst)
+    if chain is None:
+        return None
+    out = []
+    for label in chain:
+        info = by[label]
+        d = Path(ctx.cfg.workdir) / "models" / "_registry" / f"{name}-{info.version}"
+        if not (d / "model.json").exists():
+            d = Path(ctx.tracker.download_model(f"models:/{name}/{info.version}", d))
+        out.append((label, d))
+    return out
+
+
+def chains_for(ctx: Context, space: str) -> dict[str, ChainSpec]:
+    """The chains that map rows of `space` to the new model: "identity" when already there;
+    "side" / "noside" (this upgrade's h, its side-info-free variant), composed after
+    registered transformations when the gallery is more than one version behind."""
+    cfg = ctx.cfg
+    if space == cfg.new_model.name:
+        return {"identity": ChainSpec()}
+    prefix: list[tuple[str, Path]] = []
+    if space != cfg.old_model.name:
+        found = _registry_chain(ctx, space, cfg.old_model.name)
+        if found is None:
+            return {}
+        prefix = found
+    out: dict[str, ChainSpec] = {}
+    for tc in (cfg.transformation, cs.no_side_info_config(ctx)):
+        d = cs.transformation_dir(ctx, tc)
+        if not (d / "model.json").exists():
+            continue
+        spec = chain_spec([p for _, p in prefix] + [d], [n for n, _ in prefix] + [tc.name])
+        key = "side" if spec.needs_side else "noside"
+        out.setdefault(key, spec)
+    if ctx.cfg.plan.no_side_info == "backfill" and "side" in out:
+        out.pop("noside", None)  # shards without side-info are re-embedded, not transformed
+    return out
+
+
+def chain_models(ctx: Context, spec: ChainSpec) -> list[dict[str, Any]]:
+    """The registered transformation versions a chain applies, in order (for lineage)."""
+    out = []
+    for name, meta in zip(spec.names, spec.metas, strict=True):
+        info = models.find_model_version(
+            ctx, "carryover.config_hash", str(meta.get("config_hash")), "transformation"
+        )
+        out.append(
+            {
+                "name": name,
+                "from_model": meta.get("from_model"),
+                "to_model": meta.get("to_model"),
+                "registry_name": ctx.registry_name("transformation"),
+                "registry_version": info.version if info else None,
+                "run_id": info.run_id if info else None,
+            }
+        )
+    return out
+
+
+def _space(ctx: Context, source: str) -> str:
+    return ctx.gallery.manifest(source).get("model") or source
+
+
+# -- planning -------------------------------------------------------------------------------
+def load_report(ctx: Context) -> dict[str, Any]:
+    """The compatibility report `evaluate` wrote (its curves drive the planner)."""
+    p = cs.default_report_dir(ctx) / "report.json"
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no evaluation report at {p}: run `carryover upgrade --until evaluate` "
+            "(or `carryover evaluate`) first"
+        )
+    return json.loads(p.read_text())
+
+
+def _curve(report: dict[str, Any]) -> QualityCurve:
+    """The report's backfilling curve; without a transformation there is none, and every
+    shard is re-embedded anyway: a flat curve at the new model's own quality."""
+    if report.get("curves"):
+        return QualityCurve.from_report(report["curves"])
+    top = next((c["top1"] for c in report["cases"] if c["name"] == "new/new"), 0.0)
+    return QualityCurve([0.0, 1.0], [top, top], ordering="none")
+
+
+def _facts(
+    ctx: Context, source: str, chains: dict[str, ChainSpec], quiet: bool
+) -> tuple[list[ShardFacts], dict[int, dict[str, int]]]:
+    """Every shard's facts, with a progress bar."""
+    prog = shard_progress("facts", len(ctx.gallery.manifest(source)["shards"]), quiet)
+    rows, t0 = [0], time.perf_counter()
+
+    def tick(rec: dict[str, Any]) -> None:
+        rows[0] += rec["rows"]
+        rps = rows[0] / max(time.perf_counter() - t0, 1e-9)
+        prog.update(prog.task_ids[0], advance=1, rows=rows[0], rps=rps)
+
+    cfg = ctx.cfg
+    try:  # the simulation's validation rows; without images there is nothing to simulate
+        probe = steps.validation_labels(cfg)["key"].to_pylist()
+    except (FileNotFoundError, ValueError):
+        probe = None
+    scan = ScanSettings(cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards)
+    with prog:
+        return gather_facts(ctx.gallery, source, cfg.new_model.name, chains, scan, tick, probe)
+
+
+def compute_plan(
+    ctx: Context,
+    source: str,
+    report: dict[str, Any],
+    quiet: bool = True,
+    train_missing: bool = True,
+) -> tuple[Plan, list[ShardFacts]]:
+    """Facts of every shard of `source`, then the plan under the configured budget.
+
+    Shards without side-info get the side-info-free transformation, trained here when
+    missing (`train_missing`) and `plan.no_side_info` is "transform"."""
+    cfg, g = ctx.cfg, ctx.gallery
+    if not g.has_version(source):
+        raise GalleryError(f"{g.uri}: source version {source!r} has no manifest")
+    ensure_ray(cfg.ray)
+    space = _space(ctx, source)
+    chains = chains_for(ctx, space)
+    facts, ranks = _facts(ctx, source, chains, quiet)
+    needs_noside = any(not f.has_side_info and f.transform is None for f in facts)
+    trainable = train_missing and space == cfg.old_model.name and cfg.transformation.enabled
+    wants = cfg.plan.no_side_info == "transform" and "noside" not in chains
+    if needs_noside and wants and trainable:
+        cs.train_transformation_step(ctx, None, (), cs.no_side_info_config(ctx))
+        chains = chains_for(ctx, space)
+        facts, ranks = _facts(ctx, source, chains, quiet)
+    plan = _plan(ctx, source, facts, _curve(report))
+    if plan.ok:
+        val = _validation_rows(ctx)
+        simulate_plan(plan, facts, ranks, chains, g, val, cfg.evaluate.metric)
+    return plan, facts
+
+
+def _plan(ctx: Context, source: str, facts: list[ShardFacts], curve: QualityCurve) -> Plan:
+    """The plan of these facts under the configured, priced budget and rules."""
+    pc = ctx.cfg.plan
+    source_rps = ctx.gallery.manifest(source).get("rows_per_second")
+    budget, notes = price_budget(pc, facts, source, source_rps)
+    rules = PlanSettings.of(pc).rules()
+    gain = curve.full_top1 - curve.transform_top1
+    if gain < pc.min_gain and (budget.images != 0 or budget.seconds is not None):
+        # The budget still bounds what must be re-embedded; nothing optional is spent.
+        rules.spend_optional = False
+        notes.append(
+            f"a full backfill would gain {gain:+.2f} top-1 over the transformation "
+            f"(< plan.min_gain {pc.min_gain}): nothing is re-embedded but what must be"
+        )
+    plan = make_plan(facts, ctx.cfg.target_version, curve, budget, rules)
+    plan.warnings.extend(notes)
+    return plan
+
+
+# -- the labelled validation rows -------------------------------------------------------------
+def val_new_embeddings(ctx: Context, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """New-model embeddings of the validation keys (computed once, cached in the workdir):
+    the queries of both the plan's estimate and the validation check."""
+    blob = models.blob_of(ctx, ctx.cfg.new_model)
+    ident = [keys, blob.meta.get("config_hash") or blob.name, steps.image_shards(ctx.cfg)]
+    h = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    p = Path(ctx.cfg.workdir) / "cache" / f"val-{ctx.cfg.new_model.name}-{h}.npz"
+    if p.exists():
+        z = np.load(p)
+        return z["emb"], z["found"]
+    emb, found = cs._computed_new(ctx, "val", keys)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(p, emb=emb, found=found)
+    return emb, found
+
+
+def _validation_rows(ctx: Context) -> ValidationRows:
+    """The labelled validation rows; their new-model embeddings only when there are 2+."""
+    val = steps.validation_labels(ctx.cfg)
+    keys, labels = val["key"].to_pylist(), np.asarray(val["label"].to_pylist())
+    if len(keys) < 2:
+        return ValidationRows(keys, labels, np.zeros((len(keys), 0)), np.zeros(len(keys), bool))
+    new, found = val_new_embeddings(ctx, keys)
+    return ValidationRows(keys, labels, new, found)
+
+
+# -- execution ------------------------------------------------------------------------------
+def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec:
+    """The shard executors of this upgrade: target, chains, new model and lineage."""
+    cfg, g = ctx.cfg, ctx.gallery
+    chains = chains_for(ctx, _space(ctx, source))
+    return ExecutorSpec(
+        gallery_uri=g.uri,
+        # Credentials resolved here: Ray workers may not share the driver's environment.
+        storage=g.storage.resolved() if g.storage is not None else None,
+        target=cfg.target_version,
+        target_model=cfg.new_model.name,
+        chains=chains,
+        new_blob=models.blob_of(ctx, cfg.new_model),
+        embed_cfg=cfg.embed,
+        side_dim=int(g.manifest(source).get("side_info_dim") or 0),
+        retries=cfg.plan.retries,
+        lineage={
+            "run_id": run_id,
+            "model_registry_version": models.registry_version_of(ctx, cfg.new_model),
+            "chains": {k: chain_models(ctx, spec) for k, spec in chains.items()},
+        },
+        num_cpus=cfg.embed.actor_num_cpus,
+        parallel=cfg.plan.parallel_shards,
+    )
+
+
+def execute_plan(ctx: Context, plan: Plan, run: Any, quiet: bool) -> dict[str, Any]:
+    """Run every planned shard not committed yet on a Ray Data actor pool."""
+    g, target = ctx.gallery, ctx.cfg.target_version
+    done = g.committed_shards(target)
+    work = pending_work(plan, done)
+    spec = executor_spec(ctx, plan.shards[0].source_version, run.run_id)
+    probe_new_model(spec.new_blob, work, ctx.cfg.storage, ctx.cfg.embed)
+    ensure_ray(ctx.cfg.ray)
+    run.set_tags({"carryover.shards": id_ranges(sorted(w.shard_id for w in work))})
+    t0, rows, records = time.perf_counter(), 0, []
+    prog = shard_progress(f"execute {target}", len(plan.shards), quiet)
+    prog.update(prog.task_ids[0], completed=len(done))
+    with prog:
+        for rec in execute_shards(spec, work):
+            rows += rec["rows"]
+            records.append(rec)
+            rps = rows / max(time.perf_counter() - t0, 1e-9)
+            prog.update(prog.task_ids[0], advance=1, rows=rows, rps=rps)
+            run.log_metrics(
+                {"shard_rows": rec["rows"], "shard_seconds": rec["seconds"]},
+                step=int(rec["shard_id"]),
+            )
+    secs = time.perf_counter() - t0
+    all_recs = list(g.committed_shards(target).values())
+    run.log_dict(sorted(all_recs, key=lambda r: r["shard_id"]), "shards.json")
+    return execution_summary(records, len(done), secs)
+
+
+def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, Any]:
+    """Index the built version and write its manifest last (it becomes visible)."""
+    cfg, g = ctx.cfg, ctx.gallery
+    target, source = cfg.target_version, plan.shards[0].source_version
+    recs = list(g.committed_shards(target).values())
+    missing = {s.shard_id for s in plan.shards} - {int(r["shard_id"]) for r in recs}
+    if missing:
+        raise GalleryError(f"{target}: shards {sorted(missing)} are not committed; rerun")
+    dim = models.blob_of(ctx, cfg.new_model).embedding_dim
+    index = steps.index_version(ctx, target, recs, dim)
+    src = g.manifest(source)
+    plan_summary = {
+        "counts": plan.counts,
+        "expected_top1": plan.expected_top1,
+        "reembed_rows": plan.reembed_rows,
+    }
+    m = g.finalize(
+        target,
+        version_manifest(
+            GalleryIdentity.of_config(cfg),
+            method="planned",
+            model=cfg.new_model.name,
+            registry_version=models.registry_version_of(ctx, cfg.new_model),
+            embedding_dim=dim,
+            side_info_model=src.get("side_info_model"),
+            side_info_dim=src.get("side_info_dim", 0),
+            index=index,
+            run_id=run_id,
+            source_version=source,
+            plan=plan_summary,
+        ),
+    )
+    return {
+        "rows": m["rows"],
+        "rejected": m["rejected"],
+        "shards": len(m["shards"]),
+        "index": index,
+    }
+
+
+def validate_target(ctx: Context, plan: Plan) -> ValidationReport:
+    """Keys, values, dimension and retrieval quality of the built version vs the plan."""
+    cfg = ctx.cfg
+    tol = Tolerances(cfg.evaluate.min_top1_drop_tolerance, cfg.embed.min_distinct_fraction)
+    val = _validation_rows(ctx)
+    return validate_version(ctx.gallery, cfg.target_version, plan, val, tol, cfg.evaluate.metric)

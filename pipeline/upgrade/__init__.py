@@ -1,0 +1,1 @@
+"""The per-shard upgrade: facts, plan, price, simulate, execute, validate around ShardWork."""

@@ -218,12 +218,20 @@ def test_probe_passes_a_healthy_model_and_reads_only_a_sample(tmp_path: Path) ->
 # ------------------------------------------------------------------ the pass and resume
 
 
+def _sink(g: Gallery, shard: int, rows: int, earlier: tuple[int, int]) -> _ShardSink:
+    """A shard sink for one shard of `rows` rows, limit 0.5, judged after 64 rows; `earlier`
+    is (rows in, rejected) of shards committed before this pass."""
+    progress = Progress(disable=True)
+    task = progress.add_task("embed", total=rows)
+    meta = {shard: {"image_file": f"images/shard-{shard:05d}.parquet"}}
+    return _ShardSink(
+        g, "v1", DIM, {shard: rows}, meta, "embed:m", progress, task, 0, 0.5, earlier, 64
+    )
+
+
 def test_a_shard_over_the_rejected_limit_is_never_committed(tmp_path: Path) -> None:
     g = Gallery(str(tmp_path / "gallery"))
-    progress = Progress(disable=True)
-    task = progress.add_task("embed", total=4)
-    meta = {0: {"image_file": "images/shard-00000.parquet"}}
-    sink = _ShardSink(g, "v1", DIM, {0: 4}, meta, "embed:m", progress, task, 0, 0.5, (0, 0), 64)
+    sink = _sink(g, shard=0, rows=4, earlier=(0, 0))
     batch = {
         "key": np.array(["a", "b", "c", "d"], dtype=object),
         "embedding": np.ones((4, DIM), np.float32),
@@ -320,10 +328,7 @@ def test_a_few_bad_rows_in_a_small_shard_are_judged_with_the_whole_pass(tmp_path
     """3 of 5 rows of a small shard rejected is fine while the pass as a whole (earlier
     committed shards included) stays under the limit."""
     g = Gallery(str(tmp_path / "gallery"))
-    progress = Progress(disable=True)
-    task = progress.add_task("embed", total=5)
-    meta = {2: {"image_file": "images/shard-00002.parquet"}}
-    sink = _ShardSink(g, "v1", DIM, {2: 5}, meta, "embed:m", progress, task, 0, 0.5, (200, 0), 64)
+    sink = _sink(g, shard=2, rows=5, earlier=(200, 0))
     batch = {
         "key": np.array(["a", "b", "c", "d", "e"], dtype=object),
         "embedding": np.ones((5, DIM), np.float32) * np.arange(1, 6, dtype=np.float32)[:, None],

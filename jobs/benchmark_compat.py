@@ -52,12 +52,11 @@ def main(data: str, config: str, overrides: list[str]) -> int:
     old, new = cfg.old_model, cfg.new_model
     bct = new.model_copy(update={"name": f"{new.name}-bct"}, deep=True)
     bct.train.loss = "bct"
-    with ctx.tracker.run("benchmark-compat", ctx.tags(step="benchmark")) as parent:
-        pid = parent.run_id
+    with ctx.tracker.run("benchmark-compat", ctx.tags(step="benchmark")) as parent:  # steps nest
         for m in (old, new):
-            timed(f"train {m.name}", models.train_step, ctx, m, pid)
-        timed("train side-info", models.train_side_info_step, ctx, pid)
-        timed(f"train {bct.name} (BCT)", models.train_step, ctx, bct, pid)
+            timed(f"train {m.name}", models.train_step, ctx, m)
+        timed("train side-info", models.train_side_info_step, ctx)
+        timed(f"train {bct.name} (BCT)", models.train_step, ctx, bct)
         transformations = {}
         for name, (loss, side) in VARIANTS.items():
             tc = cfg.transformation.model_dump()
@@ -65,7 +64,7 @@ def main(data: str, config: str, overrides: list[str]) -> int:
             vctx = steps.Context(
                 cfg.model_copy(update={"transformation": TransformationConfig(**tc)})
             )
-            timed(f"train transformation {name}", cs.train_transformation_step, vctx, pid, ())
+            timed(f"train transformation {name}", cs.train_transformation_step, vctx, ())
             transformations[name] = load_transformation(cs.transformation_dir(vctx))
         blobs = {m.name: models.blob_of(ctx, m) for m in (old, new, bct)}
         blobs["side"] = models.side_blob(ctx)
@@ -83,7 +82,7 @@ def main(data: str, config: str, overrides: list[str]) -> int:
             ),
         )
         fitted = timed(
-            "fit query adapters", cs.fit_adapters_step, ctx, train[new.name], train[old.name], pid
+            "fit query adapters", cs.fit_adapters_step, ctx, train[new.name], train[old.name], True
         )
         inp = StudyInputs(
             labels=val["label"],
@@ -116,7 +115,9 @@ def main(data: str, config: str, overrides: list[str]) -> int:
     console.print(summary(report, bct.name))
     ok = checks(report, bct.name, console)
     console.print(f"timings (s): {clock}  total {sum(clock.values()):.0f}s")
-    console.print(f"report + plots: {Path(cfg.workdir) / 'report'}  MLflow parent run: {pid}")
+    console.print(
+        f"report + plots: {Path(cfg.workdir) / 'report'}  MLflow parent run: {parent.run_id}"
+    )
     return 0 if ok else 1
 
 

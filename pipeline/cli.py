@@ -225,13 +225,13 @@ def train(
     ctx = _ctx(cfg)
     aliases = tuple(alias or ())
     if which == "transformation":
-        out = compat_steps.train_transformation_step(ctx, None, aliases or ("candidate",))
+        out = compat_steps.train_transformation_step(ctx, aliases or ("candidate",))
         console.print_json(json.dumps(out or {"enabled": False}, default=str))
         return
     model = {"old": cfg.old_model, "new": cfg.new_model, "side-info": cfg.side_info_model}
     if which not in model:
         raise ConfigError(f"--which must be old, new, side-info or transformation, got {which!r}")
-    r = models.train_step(ctx, model[which], None, aliases)
+    r = models.train_step(ctx, model[which], aliases)
     console.print_json(json.dumps(r.__dict__))
 
 
@@ -247,7 +247,7 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fals
     with _gallery_lock(cfg, f"ingest {cfg.old_model.name}"):  # before Ray: refused at once
         check_cluster(cfg)  # on several nodes: s3:// images and gallery, or refused
         ctx = _ctx(cfg, quiet)
-        r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+        r = steps.embed_version_step(ctx, cfg.old_model, "embed")
         if ctx.gallery.current() is None:
             steps.promote_step(ctx, r.version)
     console.print_json(json.dumps(r.__dict__, default=str))
@@ -264,7 +264,7 @@ def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fa
     cfg = _cfg(config, set_)
     with _gallery_lock(cfg, f"backfill {cfg.new_model.name}"):  # one writer of a version
         check_cluster(cfg)  # on several nodes: s3:// images and gallery, or refused
-        r = steps.embed_version_step(_ctx(cfg, quiet), cfg.new_model, "full", None)
+        r = steps.embed_version_step(_ctx(cfg, quiet), cfg.new_model, "full")
     console.print_json(json.dumps(r.__dict__, default=str))
 
 
@@ -287,7 +287,7 @@ def evaluate(
 
     cfg = _cfg(config, set_)
     names = versions.split(",") if versions else None
-    report, files = evaluate_compat_step(_ctx(cfg), None, names, report_dir)
+    report, files = evaluate_compat_step(_ctx(cfg), names, report_dir)
     console.print(report.table())
     if report.curves:
         console.print(report.curves_table())

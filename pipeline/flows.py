@@ -135,7 +135,7 @@ def _child_runs(ctx: Context, lock: Any, parent: Any, lineage: dict[str, str]) -
     def open_run(stage: Stage) -> Iterator[StageRun]:
         lock.renew()
         tags = ctx.tags(step=stage.name, stage=stage.name, **lineage)
-        with ctx.tracker.run(stage.name, tags, parent.run_id) as child:
+        with ctx.tracker.run(stage.name, tags) as child:  # nests under the upgrade run
             yield StageRun(child, parent)
 
     return open_run

@@ -119,12 +119,12 @@ class UpgradeStages:
         cur = ctx.gallery.current()
         if cur is not None:
             return {"source_version": cur, "ingested": False}
-        v = steps.embed_version_step(ctx, old, "embed", r.run_id, models.side_blob(ctx))
+        v = steps.embed_version_step(ctx, old, "embed", models.side_blob(ctx))
         steps.promote_step(ctx, old.name)
         return {"source_version": old.name, "ingested": True, **asdict(v)}
 
     def evaluate(self, _: dict, r: StageRun) -> dict[str, Any]:
-        report, files = cs.evaluate_compat_step(self.ctx, r.run_id)
+        report, files = cs.evaluate_compat_step(self.ctx, register_adapters=True)
         return {"report": json.loads(report.to_json()), "files": files}
 
     def plan(self, inp: dict, r: StageRun) -> dict[str, Any]:
@@ -158,16 +158,16 @@ class UpgradeStages:
         """The graph's nodes, in a topological order."""
         ctx, old, new = self.ctx, self.cfg.old_model, self.cfg.new_model
         return [
-            Stage("old-model", _optional(lambda r: models.train_step(ctx, old, r.run_id))),
-            Stage("side-info", _optional(lambda r: models.train_side_info_step(ctx, r.run_id))),
+            Stage("old-model", _optional(lambda r: models.train_step(ctx, old))),
+            Stage("side-info", _optional(lambda r: models.train_side_info_step(ctx))),
             Stage("ingest", self.ingest, ("old-model", "side-info")),
             Stage(
                 "new-model",
-                _optional(lambda r: models.train_step(ctx, new, r.run_id, ("candidate",))),
+                _optional(lambda r: models.train_step(ctx, new, ("candidate",))),
             ),
             Stage(
                 "transformation",
-                lambda _, r: cs.train_transformation_step(ctx, r.run_id),
+                lambda _, r: cs.train_transformation_step(ctx),
                 ("ingest", "new-model"),
             ),
             Stage("evaluate", self.evaluate, ("transformation",)),

@@ -307,15 +307,24 @@ def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return [join(uri, n) for n in names]
 
 
-def parquet_num_rows(uri: str, storage: StorageConfig | None = None) -> int:
-    """Row count from the Parquet footer, without reading data."""
+def _footer(uri: str, storage: StorageConfig | None, read: Callable[[pq.ParquetFile], T]) -> T:
     loc = resolve(uri, storage)
 
-    def _rows() -> int:
+    def _read() -> T:
         with loc.fs.open_input_file(loc.path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            return read(pq.ParquetFile(f))
 
-    return with_retries(_rows, f"read footer of {uri}")
+    return with_retries(_read, f"read footer of {uri}")
+
+
+def parquet_num_rows(uri: str, storage: StorageConfig | None = None) -> int:
+    """Row count from the Parquet footer, without reading data."""
+    return _footer(uri, storage, lambda pf: pf.metadata.num_rows)
+
+
+def parquet_columns(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """Column names from the Parquet footer, without reading data."""
+    return _footer(uri, storage, lambda pf: list(pf.schema_arrow.names))
 
 
 def read_table(

@@ -16,7 +16,7 @@ from pipeline.context import Context
 from pipeline.embed.features import collect, paired_features
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.study import StudyInputs, compat_study
-from pipeline.gallery.rows import version_rows
+from pipeline.gallery.rows import read_rows
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
@@ -38,7 +38,6 @@ def no_side_info_config(ctx: Context) -> Any:
 
 def train_transformation_step(
     ctx: Context,
-    parent_run_id: str | None,
     aliases: tuple[str, ...] = ("candidate",),
     tc: Any = None,
 ) -> dict[str, Any] | None:
@@ -58,7 +57,6 @@ def train_transformation_step(
     with ctx.tracker.run(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
-        parent_run_id,
     ) as run:
         tr = train_transformation(
             tc,
@@ -117,9 +115,10 @@ def fit_adapters_step(
     ctx: Context,
     new_train: np.ndarray,
     old_train: np.ndarray,
-    parent_run_id: str | None = None,
+    register_adapters: bool = False,
 ) -> dict[str, Any]:
-    """Fit each configured query adapter (new → old) on paired rows; save and register them."""
+    """Fit each configured query adapter (new → old) on paired rows; save them, and with
+    `register_adapters` log each to its own MLflow run and register it."""
     ac, cfg = ctx.cfg.adapters, ctx.cfg
     n = min(len(new_train), ac.sample_rows)
     idx = np.random.default_rng(cfg.data.seed).permutation(len(new_train))[:n]
@@ -143,12 +142,10 @@ def fit_adapters_step(
         }
         save_model_dir(adapter, meta, d)
         out[kind] = {"adapter": adapter, "dir": str(d), "fit_seconds": time.perf_counter() - t0}
-        if parent_run_id is None:
+        if not register_adapters:
             continue
         weights_sum = float(sum(t.double().abs().sum() for t in adapter.state_dict().values()))
-        with ctx.tracker.run(
-            f"adapter-{kind}", ctx.tags(step="fit_adapter", adapter=kind), parent_run_id
-        ) as run:
+        with ctx.tracker.run(f"adapter-{kind}", ctx.tags(step="fit_adapter", adapter=kind)) as run:
             run.log_params({"adapter": adapter.config(), "fit_rows": n})
             tags = {"adapter": kind, "from_model": meta["from_model"], "to_model": meta["to_model"]}
             h = config_hash(meta, round(weights_sum, 6))
@@ -161,14 +158,13 @@ def _gallery_sets(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
     """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info."""
     g, old = ctx.gallery, ctx.cfg.old_model.name
-    sets, found = {}, np.ones(len(keys), dtype=bool)
+    sets, found, side = {}, np.ones(len(keys), dtype=bool), None
     for v in versions:
-        sets[v], f = version_rows(g, v, keys)
-        found &= f
-    side = None
-    if g.manifest(old).get("side_info_dim"):
-        side, f = version_rows(g, old, keys, "side_info")
-        found &= f
+        with_side = v == old and bool(g.manifest(old).get("side_info_dim"))
+        rows = read_rows(g, v, keys, ("embedding", "side_info") if with_side else ("embedding",))
+        sets[v], found = rows["embedding"], found & rows.found
+        if with_side:
+            side, found = rows["side_info"], found & rows.present["side_info"]
     return sets, found, side
 
 
@@ -211,13 +207,14 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
 
 def evaluate_compat_step(
     ctx: Context,
-    parent_run_id: str | None = None,
     versions: list[str] | None = None,
     report_dir: str | Path | None = None,
+    register_adapters: bool = False,
 ) -> tuple[Any, dict[str, str]]:
     """FCT's protocol on the validation split: cases, matrix, backfilling curves, adapters.
 
-    Writes report.json and the plots to `report_dir` and logs them to an MLflow run.
+    Writes report.json and the plots to `report_dir` and logs them to an MLflow run (nested
+    under the run open around the call: the upgrade's evaluate stage).
     """
     cfg = ctx.cfg
     t0 = time.perf_counter()
@@ -236,7 +233,7 @@ def evaluate_compat_step(
         inp.transformations[cfg.transformation.name] = (model, meta)
     if cfg.adapters.kinds:
         _, tr_sets, _ = study_inputs(ctx, "train", cfg.adapters.sample_rows, [old, new])
-        fitted = fit_adapters_step(ctx, tr_sets[new], tr_sets[old], parent_run_id)
+        fitted = fit_adapters_step(ctx, tr_sets[new], tr_sets[old], register_adapters)
         inp.adapters = {k: v["adapter"] for k, v in fitted.items()}
     report = compat_study(
         inp,
@@ -251,7 +248,6 @@ def evaluate_compat_step(
     with ctx.tracker.run(
         "evaluate-compat",
         ctx.tags(step="evaluate", from_version=old, to_version=new),
-        parent_run_id,
     ) as run:
         report.extra["run_id"] = run.run_id  # the JSON report points at its MLflow run
         files = write_report(report, out)

@@ -33,9 +33,7 @@ class ModelStepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_step(
-    ctx: Context, model: ModelConfig, parent_run_id: str | None, aliases: tuple[str, ...] = ()
-) -> ModelStepResult:
+def train_step(ctx: Context, model: ModelConfig, aliases: tuple[str, ...] = ()) -> ModelStepResult:
     """Train (or reuse) a model on Ray Train and register it in MLflow with aliases.
 
     An embedder (independent or BCT) registers as `<gallery>-embedder`; FCT's side-info model
@@ -49,7 +47,7 @@ def train_step(
     kind = "side-info" if side else "embedder"
     train, classes = _trainer(ctx, model)
     with ctx.tracker.run(
-        f"train-{model.name}", ctx.tags(step=f"train_{kind}", model=model.name), parent_run_id
+        f"train-{model.name}", ctx.tags(step=f"train_{kind}", model=model.name)
     ) as run:
         tr = train()
         run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
@@ -146,10 +144,10 @@ def side_blob(ctx: Context) -> ModelBlob | None:
     return blob
 
 
-def train_side_info_step(ctx: Context, parent_run_id: str | None) -> ModelStepResult | None:
+def train_side_info_step(ctx: Context) -> ModelStepResult | None:
     """Train (or reuse) the SimCLR side-info model; None when side-info is disabled."""
     sc = ctx.cfg.side_info_model
-    return train_step(ctx, sc, parent_run_id) if sc.enabled else None
+    return train_step(ctx, sc) if sc.enabled else None
 
 
 def bct_classifier(ctx: Context) -> dict[str, Any]:

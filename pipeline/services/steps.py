@@ -19,7 +19,7 @@ from pipeline.evaluate.metrics import retrieval_metrics
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.index import GalleryIndex, build_index
 from pipeline.gallery.records import version_manifest
-from pipeline.gallery.rows import version_rows
+from pipeline.gallery.rows import read_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
@@ -70,7 +70,6 @@ def embed_version_step(
     ctx: Context,
     model: ModelConfig,
     method: str,
-    parent_run_id: str | None,
     side_blob: Any = None,
 ) -> VersionStepResult:
     """Embed all images with `model` into gallery version `model.name` (ingest or full backfill).
@@ -86,9 +85,7 @@ def embed_version_step(
     # index build only after every row was decoded and embedded.
     check_image_shards(list(files.values()), ctx.cfg.storage)
     timer = Timer()
-    with ctx.tracker.run(
-        f"{method}-{version}", ctx.tags(step=method, to_version=version), parent_run_id
-    ) as run:
+    with ctx.tracker.run(f"{method}-{version}", ctx.tags(step=method, to_version=version)) as run:
         with timer("resolve_model"):
             blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
         with timer("probe"):  # a broken model fails here, on real images, before any Ray work
@@ -236,8 +233,8 @@ def validation_labels(cfg: UpgradeConfig) -> pa.Table:
 def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The keys a version holds of the given ones, and their embeddings (in the keys' order)."""
     names = keys.to_pylist()
-    emb, found = version_rows(g, version, names)
-    return np.asarray(names, dtype=object)[found], emb[found]
+    rows = read_rows(g, version, names)
+    return np.asarray(names, dtype=object)[rows.found], rows["embedding"][rows.found]
 
 
 def evaluate_versions(ctx: Context, versions: list[str]) -> dict[str, dict[str, float]]:

@@ -173,7 +173,7 @@ def compute_plan(
     trainable = train_missing and space == cfg.old_model.name and cfg.transformation.enabled
     wants = cfg.plan.no_side_info == "transform" and "noside" not in chains
     if needs_noside and wants and trainable:
-        cs.train_transformation_step(ctx, None, (), cs.no_side_info_config(ctx))
+        cs.train_transformation_step(ctx, (), cs.no_side_info_config(ctx))
         chains = chains_for(ctx, space)
         facts, ranks = _facts(ctx, source, chains, quiet)
     plan = _plan(ctx, source, facts, _curve(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -30,6 +31,11 @@ MODEL_ARTIFACT_PATH = "model"
 MODEL_FILE = "model.json"
 # A server that refuses fails at once; one that answers slowly (a loaded host) gets time.
 PROBE_TIMEOUT_S = 30.0
+# The runs open in this thread of control, innermost last: a run started while another is
+# open nests under it, so a step run inside a stage's run needs no parent passed by hand.
+_OPEN_RUNS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "carryover_open_runs", default=()
+)
 # A new SQLite store logs its table creation at INFO on stderr, between a command's own lines.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
@@ -377,18 +383,26 @@ class Tracker(Registry):
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
     ) -> Iterator[RunHandle]:
-        """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) if the block raises."""
+        """A run that ends FINISHED, or FAILED (KILLED on Ctrl-C) if the block raises.
+
+        It nests under `parent_run_id`, or else under the innermost run still open here
+        (the stage run the graph engine opened around the step that starts this one)."""
         all_tags = to_tags(tags or {})
-        if parent_run_id:
-            all_tags[PARENT_RUN_TAG] = parent_run_id
+        open_runs = _OPEN_RUNS.get()
+        parent = parent_run_id or (open_runs[-1] if open_runs else None)
+        if parent:
+            all_tags[PARENT_RUN_TAG] = parent
         with _errors(f"start run {name!r} at {self.tracking_uri}"):
             created = self._client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         handle = RunHandle(self._client, created.info.run_id, self.tracking_uri)
+        token = _OPEN_RUNS.set((*open_runs, handle.run_id))
         try:
             yield handle
         except BaseException as e:
             self._end_failed(handle.run_id, e)
             raise
+        finally:
+            _OPEN_RUNS.reset(token)
         with _errors(f"end run {handle.run_id}"):
             self._client.set_terminated(handle.run_id, "FINISHED")
 

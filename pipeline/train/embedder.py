@@ -19,7 +19,14 @@ from pipeline.data.shards import image_shard_files
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import embedder_meta
-from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
+from pipeline.train.loop import (
+    Task,
+    TrainingRun,
+    config_hash,
+    install_checkpoint,
+    reuse,
+    run_training,
+)
 
 
 @dataclass
@@ -167,33 +174,29 @@ def train_embedder(
     synthesised old classifier.
     """
     h = config_hash(cfg.model_dump(mode="json"), images_uri, bct)
-    if (meta := cached_meta(out_dir, h)) is not None:
-        return TrainResult(**{**meta["train_result"], "cached": True})
-    tc = cfg.train
-    t0 = time.perf_counter()
+    if (done := reuse(out_dir, h, TrainResult)) is not None:
+        return done
+    tc, started = cfg.train, time.perf_counter()
     ds, small = image_training_dataset(
         images_uri, storage, cfg.preprocess, max_pixels, tc.classes, "train", tc.cache_max_bytes
     )
     config = {"model": cfg.model_dump(mode="json"), "bct": bct}
     name = f"train-{cfg.name}-{h}"
-    ckpt, m = fit("pipeline.train.embedder:build_task", config, ds, tc, name, results_dir, small)
+    job = TrainingRun("pipeline.train.embedder:build_task", config, ds, tc, name, small, started)
+    fitted = run_training(job, results_dir)
     tr = TrainResult(
         model_name=cfg.name,
         model_dir=str(out_dir),
         images_uri=images_uri,
         epochs=tc.epochs,
-        train_rows=int(m.get("rows", 0)),
-        final_loss=float(m.get("loss", float("nan"))),
-        final_accuracy=float(m.get("accuracy", float("nan"))),
-        seconds=round(time.perf_counter() - t0, 2),
+        final_accuracy=float(fitted.metrics.get("accuracy", float("nan"))),
         num_workers=tc.num_workers,
         use_gpu=tc.use_gpu,
-        config_hash=h,
-        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
+        **fitted.result_fields(h),
     )
     extra = {"compat_loss": tc.loss, "bct_from": bct["from_model"]} if bct else {}
     meta = embedder_meta(
         cfg, config_hash=h, train_result=asdict(tr), trained_classes=tc.classes, **extra
     )
-    install_checkpoint(ckpt, out_dir, meta)
+    install_checkpoint(fitted.checkpoint, out_dir, meta)
     return tr

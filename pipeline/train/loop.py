@@ -8,10 +8,11 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save
@@ -38,6 +39,60 @@ class Task:
     save: nn.Module
     train: nn.Module
     step: StepFn
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training job, the same shape for every model kind (embedder, side-info, h).
+
+    `builder` ("module:function") makes the kind's Task on each worker from `config`; `name`
+    is the Ray Train run's, so a killed run with the same name resumes from its checkpoint;
+    `started` (perf_counter) counts the driver's own set-up in the reported seconds."""
+
+    builder: str
+    config: dict[str, Any]
+    dataset: Any
+    train: TrainConfig
+    name: str
+    in_memory: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A finished TrainingRun: its last checkpoint and metrics."""
+
+    checkpoint: Any
+    metrics: dict[str, Any]
+    seconds: float
+
+    def result_fields(self, config_hash: str) -> dict[str, Any]:
+        """The fields every kind's result dataclass shares."""
+        m = self.metrics
+        return {
+            "train_rows": int(m.get("rows", 0)),
+            "final_loss": float(m.get("loss", float("nan"))),
+            "seconds": self.seconds,
+            "config_hash": config_hash,
+            "resumed_from_epoch": int(m.get("resumed_from_epoch", 0)),
+        }
+
+
+R = TypeVar("R")
+
+
+def reuse(out_dir: str | Path, config_hash: str, result: type[R]) -> R | None:
+    """The result of a model already trained into `out_dir` with this config hash, if any."""
+    meta = cached_meta(out_dir, config_hash)
+    return result(**{**meta["train_result"], "cached": True}) if meta is not None else None
+
+
+def run_training(job: TrainingRun, results_dir: str | Path | Location) -> Fitted:
+    """Run one TrainingRun on Ray Train (see `fit`)."""
+    ckpt, metrics = fit(
+        job.builder, job.config, job.dataset, job.train, job.name, results_dir, job.in_memory
+    )
+    return Fitted(ckpt, metrics, round(time.perf_counter() - job.started, 2))
 
 
 def _builder(path: str) -> Callable[[dict[str, Any]], Task]:

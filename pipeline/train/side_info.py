@@ -17,7 +17,14 @@ from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import SimCLRHead
 from pipeline.models.store import embedder_meta
 from pipeline.train.embedder import TrainResult, image_training_dataset
-from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
+from pipeline.train.loop import (
+    Task,
+    TrainingRun,
+    config_hash,
+    install_checkpoint,
+    reuse,
+    run_training,
+)
 
 
 def build_task(config: dict[str, Any]) -> Task:
@@ -51,37 +58,29 @@ def train_side_info(
 ) -> TrainResult:
     """Train the side-info model on the train split of `classes` (the old model's data)."""
     h = config_hash(cfg.model_dump(mode="json"), classes, images_uri, "simclr")
-    if (meta := cached_meta(out_dir, h)) is not None:
-        return TrainResult(**{**meta["train_result"], "cached": True})
-    t0 = time.perf_counter()
+    if (done := reuse(out_dir, h, TrainResult)) is not None:
+        return done
+    started = time.perf_counter()
     ds, small = image_training_dataset(
         images_uri, storage, cfg.preprocess, max_pixels, classes, "train", cfg.train.cache_max_bytes
     )
-    ckpt, m = fit(
-        "pipeline.train.side_info:build_task",
-        {"model": cfg.model_dump(mode="json")},
-        ds,
-        cfg.train,
-        f"side-info-{cfg.name}-{h}",
-        results_dir,
-        small,
-    )
+    config = {"model": cfg.model_dump(mode="json")}
+    name = f"side-info-{cfg.name}-{h}"
+    builder = "pipeline.train.side_info:build_task"
+    job = TrainingRun(builder, config, ds, cfg.train, name, small, started)
+    fitted = run_training(job, results_dir)
     tr = TrainResult(
         model_name=cfg.name,
         model_dir=str(out_dir),
         images_uri=images_uri,
         epochs=cfg.train.epochs,
-        train_rows=int(m.get("rows", 0)),
-        final_loss=float(m.get("loss", float("nan"))),
         final_accuracy=float("nan"),  # self-supervised: no labels, no accuracy
-        seconds=round(time.perf_counter() - t0, 2),
         num_workers=cfg.train.num_workers,
         use_gpu=cfg.train.use_gpu,
-        config_hash=h,
-        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
+        **fitted.result_fields(h),
     )
     meta = embedder_meta(
         cfg, config_hash=h, train_result=asdict(tr), trained_classes=classes, kind="side-info"
     )
-    install_checkpoint(ckpt, out_dir, meta)
+    install_checkpoint(fitted.checkpoint, out_dir, meta)
     return tr

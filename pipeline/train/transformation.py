@@ -17,7 +17,14 @@ from pipeline.compat.losses import fastfill_loss, transformation_loss
 from pipeline.config import TransformationConfig
 from pipeline.models.compat import Transformation
 from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
-from pipeline.train.loop import Task, cached_meta, config_hash, fit, install_checkpoint
+from pipeline.train.loop import (
+    Task,
+    TrainingRun,
+    config_hash,
+    install_checkpoint,
+    reuse,
+    run_training,
+)
 
 
 @dataclass
@@ -91,9 +98,9 @@ def train_transformation(
     side_dim = dims.get("side", 0) if columns.get("side") else 0
     arch = _architecture(tcfg, dims, side_dim)
     h = config_hash(tcfg.model_dump(mode="json"), arch, identity)
-    if (meta := cached_meta(out_dir, h)) is not None:
-        return TransformationResult(**{**meta["train_result"], "cached": True})
-    t0 = time.perf_counter()
+    if (done := reuse(out_dir, h, TransformationResult)) is not None:
+        return done
+    started = time.perf_counter()
     keep = [c for c in (columns["old"], columns.get("side"), columns["new"], "label") if c]
     features = features.select_columns(keep)  # only tensors travel to the workers
     config = {
@@ -102,15 +109,16 @@ def train_transformation(
         "new_classifier": new_classifier,
         "columns": columns,
     }
-    ckpt, m = fit(
+    job = TrainingRun(
         "pipeline.train.transformation:build_task",
         config,
         features,
         tcfg.train,
         f"transformation-{tcfg.name}-{h}",
-        results_dir,
         features.size_bytes() <= tcfg.train.cache_max_bytes,
+        started,
     )
+    fitted = run_training(job, results_dir)
     tr = TransformationResult(
         name=tcfg.name,
         model_dir=str(out_dir),
@@ -119,14 +127,10 @@ def train_transformation(
         side_info_model=identity.get("side") if side_dim else None,
         loss=tcfg.loss,
         epochs=tcfg.train.epochs,
-        train_rows=int(m.get("rows", 0)),
-        final_loss=float(m.get("loss", float("nan"))),
-        final_mse=float(m.get("mse", float("nan"))),
-        seconds=round(time.perf_counter() - t0, 2),
-        config_hash=h,
-        resumed_from_epoch=int(m.get("resumed_from_epoch", 0)),
+        final_mse=float(fitted.metrics.get("mse", float("nan"))),
+        **fitted.result_fields(h),
     )
-    install_checkpoint(ckpt, out_dir, _model_meta(tcfg, arch, tr))
+    install_checkpoint(fitted.checkpoint, out_dir, _model_meta(tcfg, arch, tr))
     return tr
 
 

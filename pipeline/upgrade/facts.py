@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
 from pipeline.embed.transform import ChainSpec, TransformChain
@@ -145,9 +144,7 @@ def native_sources(model: str) -> set[str]:
 
 def columns(uri: str, storage: StorageConfig | None) -> list[str]:
     """The gallery columns a stored shard has, in the order a scan reads them."""
-    loc = uri_io.resolve(uri, storage)
-    with loc.fs.open_input_file(loc.path) as f:
-        names = pq.ParquetFile(f).schema_arrow.names
+    names = uri_io.parquet_columns(uri, storage)
     return [c for c in ("key", "embedding", "side_info", "source", "uncertainty") if c in names]
 
 

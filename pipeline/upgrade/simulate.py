@@ -6,41 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.embed.transform import ChainSpec, TransformChain
 from pipeline.evaluate.metrics import retrieval_metrics
-from pipeline.gallery.store import Gallery, arrow_to_embeddings
-from pipeline.io import uri as uri_io
-from pipeline.upgrade.facts import columns, side_of
+from pipeline.gallery.rows import read_rows
+from pipeline.gallery.store import Gallery
 from pipeline.upgrade.plan import Plan, ShardFacts
 from pipeline.upgrade.validate import ValidationRows
-
-
-def _source_rows(g: Gallery, source: str, keys: list[str]) -> dict[str, Any]:
-    """Shard id, embedding and side-info of the given keys in the source version."""
-    pos = {k: i for i, k in enumerate(keys)}
-    want = pa.array(keys, pa.string())
-    out: dict[str, Any] = {"shard": np.full(len(keys), -1, np.int64), "emb": None, "side": None}
-    for rec in g.manifest(source)["shards"]:
-        u = g.path("versions", source, rec["path"])
-        for b in uri_io.iter_parquet_batches(u, g.storage, columns(u, g.storage)):
-            t = pa.Table.from_batches([b])
-            t = t.filter(pc.is_in(t["key"], value_set=want))
-            if not t.num_rows:
-                continue
-            idx = np.array([pos[k] for k in t["key"].to_pylist()])
-            e = arrow_to_embeddings(t["embedding"])
-            if out["emb"] is None:
-                out["emb"] = np.zeros((len(keys), e.shape[1]), np.float32)
-            out["emb"][idx], out["shard"][idx] = e, int(rec["shard_id"])
-            side = side_of(t.combine_chunks().to_batches()[0])
-            if side is not None:
-                if out["side"] is None:
-                    out["side"] = np.zeros((len(keys), side.shape[1]), np.float32)
-                out["side"][idx] = side
-    return out
 
 
 def _kept_rows(
@@ -71,19 +43,19 @@ class _Replay:
 
 
 def _replay_rows(g: Gallery, source: str, val: ValidationRows) -> _Replay | None:
-    src = _source_rows(g, source, val.keys)
-    ok = val.found & (src["shard"] >= 0)
+    src = read_rows(g, source, val.keys, ("embedding", "side_info"))
+    ok = val.found & src.found
     if ok.sum() < 2:
         return None
     idx = np.flatnonzero(ok)
-    side = src["side"][idx] if src["side"] is not None else None
+    side = src["side_info"]
     return _Replay(
         [val.keys[i] for i in idx],
         val.new[idx],
-        src["shard"][idx],
+        src.shard[idx],
         val.labels[idx],
-        src["emb"][idx],
-        side,
+        src["embedding"][idx],
+        side[idx] if side is not None else None,
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.embed.quality import OutputStats
 from pipeline.evaluate.metrics import retrieval_metrics
-from pipeline.gallery.rows import version_rows
+from pipeline.gallery.rows import read_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.upgrade.plan import Plan
@@ -167,7 +167,7 @@ def validate_version(
         tolerance=tol.top1_drop,
     )
     check_keys_and_values(g, source, target, dim, rep, tol.min_distinct_fraction)
-    gal, found = version_rows(g, target, val.keys)
-    ok = found & val.found
-    check_retrieval(rep, gal[ok], val.new[ok], val.labels[ok], metric)
+    rows = read_rows(g, target, val.keys)
+    ok = rows.found & val.found
+    check_retrieval(rep, rows["embedding"][ok], val.new[ok], val.labels[ok], metric)
     return rep

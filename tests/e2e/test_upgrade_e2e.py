@@ -162,8 +162,8 @@ def test_undecodable_image_is_rejected_not_fatal(tmp_path: Path, ray_local) -> N
     )
     uri.write_table(t, uri.join(cfg.images_uri, "shard-00002.parquet"))
     ctx = Context(cfg, quiet=True)
-    models.train_step(ctx, cfg.old_model, None)
-    r = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    models.train_step(ctx, cfg.old_model)
+    r = steps.embed_version_step(ctx, cfg.old_model, "embed")
     assert r.rows + r.rejected == 205
     assert r.rejected == 3
     g = ctx.gallery
@@ -175,7 +175,7 @@ def test_undecodable_image_is_rejected_not_fatal(tmp_path: Path, ray_local) -> N
     shard2 = g.manifest("v1")["shards"][2]
     assert shard2["rows"] == 2 and shard2["rejected"] == 3 and shard2["rows_in"] == 5
     # rerun resumes: nothing is redone
-    r2 = steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    r2 = steps.embed_version_step(ctx, cfg.old_model, "embed")
     assert r2.skipped and r2.rows == r.rows
 
 
@@ -235,8 +235,8 @@ def test_search_cli_by_key_and_image(tmp_path: Path, ray_local) -> None:
     cfg = load_config(None, sets)
     prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=300)
     ctx = Context(cfg, quiet=True)
-    models.train_step(ctx, cfg.old_model, None)
-    steps.embed_version_step(ctx, cfg.old_model, "embed", None)
+    models.train_step(ctx, cfg.old_model)
+    steps.embed_version_step(ctx, cfg.old_model, "embed")
     steps.promote_step(ctx, "v1")
     flags = [a for s in sets for a in ("--set", s)]
     exe = [sys.executable, "-m", "pipeline.cli"]

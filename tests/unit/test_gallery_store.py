@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.gallery.rows import read_rows
 from pipeline.gallery.store import (
     Gallery,
     GalleryError,
@@ -58,3 +59,29 @@ def test_manifest_promote_rollback(tmp_path: Path) -> None:
     assert state["version"] == "v1" and state["rolled_back_from"] == "v2"
     with pytest.raises(GalleryError, match="nothing to roll back"):
         g.rollback()
+
+
+def _side_shard(g: Gallery, v: str, sid: int, keys: list[str], side: list | None) -> None:
+    emb = np.array([[float(k[1:]), 1.0] for k in keys], np.float32)
+    cols = {"key": pa.array(keys), "embedding": embeddings_to_arrow(emb)}
+    if side is not None:
+        cols["side_info"] = pa.array(side, pa.list_(pa.float32(), 2))
+    uri.write_table(pa.table(cols), g.shard_uri(v, sid))
+    g.commit_shard(v, {"shard_id": sid, "path": f"shard-{sid:05d}.parquet", "rows": len(keys)})
+
+
+def test_read_rows_in_key_order_with_optional_side_info(tmp_path: Path) -> None:
+    # One reader for "rows of these keys": shard ids, found, and side-info that some shards
+    # lack (no column: a shard re-embedded without FCT's side model).
+    g = Gallery(str(tmp_path / "g"))
+    _side_shard(g, "v1", 0, ["k0", "k1", "k2"], [[0.5, 0.5], [1.5, 1.5], [2.5, 2.5]])
+    _side_shard(g, "v1", 3, ["k3", "k4"], None)
+    g.finalize("v1", {"model": "v1"})
+    rows = read_rows(g, "v1", ["k4", "nope", "k2", "k1"], ("embedding", "side_info"))
+    assert rows.found.tolist() == [True, False, True, True]
+    assert rows.shard.tolist() == [3, -1, 0, 0]
+    np.testing.assert_array_equal(rows["embedding"][:, 0], [4.0, 0.0, 2.0, 1.0])
+    assert rows.present["side_info"].tolist() == [False, False, True, True]
+    np.testing.assert_array_equal(rows["side_info"][:, 0], [0.0, 0.0, 2.5, 1.5])
+    only = read_rows(g, "v1", ["k3"], ("embedding", "side_info"))
+    assert only["side_info"] is None and only.found.tolist() == [True]

@@ -57,6 +57,27 @@ def test_nested_runs_read_back(store: Tracker) -> None:
     assert [r["run_id"] for r in found] == [c.run_id]
 
 
+def test_run_nests_under_the_open_run(store: Tracker) -> None:
+    # The graph engine opens a stage's run; a step started inside it nests there unasked.
+    with store.run("stage") as stage:
+        with store.run("step") as step, store.run("inner") as inner:
+            pass
+        with store.run("elsewhere", parent_run_id=inner.run_id) as explicit:
+            pass
+    with store.run("after") as after:
+        pass
+    parents = {
+        h.run_id: store.get_run(h.run_id)["parent"] for h in (stage, step, inner, explicit, after)
+    }
+    assert parents == {
+        stage.run_id: None,
+        step.run_id: stage.run_id,
+        inner.run_id: step.run_id,
+        explicit.run_id: inner.run_id,
+        after.run_id: None,
+    }
+
+
 def test_child_runs_from_threads_keep_their_parent(store: Tracker) -> None:
     # Shards run concurrently: each child must land under the right parent with its own metrics.
     def shard(i: int, parent: str) -> str:

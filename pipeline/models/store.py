@@ -1,4 +1,4 @@
-"""Save and load embedders without unpickling: safetensors + JSON, TorchScript, MLflow URIs."""
+"""Load embedders without unpickling: safetensors + JSON, TorchScript, ONNX, MLflow URIs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig, StorageConfig
 from pipeline.io import uri as uri_io
+from pipeline.models import onnx_embedder
 from pipeline.models.backbone import EmbeddingNet
 
 MODEL_FILE = "model.json"
@@ -34,7 +35,7 @@ class ModelLoadError(ValueError):
 class ModelBlob:
     """A model as bytes: what travels to Ray workers so they need no shared filesystem."""
 
-    kind: str  # "carryover" | "torchscript" | "pickle"
+    kind: str  # "carryover" | "torchscript" | "onnx" | "pickle"
     name: str
     preprocess: PreprocessConfig
     embedding_dim: int
@@ -131,6 +132,9 @@ def _is_carryover_dir(d: Path) -> bool:
 def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
     if _is_carryover_dir(d):
         return _blob_from_dir(d, cfg)
+    onnx_files = sorted(d.rglob("*.onnx"))  # mlflow.onnx's model.onnx
+    if onnx_files:
+        return _onnx_blob(onnx_files[0].read_bytes(), cfg, uri)
     candidates = sorted(p for p in d.rglob("*") if p.suffix in (".pt", ".pth", ".ts"))
     for p in candidates:
         data = p.read_bytes()
@@ -145,7 +149,7 @@ def _blob_from_mlflow_dir(d: Path, cfg: ModelConfig, uri: str) -> ModelBlob:
             {"model.pth": candidates[0].read_bytes()},
         )
     raise ModelLoadError(
-        f"{uri}: no carryover model.json or TorchScript file in the MLflow model; a pickled "
+        f"{uri}: no carryover model.json, TorchScript or .onnx file in the MLflow model; a pickled "
         "torch model is refused unless the config sets allow_pickle: true for it"
     )
 
@@ -180,9 +184,29 @@ def resolve_blob(
             raise ModelLoadError(f"{cfg.uri}: directory has no {MODEL_FILE}")
         return _blob_from_dir(Path(cfg.uri), cfg)
     data = uri_io.read_bytes(cfg.uri, storage)
-    if not _is_torchscript(data):
-        raise ModelLoadError(f"{cfg.uri}: not a TorchScript archive (save with torch.jit.save)")
-    return _torchscript_blob(data, cfg)
+    if _is_torchscript(data):
+        return _torchscript_blob(data, cfg)
+    if cfg.uri.endswith(".onnx") or onnx_embedder.looks_like_onnx(data):
+        return _onnx_blob(data, cfg, cfg.uri)
+    raise ModelLoadError(f"{cfg.uri}: not a TorchScript archive (torch.jit.save) nor an ONNX model")
+
+
+def _onnx_blob(data: bytes, cfg: ModelConfig, uri: str) -> ModelBlob:
+    """Check the graph against the preprocess; its embedding dim from the graph (or a run)."""
+    try:
+        sess = onnx_embedder.session(data)
+        graph = onnx_embedder.inspect(sess, cfg.preprocess)
+        dim = graph.embedding_dim or onnx_embedder.probe_dim(sess, graph, cfg.preprocess)
+    except onnx_embedder.OnnxError as e:
+        raise ModelLoadError(f"{uri}: ONNX model {cfg.name!r}: {e}") from None
+    given = cfg.architecture.embedding_dim
+    if "embedding_dim" in cfg.architecture.model_fields_set and given != dim:
+        raise ModelLoadError(
+            f"{uri}: ONNX model {cfg.name!r} outputs {dim}-d embeddings, but the config sets "
+            f"architecture.embedding_dim={given}: fix or remove the key"
+        )
+    meta = {"uri": uri, "graph": graph, "use_gpu": cfg.use_gpu}
+    return ModelBlob("onnx", cfg.name, cfg.preprocess, dim, {"model.onnx": data}, meta)
 
 
 def build_model(blob: ModelBlob) -> nn.Module:
@@ -199,6 +223,11 @@ def build_model(blob: ModelBlob) -> nn.Module:
             raise ModelLoadError(
                 f"model {blob.name!r}: not a loadable TorchScript archive: {msg}"
             ) from None
+    elif blob.kind == "onnx":
+        m = blob.meta
+        model = onnx_embedder.OnnxEmbedder(
+            blob.files["model.onnx"], m["graph"], m["uri"], m["use_gpu"]
+        )
     elif blob.kind == "pickle":
         # Only reached when the user opted in with allow_pickle for this model.
         model = torch.load(

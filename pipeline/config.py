@@ -144,7 +144,11 @@ class ModelConfig(_Model):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     uri: str | None = Field(
         None,
-        description="unset: train it; TorchScript file; models:/NAME@ALIAS; carryover model dir",
+        description="unset: train it; TorchScript or ONNX file; models:/NAME@ALIAS; carryover "
+        "model dir",
+    )
+    use_gpu: bool = Field(
+        False, description="ONNX: run on onnxruntime's CUDAExecutionProvider when installed"
     )
     allow_pickle: bool = Field(
         False, description="allow loading pickled mlflow.pytorch models (unsafe for untrusted ones)"
@@ -495,9 +499,45 @@ def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> UpgradeCon
     # Merge onto the full defaults so a partial section (old_model: {train: ...}) keeps the
     # section's own defaults (its name, architecture, class subset) instead of dropping them.
     try:
-        return UpgradeConfig.model_validate(_deep_merge(UpgradeConfig().model_dump(), data))
+        cfg = UpgradeConfig.model_validate(_deep_merge(UpgradeConfig().model_dump(), data))
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, origin)) from None
+    _mark_given(cfg, data)
+    _drop_training_of_brought(cfg, origin)
+    return cfg
+
+
+def _mark_given(model: BaseModel, given: Any) -> None:
+    """Make model_fields_set say what the user wrote: the defaults merged under it above
+    (a whole dump of UpgradeConfig()) were not set by anybody."""
+    raw = given if isinstance(given, dict) else {}
+    fields = type(model).model_fields
+    object.__setattr__(model, "__pydantic_fields_set__", {k for k in raw if k in fields})
+    for name in fields:
+        child = getattr(model, name)
+        if isinstance(child, BaseModel):
+            _mark_given(child, raw.get(name))
+
+
+BROUGHT_SECTIONS = ("old_model", "new_model", "side_info")
+
+
+def _drop_training_of_brought(cfg: UpgradeConfig, origin: str) -> None:
+    """A model with a uri is brought, never trained here: training keys given for it are a
+    mistake, and the defaults (the digits demo's old_model.train.classes) do not apply."""
+    for section in BROUGHT_SECTIONS:
+        model = getattr(cfg, section)
+        if model.uri is None:
+            continue
+        given = sorted(model.train.model_fields_set)
+        if given:
+            raise ConfigError(
+                f"{origin}: {section}.train.{given[0]} is set, but {section}.uri brings the "
+                f"model ({model.uri}), which is not trained here: remove {section}.train"
+            )
+        model.train = type(model).model_fields["train"].default.model_copy()
+        model.__pydantic_fields_set__.discard("train")
+        object.__setattr__(model.train, "__pydantic_fields_set__", set())
 
 
 def load_config(

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, UpgradeConfig
+from pipeline.config import BROUGHT_SECTIONS, ConfigError, UpgradeConfig
 from pipeline.gallery.lock import TOKEN_ENV as LOCK_ENV
 from pipeline.io.redact import is_secret_key, redact_text, uri_has_credentials
 from pipeline.ops.journal import JOB_ID_ENV, Journal, check_job_id, new_id
@@ -145,8 +145,14 @@ def job_config(cfg: UpgradeConfig) -> dict[str, Any]:
     uri = data["tracking"]["uri"]
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         data["tracking"]["uri"] = "sqlite:///" + _local_abs(uri[len("sqlite:///") :])
-    for m in ("old_model", "new_model", "side_info"):
+    for m in BROUGHT_SECTIONS:
         data[m]["uri"] = _local_abs(data[m]["uri"])
+        if data[m]["uri"]:
+            # reloaded, the dump's every key counts as given: a brought model's training
+            # keys would be refused and its default embedding_dim would contradict an ONNX graph
+            del data[m]["train"]
+            arch = getattr(cfg, m).architecture
+            data[m]["architecture"] = arch.model_dump(mode="json", exclude_unset=True)
     return data
 
 

@@ -216,3 +216,18 @@ def test_registered_onnx_model_resolves(onnx_file: Path, tmp_path: Path) -> None
         "models:/onnx-embedder@serving",
     )
     assert blob.digest == resolve_blob(_cfg(onnx_file)).digest
+
+
+def test_session_threads_follow_the_embed_stage(onnx_file: Path) -> None:
+    """embed.torch_threads sizes onnxruntime's intra-op pool as it sizes torch's."""
+    before = torch.get_num_threads()
+    try:
+        stage = EmbedStage(resolve_blob(_cfg(onnx_file)), threads=2)
+        opts = stage.model._session.get_session_options()
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+        assert stage.model._session.get_providers() == ["CPUExecutionProvider"]
+        # use_gpu asks for CUDA; this onnxruntime has no CUDAExecutionProvider: the CPU runs it
+        gpu = EmbedStage(resolve_blob(_cfg(onnx_file, use_gpu=True)), threads=1)
+        assert gpu.model._session.get_providers() == ["CPUExecutionProvider"]
+    finally:
+        torch.set_num_threads(before)

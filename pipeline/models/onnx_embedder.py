@@ -33,10 +33,9 @@ class OnnxGraph:
 def looks_like_onnx(data: bytes) -> bool:
     """Whether the bytes parse as an ONNX ModelProto with a graph (no magic number exists)."""
     try:
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    except Exception:  # onnxruntime's own error types: not an ONNX model
+        return bool(session(data).get_outputs())
+    except OnnxError:
         return False
-    return bool(sess.get_outputs())
 
 
 def session(data: bytes, threads: int = 1, use_gpu: bool = False) -> ort.InferenceSession:
@@ -66,7 +65,7 @@ def _dim(v: Any) -> int | None:
     return v if isinstance(v, int) and v > 0 else None
 
 
-def inspect(sess: ort.InferenceSession, pre: PreprocessConfig) -> OnnxGraph:
+def check_graph(sess: ort.InferenceSession, pre: PreprocessConfig) -> OnnxGraph:
     """Check the graph takes one (batch, channels, size, size) float input with a dynamic
     batch axis, as the preprocess makes it; OnnxError says what disagrees."""
     inputs, outputs = sess.get_inputs(), sess.get_outputs()

@@ -195,7 +195,7 @@ def _onnx_blob(data: bytes, cfg: ModelConfig, uri: str) -> ModelBlob:
     """Check the graph against the preprocess; its embedding dim from the graph (or a run)."""
     try:
         sess = onnx_embedder.session(data)
-        graph = onnx_embedder.inspect(sess, cfg.preprocess)
+        graph = onnx_embedder.check_graph(sess, cfg.preprocess)
         dim = graph.embedding_dim or onnx_embedder.probe_dim(sess, graph, cfg.preprocess)
     except onnx_embedder.OnnxError as e:
         raise ModelLoadError(f"{uri}: ONNX model {cfg.name!r}: {e}") from None

@@ -184,7 +184,17 @@ class TransformationConfig(_Model):
     loss: Literal["fct", "fastfill"] = Field(
         "fastfill", description="fct: L2 to the new embedding; fastfill: + uncertainty head"
     )
-    inner_dim: int | None = Field(None, ge=2, description="mixer width (default 16 × new dim)")
+    inner_dim: int | None = Field(
+        None,
+        ge=2,
+        description="mixer width; unset: FCT's 16 × new dim, narrowed to fit max_mflops",
+    )
+    max_mflops: float | None = Field(
+        64.0,
+        gt=0,
+        description="cost limit of h per row in MFLOP (2 × multiply-adds); sizes an unset "
+        "inner_dim (FCT's width at 1,280-d is ~1,100 MFLOP, a mobile CNN's forward ~400-800)",
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_copies: int = Field(
         0, ge=0, description="extra augmented views of each training image (FCT trains online)"

@@ -123,6 +123,15 @@ class UpgradeStages:
         steps.promote_step(ctx, old.name)
         return {"source_version": old.name, "ingested": True, **asdict(v)}
 
+    def transformation(self, _: dict, r: StageRun) -> dict[str, Any] | None:
+        out = cs.train_transformation_step(self.ctx)
+        if out is not None:  # what transforming a row costs, beside what the model does
+            self.console.print(
+                f"h: width {out['inner_dim']}, {out['h_params'] / 1e6:.2f} M parameters, "
+                f"{out['h_mflops_per_row']:.1f} MFLOP per row"
+            )
+        return out
+
     def evaluate(self, _: dict, r: StageRun) -> dict[str, Any]:
         report, files = cs.evaluate_compat_step(self.ctx, register_adapters=True)
         return {"report": json.loads(report.to_json()), "files": files}
@@ -165,11 +174,7 @@ class UpgradeStages:
                 "new-model",
                 _optional(lambda r: models.train_step(ctx, new, ("candidate",))),
             ),
-            Stage(
-                "transformation",
-                lambda _, r: cs.train_transformation_step(ctx),
-                ("ingest", "new-model"),
-            ),
+            Stage("transformation", self.transformation, ("ingest", "new-model")),
             Stage("evaluate", self.evaluate, ("transformation",)),
             Stage("plan", self.plan, ("ingest", "evaluate")),
             Stage("execute", self.execute, ("plan",)),

@@ -23,7 +23,11 @@ from pipeline.runtime import ensure_ray
 from pipeline.services.models import blob_of, new_classifier, register, side_blob
 from pipeline.services.steps import split_labels
 from pipeline.train.loop import config_hash
-from pipeline.train.transformation import load_transformation, train_transformation
+from pipeline.train.transformation import (
+    architecture,
+    load_transformation,
+    train_transformation,
+)
 
 
 def transformation_dir(ctx: Context, tc: Any = None) -> Path:
@@ -52,6 +56,10 @@ def train_transformation_step(
     side = side_blob(ctx) if tc.side_info else None
     if side is not None:
         blobs["side"] = side
+    # h's size is known from the dimensions: a cost limit it cannot meet fails here, before
+    # Ray starts or any training pair is embedded.
+    dims = {k: b.embedding_dim for k, b in blobs.items()}
+    architecture(tc, dims, dims.get("side", 0))
     ensure_ray(cfg.ray)  # after the models resolve: a missing one fails fast, without Ray
     identity = _transformation_identity(ctx, blobs, side is not None)
     with ctx.tracker.run(

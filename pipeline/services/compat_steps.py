@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cluster import train_storage
+from pipeline.compat.classifier import LinearHead, fit_linear_head
 from pipeline.context import Context
 from pipeline.embed.features import collect, paired_features
 from pipeline.evaluate.report import write_report
@@ -20,7 +21,7 @@ from pipeline.gallery.rows import read_rows
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
-from pipeline.services.models import blob_of, new_classifier, register, side_blob
+from pipeline.services.models import blob_of, model_classifier, register, side_blob
 from pipeline.services.steps import split_labels
 from pipeline.train.loop import config_hash
 from pipeline.train.transformation import (
@@ -28,6 +29,8 @@ from pipeline.train.transformation import (
     load_transformation,
     train_transformation,
 )
+
+CLASSIFIER_FIT_ROWS = 20_000  # a linear probe needs a sample, not the whole split
 
 
 def transformation_dir(ctx: Context, tc: Any = None) -> Path:
@@ -66,18 +69,21 @@ def train_transformation_step(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
     ) as run:
+        feats = _training_features(ctx, tc, blobs)
+        head = fastfill_classifier(ctx, tc, feats)
         tr = train_transformation(
             tc,
-            _training_features(ctx, tc, blobs),
-            {k: b.embedding_dim for k, b in blobs.items()},
+            feats,
+            dims,
             {"old": "old", "side": "side" if side else None, "new": "new"},
-            new_classifier(ctx),
+            head.to_config() if head is not None else None,
             transformation_dir(ctx, tc),
             identity,
             train_storage(cfg),
         )
         run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
         run.log_metrics(tr.metrics())
+        run.set_tags({"carryover.fastfill_classifier": head.source if head else "none"})
         tags = {
             "model": tc.name,
             "from_model": cfg.old_model.name,
@@ -92,6 +98,20 @@ def train_transformation_step(
     out = asdict(tr)
     out.update(registry_version=version, step_seconds=round(time.perf_counter() - t0, 2))
     return out
+
+
+def fastfill_classifier(ctx: Context, tc: Any, feats: Any) -> LinearHead | None:
+    """FastFill's frozen classifier of new embeddings: the new model's own head; else a linear
+    head fitted on the training pairs' labelled rows; else None (the regression term alone)."""
+    if tc.loss != "fastfill":
+        return None
+    if (head := model_classifier(ctx)) is not None:
+        return head
+    sample = collect(feats.select_columns(["new", "label"]).limit(CLASSIFIER_FIT_ROWS))
+    labels = sample.get("label", np.zeros(0, np.int64))
+    if len(np.unique(labels[labels >= 0])) < 2:
+        return None  # an unlabelled gallery
+    return fit_linear_head(sample["new"], labels, seed=ctx.cfg.data.seed)
 
 
 def _transformation_identity(ctx: Context, blobs: dict[str, Any], side: bool) -> dict[str, Any]:
@@ -112,7 +132,12 @@ def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
     CPUs Ray Data may use."""
     cfg = ctx.cfg
     feats = paired_features(
-        cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
+        cfg.images_uri,
+        blobs,
+        cfg.embed,
+        cfg.storage,
+        augment_copies=tc.augment_copies,
+        labelled_only=False,  # an unlabelled gallery trains h too
     )
     if tc.max_train_rows is not None:
         feats = feats.limit(tc.max_train_rows)

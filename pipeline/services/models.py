@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.cluster import train_storage
+from pipeline.compat.classifier import LinearHead
 from pipeline.compat.losses import synthesize_old_classifier
 from pipeline.config import ModelConfig, SideInfoConfig
 from pipeline.context import Context
@@ -178,21 +179,13 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
     return {"weight": w.tolist(), "bias": b.tolist(), "from_model": old.name, "known": known}
 
 
-def new_classifier(ctx: Context) -> dict[str, list]:
-    """The new model's frozen classifier (FastFill's loss); zeros when the model has none."""
-    new = ctx.cfg.new_model
-    net, _ = _with_classifier(ctx, new)
-    if net is not None:
-        return {
-            "weight": net.classifier.weight.detach().numpy().tolist(),
-            "bias": net.classifier.bias.detach().numpy().tolist(),
-        }
-    if ctx.cfg.transformation.loss == "fastfill":
-        raise ModelLoadError(
-            "transformation.loss=fastfill needs the new model's classifier; a TorchScript "
-            "model has none: set transformation.loss=fct"
-        )
-    return {"weight": [[0.0] * blob_of(ctx, new).embedding_dim], "bias": [0.0]}
+def model_classifier(ctx: Context) -> LinearHead | None:
+    """The new model's own classifier head, if it has one (a carryover embedder)."""
+    net, _ = _with_classifier(ctx, ctx.cfg.new_model)
+    if net is None:
+        return None
+    w, b = net.classifier.weight.detach().numpy(), net.classifier.bias.detach().numpy()
+    return LinearHead(w, b, "model")
 
 
 def _with_classifier(ctx: Context, model: Any) -> tuple[Any, dict[str, Any]]:

@@ -66,8 +66,10 @@ def build_task(config: dict[str, Any]) -> Task:
     tcfg = TransformationConfig.model_validate(config["transformation"])
     model = Transformation(**config["arch"])
     side = model.side_dim > 0
-    w_new = torch.tensor(np.asarray(config["new_classifier"]["weight"], dtype=np.float32))
-    b_new = torch.tensor(np.asarray(config["new_classifier"]["bias"], dtype=np.float32))
+    head = config["new_classifier"]  # None: FastFill's regression term alone
+    if head is not None:
+        w_new = torch.tensor(np.asarray(head["weight"], dtype=np.float32))
+        b_new = torch.tensor(np.asarray(head["bias"], dtype=np.float32))
     cols = config["columns"]
 
     def step(m: nn.Module, batch: dict[str, torch.Tensor]):
@@ -77,8 +79,10 @@ def build_task(config: dict[str, Any]) -> Task:
         if tcfg.loss == "fct":
             loss = transformation_loss(pred, new)
         else:
-            logits = pred @ w_new.to(pred.device).T + b_new.to(pred.device)
-            y = batch["label"].long()
+            logits, y = None, None
+            if head is not None:
+                logits = pred @ w_new.to(pred.device).T + b_new.to(pred.device)
+                y = batch["label"].long()
             loss = fastfill_loss(pred, log_var, new, logits, y, tcfg.label_smoothing)
         return loss, len(old), {"mse": mse}
 
@@ -90,7 +94,7 @@ def train_transformation(
     features: Any,
     dims: dict[str, int],
     columns: dict[str, str | None],
-    new_classifier: dict[str, list],
+    new_classifier: dict[str, list] | None,
     out_dir: str | Path,
     identity: dict[str, Any],
     results_dir: str | Path = ".carryover/ray_results",

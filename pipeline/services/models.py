@@ -76,8 +76,10 @@ def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
         ctx.cfg.embed.max_decoded_pixels,
     )
     if isinstance(model, SideInfoConfig):
-        # FCT: side-info learns from the data the old model saw, without its labels
-        classes = model.train.classes or ctx.cfg.old_model.train.classes
+        # FCT: side-info learns from the data the old model saw, without its labels. A brought
+        # old model was not trained here: its (demo) training classes say nothing of its data.
+        old = ctx.cfg.old_model
+        classes = model.train.classes or (None if old.uri else old.train.classes)
         return (lambda: train_side_info(model, classes, *args)), classes
     bct = None
     if model.train.loss == "bct":

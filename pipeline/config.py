@@ -315,6 +315,12 @@ class EvalConfig(_Model):
         "oracle",
     ]
     curve_steps: int = Field(21, ge=1, description="backfilling curve: steps+1 points, 0..100%")
+    recall_k: int = Field(
+        10,
+        ge=1,
+        description="label-free quality: recall@k of a gallery against the new model's own k "
+        "nearest neighbours on the sample (the measure of an unlabelled gallery)",
+    )
     report_dir: str | None = Field(None, description="default: <workdir>/reports/<name>")
 
 
@@ -335,6 +341,13 @@ class PlanConfig(_Model):
     )
     target_top1: float | None = Field(
         None, ge=0, le=100, description="stop spending once the estimated top-1 reaches this"
+    )
+    target_recall: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="unlabelled gallery: stop spending once the estimated recall@k (of the new "
+        "model's own neighbours, evaluate.recall_k) reaches this",
     )
     min_gain: float = Field(
         0.5,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.evaluate.metrics import ArrayLike, Metric, order_pieces
+from pipeline.evaluate.metrics import ArrayLike, Metric, order_pieces, retrieval_metrics
 
 CHUNK = 1024  # queries per distance block: memory ~ CHUNK x gallery rows
 
@@ -83,3 +83,20 @@ def mixed_recall_curve(
             idx = torch.topk(torch.where(cols[None, :], dn, dt), k, largest=False).indices
             sums[s] += overlap(idx.numpy(), ref).sum()
     return [100.0 * float(v) / n for v in sums]
+
+
+def measure_name(labelled: bool, k: int) -> str:
+    """How an upgrade's quality figures are labelled: top-1, or recall@k without labels."""
+    return "top-1" if labelled else f"R@{k}"
+
+
+def quality(
+    queries: ArrayLike, gallery: ArrayLike, labels: np.ndarray | None, metric: Metric, k: int
+) -> float:
+    """An upgrade's measure of `gallery` for new-model `queries` of the same rows (percent):
+    top-1 where rows have labels, else recall@k of the queries' own neighbours."""
+    if labels is not None:
+        m = retrieval_metrics(queries, gallery, labels, labels, metric, exclude_self=True)
+        return float(m["top1"])
+    ref = nearest(queries, queries, min(k, len(queries) - 1), metric)
+    return neighbour_recall(queries, gallery, ref, metric)

@@ -22,7 +22,7 @@ from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
 from pipeline.services.models import blob_of, model_classifier, register, side_blob
-from pipeline.services.steps import split_labels
+from pipeline.services.steps import split_sample
 from pipeline.train.loop import config_hash
 from pipeline.train.transformation import (
     architecture,
@@ -204,8 +204,11 @@ def _gallery_sets(
 def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """New-model embeddings of a split computed from the images (new version not built yet)."""
     blob = blob_of(ctx, ctx.cfg.new_model)  # resolved once: a models:/ URI downloads
+    cfg = ctx.cfg
     feats = collect(
-        paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, ctx.cfg.storage, split)
+        paired_features(
+            cfg.images_uri, {"new": blob}, cfg.embed, cfg.storage, split, labelled_only=False
+        )
     )
     pos = {k: i for i, k in enumerate(feats.get("key", []))}
     found = np.array([k in pos for k in keys], dtype=bool)
@@ -215,13 +218,14 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
 
 
 def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None = None):
-    """Labels and per-version embeddings of one split's rows, read from the gallery."""
+    """Labels (None: unlabelled) and per-version embeddings of one split's sampled rows, read
+    from the gallery."""
     cfg, g = ctx.cfg, ctx.gallery
     old, new = cfg.old_model.name, cfg.new_model.name
     if not g.has_version(old):
         raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
-    t = split_labels(cfg, split, cap)
-    keys, labels = t["key"].to_pylist(), np.asarray(t["label"].to_pylist())
+    sample = split_sample(cfg, split, cap)
+    keys, labels = sample.keys, sample.labels
     versions = [v for v in (versions or g.versions()) if g.has_version(v)]
     versions = [old] + [v for v in versions if v != old]
     sets, found, side = _gallery_sets(ctx, versions, keys)
@@ -233,9 +237,10 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
         sets[new], f = _computed_new(ctx, split, keys)
         found &= f
     if found.sum() < 2:
-        raise ValueError(f"fewer than 2 labelled {split!r} rows are in every version")
+        raise ValueError(f"fewer than 2 sampled {split!r} rows are in every version")
     sets = {k: v[found] for k, v in sets.items()}
-    return labels[found], sets, (side[found] if side is not None else None)
+    labels = labels[found] if labels is not None else None
+    return labels, sets, (side[found] if side is not None else None)
 
 
 def evaluate_compat_step(
@@ -275,6 +280,7 @@ def evaluate_compat_step(
         tuple(cfg.evaluate.orderings),
         cfg.evaluate.curve_steps,
         cfg.data.seed,
+        recall_k=cfg.evaluate.recall_k,
     )
     report.extra.update(versions=list(sets), evaluate_seconds=round(time.perf_counter() - t0, 2))
     out = Path(report_dir or default_report_dir(ctx))

@@ -375,6 +375,18 @@ class PlanConfig(_Model):
     transform_rows_per_second: float | None = Field(
         None, gt=0, description="cost model: rows/s of applying h (default: the profile's)"
     )
+    measure_rows: int = Field(
+        256,
+        ge=0,
+        description="price with this upgrade's own models: time the new model on this many "
+        "gallery images and h on 8x as many stored rows before planning (0: do not measure)",
+    )
+    min_transform_speedup: float = Field(
+        2.0,
+        gt=0,
+        description="transform only when h is at least this many times faster per row than "
+        "the new model; else every shard with images is re-embedded",
+    )
     throughput_profile: str | None = Field(
         None,
         description="measured throughputs (JSON from `make bench` / jobs/benchmark.py --profile): "

@@ -36,6 +36,15 @@ def _plan_caption(plan: Plan) -> str:
         f"expected {plan.measure} {plan.expected_top1:.2f} (transform-only "
         f"{plan.transform_top1:.2f}, full {plan.full_top1:.2f}; {_estimate_text(plan)})"
     ]
+    eps, tps = (
+        plan.budget.get("embed_rows_per_second"),
+        plan.budget.get("transform_rows_per_second"),
+    )
+    if eps and tps:
+        lines.append(
+            f"priced: new model {eps:,.0f} images/s, h {tps:,.0f} rows/s "
+            f"(a transform costs 1/{tps / eps:,.0f} of a re-embedding)"
+        )
     lines += [f"warning: {escape(w)}" for w in plan.warnings]
     return "\n".join(lines)
 

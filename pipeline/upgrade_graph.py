@@ -141,6 +141,11 @@ class UpgradeStages:
         p, _ = compute_plan(self.ctx, source, report, self.ctx.quiet)
         print_plan(p, self.console)
         r.log_dict(json.loads(p.to_json()), "plan.json")
+        if r.run is not None:  # what this upgrade's models cost, beside what the plan spends
+            rates = {
+                k: p.budget.get(k) for k in ("embed_rows_per_second", "transform_rows_per_second")
+            }
+            r.run.log_metrics({k: v for k, v in rates.items() if v})
         return json.loads(p.to_json())
 
     def execute(self, inp: dict, r: StageRun) -> dict[str, Any]:

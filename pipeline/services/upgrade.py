@@ -12,12 +12,13 @@ import numpy as np
 
 from pipeline.context import Context
 from pipeline.display import shard_progress
-from pipeline.embed.transform import ChainSpec, chain_spec
+from pipeline.embed.rates import embed_rate, transform_rate
+from pipeline.embed.transform import ChainSpec, TransformChain, chain_spec
 from pipeline.evaluate.neighbours import measure_name
 from pipeline.evaluate.report import CompatReport
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
-from pipeline.gallery.store import GalleryError
+from pipeline.gallery.store import GalleryError, arrow_to_embeddings
 from pipeline.runtime import ensure_ray
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
@@ -30,7 +31,7 @@ from pipeline.upgrade.execute import (
 )
 from pipeline.upgrade.facts import ScanSettings, find_chain, gather_facts
 from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, make_plan
-from pipeline.upgrade.price import price_budget
+from pipeline.upgrade.price import MeasuredRates, price_budget
 from pipeline.upgrade.simulate import simulate_plan
 from pipeline.upgrade.validate import Tolerances, ValidationReport, ValidationRows, validate_version
 from pipeline.upgrade.work import id_ranges
@@ -182,7 +183,7 @@ def compute_plan(
         cs.train_transformation_step(ctx, (), cs.no_side_info_config(ctx))
         chains = chains_for(ctx, space)
         facts, ranks = _facts(ctx, source, chains, quiet)
-    plan = _plan(ctx, source, facts, _curve(report))
+    plan = _plan(ctx, source, facts, _curve(report), measure_rates(ctx, source, chains))
     if plan.ok:
         val = _validation_rows(ctx)
         simulate_plan(
@@ -191,11 +192,43 @@ def compute_plan(
     return plan, facts
 
 
-def _plan(ctx: Context, source: str, facts: list[ShardFacts], curve: QualityCurve) -> Plan:
+def measure_rates(ctx: Context, source: str, chains: dict[str, ChainSpec]) -> MeasuredRates:
+    """The new model's images/s on a sample of the gallery's images and h's rows/s on a
+    sample of the source version's rows (plan.measure_rows; 0 or nothing there: None)."""
+    cfg, g, rows = ctx.cfg, ctx.gallery, ctx.cfg.plan.measure_rows
+    if not rows:
+        return MeasuredRates(None, None)
+    try:
+        files = list(steps.image_shards(cfg).values())
+    except FileNotFoundError:  # a gallery whose images are gone: nothing to re-embed
+        files = []
+    eps, n = embed_rate(models.blob_of(ctx, cfg.new_model), files, cfg.storage, cfg.embed, rows)
+    spec = chains.get("side") or chains.get("noside")
+    if spec is None:
+        return MeasuredRates(eps, None, n)
+    cols = ("key", "embedding", "side_info") if spec.needs_side else ("key", "embedding")
+    try:
+        batch = next(g.iter_embeddings(source, cols, batch_size=8 * rows), None)
+    except GalleryError:  # the first shard has no side-info: h is priced by the profile
+        batch = None
+    if batch is None:
+        return MeasuredRates(eps, None, n)
+    old = arrow_to_embeddings(batch.column("embedding"))
+    side = arrow_to_embeddings(batch.column("side_info")) if spec.needs_side else None
+    return MeasuredRates(eps, transform_rate(TransformChain(spec), old, side), n)
+
+
+def _plan(
+    ctx: Context,
+    source: str,
+    facts: list[ShardFacts],
+    curve: QualityCurve,
+    measured: MeasuredRates | None = None,
+) -> Plan:
     """The plan of these facts under the configured, priced budget and rules."""
     pc = ctx.cfg.plan
     source_rps = ctx.gallery.manifest(source).get("rows_per_second")
-    budget, notes = price_budget(pc, facts, source, source_rps)
+    budget, notes = price_budget(pc, facts, source, source_rps, measured)
     rules = PlanSettings.of(pc).rules(labelled=curve.measure == "top-1")
     gain = curve.full_top1 - curve.transform_top1
     if gain < pc.min_gain and (budget.images != 0 or budget.seconds is not None):

@@ -173,6 +173,9 @@ class Budget:
     scan_rows_per_second: float = 20000.0
     transform_rows_per_second: float | None = None  # measured; None: TRANSFORM_SPEEDUP × embed
     origin: str = ""  # where the limit came from (a config setting), named when it is exceeded
+    # False: h is not clearly cheaper than the new model (measured): every shard whose images
+    # are there is re-embedded whole instead of transformed.
+    transform_pays: bool = True
 
     @property
     def transform_rate(self) -> float:
@@ -660,7 +663,7 @@ def _chain_note(f: ShardFacts) -> str:
     return f"composes {chain}" if len(f.transform or []) > 1 else ""
 
 
-def _classify(f: ShardFacts, target: str) -> _Pick | None:
+def _classify(f: ShardFacts, target: str, transform_pays: bool = True) -> _Pick | None:
     """The method forced by a shard's facts, or None when it competes for the budget."""
     if f.native_rows >= f.rows:
         return _Pick("skip", 0, f"already embedded by {target}")
@@ -677,6 +680,9 @@ def _classify(f: ShardFacts, target: str) -> _Pick | None:
         return _Pick(
             "transform", 0, "images unavailable: transform only" + (f" ({note})" if note else "")
         )
+    if not transform_pays:
+        why = "h costs about as much as the new model (measured)"
+        return _Pick("full", f.nonnative, f"{why}: full backfill")
     return None
 
 
@@ -752,7 +758,8 @@ def make_plan(
     facts = sorted(facts, key=lambda f: f.shard_id)
     total = sum(f.rows for f in facts)
     st = _State(target, curve, budget, rules, _Ordering(facts, total), total)
-    picks = {f.shard_id: p for f in facts if (p := _classify(f, target)) is not None}
+    pays = budget.transform_pays
+    picks = {f.shard_id: p for f in facts if (p := _classify(f, target, pays)) is not None}
     eligible = [f for f in facts if f.shard_id not in picks]
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)

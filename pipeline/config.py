@@ -381,6 +381,11 @@ class PlanConfig(_Model):
         description="price with this upgrade's own models: time the new model on this many "
         "gallery images and h on 8x as many stored rows before planning (0: do not measure)",
     )
+    when_backfill_cheaper: Literal["warn", "backfill"] = Field(
+        "warn",
+        description="the upgrade's first estimate finds re-embedding every image cheaper than "
+        "training and applying h: warn, or backfill (train no side-info model and no h)",
+    )
     min_transform_speedup: float = Field(
         2.0,
         gt=0,

@@ -19,6 +19,7 @@ from pipeline.evaluate.report import CompatReport
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
 from pipeline.gallery.store import GalleryError, arrow_to_embeddings
+from pipeline.models.store import build_model
 from pipeline.runtime import ensure_ray
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
@@ -202,7 +203,8 @@ def measure_rates(ctx: Context, source: str, chains: dict[str, ChainSpec]) -> Me
         files = list(steps.image_shards(cfg).values())
     except FileNotFoundError:  # a gallery whose images are gone: nothing to re-embed
         files = []
-    eps, n = embed_rate(models.blob_of(ctx, cfg.new_model), files, cfg.storage, cfg.embed, rows)
+    blob = models.blob_of(ctx, cfg.new_model)
+    eps, n = embed_rate(build_model(blob), blob.preprocess, files, cfg.storage, cfg.embed, rows)
     spec = chains.get("side") or chains.get("noside")
     if spec is None:
         return MeasuredRates(eps, None, n)

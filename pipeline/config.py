@@ -9,7 +9,15 @@ from typing import Any, Literal
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -460,6 +468,28 @@ class UpgradeConfig(_Model):
     plan: PlanConfig = PlanConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @model_validator(mode="after")
+    def _possible(self) -> UpgradeConfig:
+        """Combinations that cannot work are refused when the config loads, before any work."""
+        sc, old = self.side_info, self.old_model
+        if old.name == self.new_model.name:
+            raise ValueError(f"old_model.name and new_model.name are both {old.name!r}")
+        if sc.enabled and sc.preprocess is not None and sc.preprocess != old.preprocess:
+            raise ValueError(
+                "side_info.preprocess must equal old_model.preprocess: both run on the same "
+                "decoded pixels at ingest (leave side_info.preprocess unset)"
+            )
+        if self.plan.when_backfill_cheaper == "backfill" and self.plan.measure_rows == 0:
+            raise ValueError(
+                "plan.when_backfill_cheaper=backfill needs the estimate: plan.measure_rows > 0"
+            )
+        if self.evaluate.recall_k >= self.evaluate.max_queries:
+            raise ValueError(
+                f"evaluate.recall_k={self.evaluate.recall_k} must be below "
+                f"evaluate.max_queries={self.evaluate.max_queries}"
+            )
+        return self
+
     @property
     def side_info_model(self) -> SideInfoConfig:
         """The side-info model config with its preprocess resolved (default: the old model's)."""
@@ -493,8 +523,10 @@ class UpgradeConfig(_Model):
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"]) or "combination"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if not e["loc"]:  # a combination of keys: the message names them
+            msg = msg.removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{shown}")

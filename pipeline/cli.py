@@ -451,6 +451,15 @@ def plan(
         str | None, typer.Option("--from", help="version to upgrade (default: the serving one)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="where the plan JSON goes")] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="before anything is trained: price the whole upgrade both ways (train and "
+            "apply h, or re-embed every image), timing this upgrade's models on a sample",
+        ),
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="the estimate as JSON")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -459,7 +468,15 @@ def plan(
     cost, quality gain and a reason; printed as a table, saved as JSON, logged to MLflow.
     Exit 1 when a shard is blocked (no transformation and its images are gone)."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
+    from pipeline.services.estimate import estimate_step
     from pipeline.upgrade_graph import plan_command
+
+    if estimate:
+        est = estimate_step(_ctx(_cfg(config, set_), quiet))
+        if est is None:
+            raise ConfigError("nothing to estimate: no images to re-embed, or plan.measure_rows=0")
+        console.print_json(json.dumps(est.to_dict())) if json_out else console.print(est.summary())
+        return
 
     p, path = plan_command(_ctx(_cfg(config, set_), quiet), source, out, console)
     console.print(f"plan: {path}")

@@ -9,7 +9,15 @@ from typing import Any, Literal
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -188,7 +196,17 @@ class TransformationConfig(_Model):
     loss: Literal["fct", "fastfill"] = Field(
         "fastfill", description="fct: L2 to the new embedding; fastfill: + uncertainty head"
     )
-    inner_dim: int | None = Field(None, ge=2, description="mixer width (default 16 × new dim)")
+    inner_dim: int | None = Field(
+        None,
+        ge=2,
+        description="mixer width; unset: FCT's 16 × new dim, narrowed to fit max_mflops",
+    )
+    max_mflops: float | None = Field(
+        64.0,
+        gt=0,
+        description="cost limit of h per row in MFLOP (2 × multiply-adds); sizes an unset "
+        "inner_dim (FCT's width at 1,280-d is ~1,100 MFLOP, a mobile CNN's forward ~400-800)",
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_copies: int = Field(
         0, ge=0, description="extra augmented views of each training image (FCT trains online)"
@@ -309,6 +327,12 @@ class EvalConfig(_Model):
         "oracle",
     ]
     curve_steps: int = Field(21, ge=1, description="backfilling curve: steps+1 points, 0..100%")
+    recall_k: int = Field(
+        10,
+        ge=1,
+        description="label-free quality: recall@k of a gallery against the new model's own k "
+        "nearest neighbours on the sample (the measure of an unlabelled gallery)",
+    )
     report_dir: str | None = Field(None, description="default: <workdir>/reports/<name>")
 
 
@@ -329,6 +353,13 @@ class PlanConfig(_Model):
     )
     target_top1: float | None = Field(
         None, ge=0, le=100, description="stop spending once the estimated top-1 reaches this"
+    )
+    target_recall: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="unlabelled gallery: stop spending once the estimated recall@k (of the new "
+        "model's own neighbours, evaluate.recall_k) reaches this",
     )
     min_gain: float = Field(
         0.5,
@@ -355,6 +386,23 @@ class PlanConfig(_Model):
     )
     transform_rows_per_second: float | None = Field(
         None, gt=0, description="cost model: rows/s of applying h (default: the profile's)"
+    )
+    measure_rows: int = Field(
+        256,
+        ge=0,
+        description="price with this upgrade's own models: time the new model on this many "
+        "gallery images and h on 8x as many stored rows before planning (0: do not measure)",
+    )
+    when_backfill_cheaper: Literal["warn", "backfill"] = Field(
+        "warn",
+        description="the upgrade's first estimate finds re-embedding every image cheaper than "
+        "training and applying h: warn, or backfill (train no side-info model and no h)",
+    )
+    min_transform_speedup: float = Field(
+        2.0,
+        gt=0,
+        description="transform only when h is at least this many times faster per row than "
+        "the new model; else every shard with images is re-embedded",
     )
     throughput_profile: str | None = Field(
         None,
@@ -424,6 +472,28 @@ class UpgradeConfig(_Model):
     plan: PlanConfig = PlanConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @model_validator(mode="after")
+    def _possible(self) -> UpgradeConfig:
+        """Combinations that cannot work are refused when the config loads, before any work."""
+        sc, old = self.side_info, self.old_model
+        if old.name == self.new_model.name:
+            raise ValueError(f"old_model.name and new_model.name are both {old.name!r}")
+        if sc.enabled and sc.preprocess is not None and sc.preprocess != old.preprocess:
+            raise ValueError(
+                "side_info.preprocess must equal old_model.preprocess: both run on the same "
+                "decoded pixels at ingest (leave side_info.preprocess unset)"
+            )
+        if self.plan.when_backfill_cheaper == "backfill" and self.plan.measure_rows == 0:
+            raise ValueError(
+                "plan.when_backfill_cheaper=backfill needs the estimate: plan.measure_rows > 0"
+            )
+        if self.evaluate.recall_k >= self.evaluate.max_queries:
+            raise ValueError(
+                f"evaluate.recall_k={self.evaluate.recall_k} must be below "
+                f"evaluate.max_queries={self.evaluate.max_queries}"
+            )
+        return self
+
     @property
     def side_info_model(self) -> SideInfoConfig:
         """The side-info model config with its preprocess resolved (default: the old model's)."""
@@ -457,8 +527,10 @@ class UpgradeConfig(_Model):
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"]) or "combination"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if not e["loc"]:  # a combination of keys: the message names them
+            msg = msg.removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{shown}")

@@ -33,9 +33,18 @@ def _plan_caption(plan: Plan) -> str:
     lines = [
         f"re-embed {plan.reembed_rows:,} of {plan.total_rows:,} images ({pct(share)}) · "
         f"budget {_budget_text(plan)} · est. cost {plan.cost_seconds:,.1f} s · "
-        f"expected top-1 {plan.expected_top1:.2f} (transform-only "
+        f"expected {plan.measure} {plan.expected_top1:.2f} (transform-only "
         f"{plan.transform_top1:.2f}, full {plan.full_top1:.2f}; {_estimate_text(plan)})"
     ]
+    eps, tps = (
+        plan.budget.get("embed_rows_per_second"),
+        plan.budget.get("transform_rows_per_second"),
+    )
+    if eps and tps:
+        lines.append(
+            f"priced: new model {eps:,.0f} images/s, h {tps:,.0f} rows/s "
+            f"(a transform costs 1/{tps / eps:,.0f} of a re-embedding)"
+        )
     lines += [f"warning: {escape(w)}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -46,7 +55,7 @@ def plan_table(plan: Plan) -> Table:
     for name in ("shard", "rows", "method", "re-embed", "images", "side-info", "space"):
         t.add_column(name, justify="right" if name in ("shard", "rows", "re-embed") else "left")
     t.add_column("cost (s)", justify="right")
-    t.add_column("+top-1", justify="right")
+    t.add_column(f"+{plan.measure}", justify="right")
     t.add_column("reason", overflow="fold")
     for s in plan.shards:
         t.add_row(

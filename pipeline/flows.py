@@ -27,6 +27,7 @@ from pipeline.graph.dag import GraphError, OpenRun, Stage, StageLog, StageRun, r
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.ops.journal import JOB_ID_ENV
+from pipeline.services.estimate import estimate_step
 from pipeline.tracking import ui_hint
 from pipeline.upgrade.plan import Plan
 from pipeline.upgrade.validate import ValidationReport
@@ -116,15 +117,34 @@ def run_upgrade(
             lineage["job_id"] = job_id
         with tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
             parent.log_dict(dump_config(cfg), "config.yaml")  # secrets masked
+            estimate = _estimate(ctx, log, console, parent)
             events = _StageEvents(console, parent, log)
             results = run_stages(
-                ug.upgrade_stages(ctx, console),
+                ug.upgrade_stages(ctx, console, estimate),
                 log,
                 events,
                 until,
                 _child_runs(ctx, lock, parent, lineage),
             )
     return _report(ctx, results, events.stages, parent.run_id, until)
+
+
+def _estimate(ctx: Context, log: StageLog, console: Console, parent: Any) -> Any:
+    """Before anything is trained (a rerun past the transformation has decided already): the
+    whole upgrade priced both ways, printed and logged to the upgrade's run."""
+    if log.get("transformation") is not None:
+        return None
+    est = estimate_step(ctx)
+    if est is not None:
+        console.print(est.summary())
+        parent.log_dict(est.to_dict(), "estimate.json")
+        parent.log_metrics(
+            {
+                "estimate_full_seconds": est.full_seconds,
+                "estimate_transform_seconds": est.transform_seconds,
+            }
+        )
+    return est
 
 
 def _child_runs(ctx: Context, lock: Any, parent: Any, lineage: dict[str, str]) -> OpenRun:

@@ -111,8 +111,15 @@ def _optional(fn: Any) -> Any:
 class UpgradeStages:
     """The stages' bodies: each gets its inputs and its StageRun from the engine."""
 
-    def __init__(self, ctx: Context, console: Console) -> None:
+    def __init__(self, ctx: Context, console: Console, estimate: Any = None) -> None:
         self.ctx, self.cfg, self.console = ctx, ctx.cfg, console
+        # The first estimate found re-embedding everything cheaper, and the config says act
+        # on it: no side-info model and no h are trained; the plan backfills every shard.
+        self.backfill_only = (
+            estimate is not None
+            and estimate.cheaper == "full backfill"
+            and ctx.cfg.plan.when_backfill_cheaper == "backfill"
+        )
 
     def ingest(self, _: dict, r: StageRun) -> dict[str, Any]:
         ctx, old = self.ctx, self.cfg.old_model
@@ -123,6 +130,18 @@ class UpgradeStages:
         steps.promote_step(ctx, old.name)
         return {"source_version": old.name, "ingested": True, **asdict(v)}
 
+    def transformation(self, _: dict, r: StageRun) -> dict[str, Any] | None:
+        if self.backfill_only:
+            self.console.print("re-embedding every image is cheaper: no h is trained")
+            return None
+        out = cs.train_transformation_step(self.ctx)
+        if out is not None:  # what transforming a row costs, beside what the model does
+            self.console.print(
+                f"h: width {out['inner_dim']}, {out['h_params'] / 1e6:.2f} M parameters, "
+                f"{out['h_mflops_per_row']:.1f} MFLOP per row"
+            )
+        return out
+
     def evaluate(self, _: dict, r: StageRun) -> dict[str, Any]:
         report, files = cs.evaluate_compat_step(self.ctx, register_adapters=True)
         return {"report": json.loads(report.to_json()), "files": files}
@@ -132,6 +151,11 @@ class UpgradeStages:
         p, _ = compute_plan(self.ctx, source, report, self.ctx.quiet)
         print_plan(p, self.console)
         r.log_dict(json.loads(p.to_json()), "plan.json")
+        if r.run is not None:  # what this upgrade's models cost, beside what the plan spends
+            rates = {
+                k: p.budget.get(k) for k in ("embed_rows_per_second", "transform_rows_per_second")
+            }
+            r.run.log_metrics({k: v for k, v in rates.items() if v})
         return json.loads(p.to_json())
 
     def execute(self, inp: dict, r: StageRun) -> dict[str, Any]:
@@ -154,22 +178,21 @@ class UpgradeStages:
             )
         return rep.to_dict()
 
+    def _side_info(self) -> Any:
+        return None if self.backfill_only else models.train_side_info_step(self.ctx)
+
     def graph(self) -> list[Stage]:
         """The graph's nodes, in a topological order."""
         ctx, old, new = self.ctx, self.cfg.old_model, self.cfg.new_model
         return [
             Stage("old-model", _optional(lambda r: models.train_step(ctx, old))),
-            Stage("side-info", _optional(lambda r: models.train_side_info_step(ctx))),
+            Stage("side-info", _optional(lambda r: self._side_info())),
             Stage("ingest", self.ingest, ("old-model", "side-info")),
             Stage(
                 "new-model",
                 _optional(lambda r: models.train_step(ctx, new, ("candidate",))),
             ),
-            Stage(
-                "transformation",
-                lambda _, r: cs.train_transformation_step(ctx),
-                ("ingest", "new-model"),
-            ),
+            Stage("transformation", self.transformation, ("ingest", "new-model")),
             Stage("evaluate", self.evaluate, ("transformation",)),
             Stage("plan", self.plan, ("ingest", "evaluate")),
             Stage("execute", self.execute, ("plan",)),
@@ -183,9 +206,9 @@ class UpgradeStages:
         ]
 
 
-def upgrade_stages(ctx: Context, console: Console) -> list[Stage]:
+def upgrade_stages(ctx: Context, console: Console, estimate: Any = None) -> list[Stage]:
     """The upgrade graph's stages, in a topological order."""
-    return UpgradeStages(ctx, console).graph()
+    return UpgradeStages(ctx, console, estimate).graph()
 
 
 def _missing_for_plan(ctx: Context, source: str | None) -> list[str]:
@@ -240,7 +263,8 @@ def plan_command(
     if not (cs.transformation_dir(ctx) / "model.json").exists():
         raise FileNotFoundError(
             f"no trained transformation at {cs.transformation_dir(ctx)}: run "
-            "`carryover upgrade --until evaluate` (or `carryover train --which transformation`)"
+            "`carryover upgrade --until evaluate` (or `carryover train --which transformation`); "
+            "`carryover plan --estimate` prices the upgrade before anything is trained"
         )
     plan, _ = compute_plan(ctx, source, load_report(ctx), ctx.quiet)
     path = Path(out or Path(ctx.cfg.workdir) / "plans" / f"{ctx.cfg.target_version}.json")

@@ -143,14 +143,16 @@ def fastfill_loss(
     pred: Tensor,
     log_var: Tensor,
     target: Tensor,
-    logits: Tensor,
-    labels: Tensor,
+    logits: Tensor | None,
+    labels: Tensor | None,
     label_smoothing: float = 0.1,
 ) -> Tensor:
     """FastFill: mean of 0.5 * exp(-s) * (mse + ce) + 0.5 * s with s the predicted log-variance.
 
     logits are the frozen new classifier applied to pred; the learned s down-weights hard
-    samples, and its magnitude later ranks images for backfilling.
+    samples, and its magnitude later ranks images for backfilling. Rows labelled < 0 (no
+    label), or every row when there is no classifier (logits None), keep the regression term
+    alone: s is then the heteroscedastic variance of the L2 error, still an order of rows.
     """
     if pred.shape != target.shape or pred.ndim != 2:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match")
@@ -159,8 +161,14 @@ def fastfill_loss(
         log_var = log_var[:, 0]
     if log_var.shape != (n,):
         raise ValueError(f"log_var must be ({n},) or ({n}, 1), got {tuple(log_var.shape)}")
-    if logits.ndim != 2 or logits.shape[0] != n or labels.shape != (n,):
-        raise ValueError(f"logits must be ({n}, classes) and labels ({n},)")
     mse = ((pred - target) ** 2).mean(dim=1)
-    ce = F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    if logits is None:
+        return (0.5 * torch.exp(-log_var) * mse + 0.5 * log_var).mean()
+    if labels is None or logits.ndim != 2 or logits.shape[0] != n or labels.shape != (n,):
+        raise ValueError(f"logits must be ({n}, classes) and labels ({n},)")
+    known = labels >= 0
+    ce = F.cross_entropy(
+        logits, labels.long().clamp(min=0), reduction="none", label_smoothing=label_smoothing
+    )
+    ce = torch.where(known, ce, torch.zeros_like(ce))
     return (0.5 * torch.exp(-log_var) * (mse + ce) + 0.5 * log_var).mean()

@@ -16,10 +16,12 @@ from pipeline.train.embedder import image_dataset
 
 
 class FeatureStage:
-    """Ray Data actor: decode once per preprocess, embed with every model, keep labelled rows.
+    """Ray Data actor: decode once per preprocess, embed with every model.
 
     With `augment_copies` > 0 each image also yields that many augmented views (the same view
-    through every model): FCT trains its transformation on augmented images.
+    through every model): FCT trains its transformation on augmented images. Unlabelled rows
+    are dropped (evaluation needs labels) unless `labelled_only` is False: they come with
+    label -1 (h's training needs none).
     """
 
     def __init__(
@@ -29,8 +31,10 @@ class FeatureStage:
         threads: int = 1,
         augment_copies: int = 0,
         seed: int = 0,
+        labelled_only: bool = True,
     ):
         torch.set_num_threads(threads)
+        self.labelled_only = labelled_only
         self.blobs = blobs
         self.models = {}
         for name, blob in blobs.items():
@@ -47,7 +51,9 @@ class FeatureStage:
                 decoded[k] = decode_batch(batch, blob.preprocess, self.max_pixels)
         ok = np.logical_and.reduce([d["error"] == "" for d in decoded.values()])
         labels = np.asarray(batch["label"], dtype=np.float64)
-        ok &= ~np.isnan(labels)
+        if self.labelled_only:
+            ok &= ~np.isnan(labels)
+        labels = np.where(np.isnan(labels), -1.0, labels)
         out: dict[str, list[np.ndarray]] = {"key": [], "label": [], "view": []}
         views = [self._views(decoded, ok, v) for v in range(1 + self.copies)]
         for v, xs in enumerate(views):
@@ -96,6 +102,7 @@ def paired_features(
     classes: list[int] | None = None,
     augment_copies: int = 0,
     seed: int = 0,
+    labelled_only: bool = True,
 ) -> Any:
     """A Ray Dataset of key, label, view and one (n, d) column per model, for one split."""
     ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
@@ -108,6 +115,7 @@ def paired_features(
             "threads": embed_cfg.torch_threads,
             "augment_copies": augment_copies,
             "seed": seed,
+            "labelled_only": labelled_only,
         },
         batch_size=embed_cfg.batch_size,
         num_cpus=embed_cfg.actor_num_cpus,

@@ -196,7 +196,7 @@ class BackfillCurve:
         }
 
 
-def _order_pieces(perm: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+def order_pieces(perm: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The order cut into steps + 1 pieces (piece 0 empty), and each gallery row's step."""
     n = len(perm)
     # Step i swaps in rows perm[round((i-1)n/steps) : round(i n/steps)]: piece i of the order.
@@ -243,7 +243,7 @@ def backfill_curve(
         gt_sq = gn_sq = None
     else:
         gt_sq, gn_sq = (gt * gt).sum(1), (gn * gn).sum(1)
-    pieces, step_of = _order_pieces(perm.numpy(), steps)
+    pieces, step_of = order_pieces(perm.numpy(), steps)
 
     def run(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         kt = _keys(_distances(q[lo:hi], gt, gt_sq).numpy())

@@ -14,10 +14,13 @@ import numpy as np
 from rich.table import Table
 
 from pipeline.evaluate.metrics import BackfillCurve, Metric, retrieval_metrics
+from pipeline.evaluate.neighbours import neighbour_recall
 
-_VALUES = ("top1", "top5", "map")
-_CASE_FLOATS = ("top1", "top5", "map")
+_VALUES = ("top1", "top5", "map", "recall")
+_CASE_FLOATS = ("top1", "top5", "map", "recall")
+_LABELLED = ("top1", "top5", "map")  # NaN when the rows have no labels
 _CURVE_KEYS = ("fractions", "top1", "map", "auc_top1", "auc_map")
+_NAN = float("nan")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class CompatCase:
     top5: float
     map: float
     num_queries: int
+    recall: float | None = None  # recall@k (percent) against the new model's own neighbours
 
 
 def _rows(x: Any) -> int:
@@ -41,9 +45,11 @@ def _dim(x: Any) -> int:
     return int(x.shape[1])
 
 
-def _check_sets(sets: Mapping[str, np.ndarray], labels: np.ndarray, names: Iterable[str]) -> None:
+def _check_sets(
+    sets: Mapping[str, np.ndarray], labels: np.ndarray | None, names: Iterable[str]
+) -> None:
     """Every named set exists, is 2-D and has one row per label (rows are the same images)."""
-    n = len(labels)
+    n = len(labels) if labels is not None else _rows(next(iter(sets.values())))
     for name in names:
         if name not in sets:
             raise ValueError(f"no embedding set {name!r}; available: {sorted(sets)}")
@@ -56,23 +62,30 @@ def _check_sets(sets: Mapping[str, np.ndarray], labels: np.ndarray, names: Itera
 
 def _pair_metrics(
     sets: Mapping[str, np.ndarray],
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     pairs: Iterable[tuple[str, str]],
     metric: Metric,
+    reference: np.ndarray | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
-    """Metrics of each distinct (query set, gallery set) pair, each computed once."""
+    """Metrics of each distinct (query set, gallery set) pair, each computed once: top-1,
+    top-5 and mAP where there are labels, recall@k where there are reference neighbours."""
     out: dict[tuple[str, str], dict[str, float]] = {}
     for q, g in pairs:
-        if (q, g) not in out:
-            # Both sets embed the same rows in the same order: row i of each is one image.
-            out[(q, g)] = retrieval_metrics(
-                sets[q], sets[g], labels, labels, metric, (1, 5), exclude_self=True
-            )
+        if (q, g) in out:
+            continue
+        # Both sets embed the same rows in the same order: row i of each is one image.
+        m = {"top1": _NAN, "top5": _NAN, "map": _NAN, "num_queries": float(_rows(sets[q]))}
+        if labels is not None:
+            m = retrieval_metrics(sets[q], sets[g], labels, labels, metric, (1, 5), True)
+        m["recall"] = None
+        if reference is not None:
+            m["recall"] = neighbour_recall(sets[q], sets[g], reference, metric)
+        out[(q, g)] = m
     return out
 
 
 def _validate_cases(
-    sets: Mapping[str, np.ndarray], labels: np.ndarray, cases: list[tuple[str, str, str]]
+    sets: Mapping[str, np.ndarray], labels: np.ndarray | None, cases: list[tuple[str, str, str]]
 ) -> None:
     for name, q, g in cases:
         for role, s in (("query", q), ("gallery", g)):
@@ -99,7 +112,8 @@ def _cases_from(
     out = []
     for name, q, g in cases:
         m = table[(q, g)]
-        out.append(CompatCase(name, q, g, m["top1"], m["top5"], m["map"], int(m["num_queries"])))
+        nq = int(m["num_queries"])
+        out.append(CompatCase(name, q, g, m["top1"], m["top5"], m["map"], nq, m["recall"]))
     return out
 
 
@@ -200,10 +214,24 @@ class CompatReport:
     curves: dict[str, dict] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     matrix_value: str = "top1"
+    recall_k: int = 0  # > 0: cases and curves carry recall@k against new/new's neighbours
 
-    def add_curve(self, ordering: str, curve: BackfillCurve) -> None:
-        """Store a backfilling curve under its ordering name (e.g. "random", "uncertainty")."""
-        self.curves[ordering] = curve_dict(curve)
+    @property
+    def labelled(self) -> bool:
+        """The study had class labels (top-1 and mAP); else recall@k is its only measure."""
+        return any(math.isfinite(_num(c.top1)) for c in self.cases)
+
+    def add_curve(
+        self, ordering: str, curve: BackfillCurve | None, recall: list[float] | None = None
+    ) -> None:
+        """Store a backfilling curve under its ordering name (e.g. "random", "uncertainty"):
+        top-1/mAP where there are labels, recall@k where there are reference neighbours."""
+        d = curve_dict(curve) if curve is not None else {}
+        if recall is not None:
+            n = len(recall) - 1
+            d.setdefault("fractions", [i / n for i in range(n + 1)])
+            d.update(recall=list(recall), auc_recall=float(np.mean(recall)))
+        self.curves[ordering] = d
 
     def to_json(self) -> str:
         """Strict JSON: NaN and infinities become null."""
@@ -215,7 +243,7 @@ class CompatReport:
         d = json.loads(text)
         cases = []
         for c in d.pop("cases"):
-            c.update({k: _num(c[k]) for k in _CASE_FLOATS})
+            c.update({k: _num(c.get(k)) for k in _LABELLED})
             cases.append(CompatCase(**c))
         return cls(cases=cases, **d)
 
@@ -252,62 +280,79 @@ class CompatReport:
                 if c.name not in ("old/old", "new/new"):
                     put(f"gap_recovered_{_slug(c.name)}", self.gap_recovered(c.name))
         for ordering, curve in self.curves.items():
-            for k in ("auc_top1", "auc_map"):
+            for k in ("auc_top1", "auc_map", "auc_recall"):
                 put(f"{k}_{_slug(ordering)}", curve.get(k))
         return out
 
     def table(self) -> Table:
-        """One row per case: top-1, top-5 and mAP in percent."""
+        """One row per case: top-1, top-5 and mAP in percent (labelled), recall@k."""
         t = Table(title=f"{self.title} ({self.metric}, {self.num_rows} rows)")
         t.add_column("case")
         t.add_column("queries → gallery")
-        for col in ("top-1", "top-5", "mAP"):
-            t.add_column(col, justify="right")
+        cols = [("top-1", "top1"), ("top-5", "top5"), ("mAP", "map")] if self.labelled else []
+        if self.recall_k:
+            cols.append((f"R@{self.recall_k}", "recall"))
+        for title, _ in cols:
+            t.add_column(title, justify="right")
         for c in self.cases:
-            t.add_row(c.name, f"{c.query} → {c.gallery}", _fmt(c.top1), _fmt(c.top5), _fmt(c.map))
+            vals = [_fmt(getattr(c, key)) for _, key in cols]
+            t.add_row(c.name, f"{c.query} → {c.gallery}", *vals)
         return t
 
     def curves_table(self) -> Table:
-        """One row per backfilling ordering: both AUCs and the top-1 endpoints."""
+        """One row per backfilling ordering: its AUCs and the endpoints of its main measure."""
         t = Table(title="backfilling curves")
         t.add_column("ordering")
-        for col in ("AUC top-1", "AUC mAP", "top-1 at 0%", "top-1 at 100%"):
+        key, name = ("top1", "top-1") if self.labelled else ("recall", f"R@{self.recall_k}")
+        titles = {"auc_top1": "AUC top-1", "auc_map": "AUC mAP", "auc_recall": "AUC R@k"}
+        aucs = [k for k in titles if self._has_curve_key(k)]
+        for col in [titles[k] for k in aucs] + [f"{name} at 0%", f"{name} at 100%"]:
             t.add_column(col, justify="right")
         for name, c in self.curves.items():
-            top1 = c.get("top1") or [None]
-            t.add_row(
-                name, _fmt(c.get("auc_top1")), _fmt(c.get("auc_map")), _fmt(top1[0]), _fmt(top1[-1])
-            )
+            ys = c.get(key) or [None]
+            t.add_row(name, *(_fmt(c.get(k)) for k in aucs), _fmt(ys[0]), _fmt(ys[-1]))
         return t
+
+    def _has_curve_key(self, key: str) -> bool:
+        return any(c.get(key) is not None for c in self.curves.values())
 
 
 def build_report(
     title: str,
     sets: dict[str, np.ndarray],
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     cases: list[tuple[str, str, str]],
     metric: Metric = "cosine",
-    value: str = "top1",
+    value: str | None = None,
     extra: dict | None = None,
+    reference: np.ndarray | None = None,
 ) -> CompatReport:
-    """Cases and the compatibility matrix of all `sets`, sharing one evaluation per pair."""
+    """Cases and the compatibility matrix of all `sets`, sharing one evaluation per pair.
+
+    `labels` None: an unlabelled study, measured by recall@k against `reference` (the new
+    model's own neighbours of each row). The matrix shows `value` (top-1, or recall without
+    labels)."""
+    value = value or ("top1" if labels is not None else "recall")
     if value not in _VALUES:
         raise ValueError(f"value must be one of {_VALUES}, got {value!r}")
+    if labels is None and reference is None:
+        raise ValueError("an unlabelled study needs reference neighbours (recall@k)")
     _validate_cases(sets, labels, cases)
     names = list(sets)
     _check_sets(sets, labels, names)
     pairs = [(q, g) for _, q, g in cases] + _compatible_pairs(sets)
-    table = _pair_metrics(sets, labels, pairs, metric)
+    table = _pair_metrics(sets, labels, pairs, metric, reference)
     matrix = _matrix_from(names, table, value)
     return CompatReport(
         title=title,
         metric=metric,
-        num_rows=len(labels),
+        num_rows=_rows(sets[names[0]]),
         cases=_cases_from(cases, table),
         matrix_names=names,
         matrix=_nan_to_none(matrix),
         extra=dict(extra or {}),
         matrix_value=value,
+        recall_k=int(reference.shape[1]) if reference is not None else 0,
     )
 
 
@@ -324,13 +369,17 @@ def _pyplot() -> Any:
 
 def _plot_curves(report: CompatReport, path: Path) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("top1", "top-1 (%)"), ("map", "mAP (%)")] if report.labelled else []
+    if report.recall_k:
+        panels.append(("recall", f"recall@{report.recall_k} vs new/new (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    axes = list(axes[0])
     for name, c in report.curves.items():
         x = [100.0 * _num(f) for f in c["fractions"]]
-        for ax, key, auc in ((axes[0], "top1", "auc_top1"), (axes[1], "map", "auc_map")):
+        for ax, (key, _) in zip(axes, panels, strict=True):
             y = [_num(v) for v in c[key]]
-            ax.plot(x, y, marker=".", label=f"{name} (AUC {_num(c.get(auc)):.2f})")
-    for ax, label in ((axes[0], "top-1 (%)"), (axes[1], "mAP (%)")):
+            ax.plot(x, y, marker=".", label=f"{name} (AUC {_num(c.get('auc_' + key)):.2f})")
+    for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set_xlabel("gallery backfilled (%)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -373,15 +422,16 @@ def _plot_matrix(report: CompatReport, path: Path) -> None:
 def _plot_cases(report: CompatReport, path: Path) -> None:
     plt = _pyplot()
     names = [c.name for c in report.cases]
-    vals = [_num(c.top1) for c in report.cases]
+    key, label = ("top1", "top-1") if report.labelled else ("recall", f"recall@{report.recall_k}")
+    vals = [_num(getattr(c, key)) for c in report.cases]
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.5 * len(names) + 1.2)))
     bars = ax.barh(range(len(names)), vals, color="tab:blue")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()  # first case on top, as in the table
     ax.bar_label(bars, labels=[_fmt(v) for v in vals], padding=3, fontsize=9)
     ax.set_xlim(0, 105)
-    ax.set_xlabel("top-1 (%)")
-    ax.set_title(f"{report.title}: top-1 per case")
+    ax.set_xlabel(f"{label} (%)")
+    ax.set_title(f"{report.title}: {label} per case")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""A compatibility study on one labelled split: every method's sets, cases, matrix and curves."""
+"""A compatibility study on one split: every method's sets, cases, matrix and curves, in top-1
+and mAP where rows have labels and in recall@k against the new model's neighbours always."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ from torch import nn
 
 from pipeline.compat.orderings import backfill_order
 from pipeline.evaluate.metrics import backfill_curve
+from pipeline.evaluate.neighbours import mixed_recall_curve, nearest
 from pipeline.evaluate.report import CompatReport, build_report
 from pipeline.train.transformation import apply_transformation
 
 
 @dataclass
 class StudyInputs:
-    """Embeddings of the same labelled rows under each model, plus what maps between them.
+    """Embeddings of the same rows under each model, plus what maps between them; `labels`
+    None for an unlabelled gallery.
 
     `sets` holds embedder outputs keyed by name (at least `old` and `new`); `side` is the
     side-information of those rows; `transformations` maps a name to (h, meta) where
     meta["side_info_model"] says whether h takes side-info; `adapters` maps new → old space.
     """
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     sets: dict[str, np.ndarray]
     old: str
     new: str
@@ -78,6 +81,7 @@ def compat_study(
     steps: int = 21,
     seed: int = 0,
     curve_on: str | None = None,
+    recall_k: int = 10,
 ) -> CompatReport:
     """Evaluate every case, the matrix across all sets, and the backfilling curves.
 
@@ -92,10 +96,12 @@ def compat_study(
     adapted = _adapt(inp)
     sets = {**inp.sets, **transformed, **adapted}
     cases = study_cases(inp, list(transformed), list(adapted))
-    report = build_report(title, sets, inp.labels, cases, metric)
+    new = inp.sets[inp.new]
+    ref = nearest(new, new, min(recall_k, len(new) - 1), metric) if recall_k else None
+    report = build_report(title, sets, inp.labels, cases, metric, reference=ref)
     curve_on = curve_on or next(iter(uncertainty), next(iter(transformed), None))
     if curve_on is not None:
-        g_t, g_n = transformed[curve_on], inp.sets[inp.new]
+        g_t, g_n = transformed[curve_on], new
         for kind in orderings:
             if kind == "uncertainty" and curve_on not in uncertainty:
                 continue  # an FCT model without FastFill's head has no uncertainty order
@@ -108,6 +114,12 @@ def compat_study(
                 new=g_n,
                 metric="cosine" if metric == "cosine" else "l2",
             )
-            report.add_curve(kind, backfill_curve(g_t, g_n, g_n, inp.labels, order, metric, steps))
+            curve = None
+            if inp.labels is not None:
+                curve = backfill_curve(g_t, g_n, g_n, inp.labels, order, metric, steps)
+            recall = None
+            if ref is not None:
+                recall = mixed_recall_curve(g_t, g_n, g_n, ref, order, metric, steps)
+            report.add_curve(kind, curve, recall)
         report.extra["curves_on"] = curve_on
     return report

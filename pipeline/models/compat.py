@@ -9,7 +9,67 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import ConfigError
+
 ADAPTERS = ("procrustes", "low_rank", "residual_mlp")
+FCT_WIDTH = 16  # FCT's mixer width, in multiples of the new dimension (designed for 128-d)
+WIDTH_STEP = 64  # a sized mixer is a multiple of this (GEMM-friendly)
+
+
+class SizingError(ConfigError):
+    """No transformation of these dimensions fits the cost limit (a config mistake: exit 2)."""
+
+
+def transformation_macs(
+    old_dim: int, new_dim: int, side_dim: int, inner_dim: int, uncertainty: bool = True
+) -> int:
+    """Multiply-adds per row of a Transformation: one per weight of its Linear layers."""
+    o, n, s, w = old_dim, new_dim, side_dim, inner_dim
+    macs = o * 2 * o + 2 * o * 2 * n  # old branch
+    if s:
+        macs += s * 2 * s + 2 * s * 2 * n  # side branch
+    mixed = 4 * n if s else 2 * n
+    return macs + mixed * w + w * w + w * n + (w if uncertainty else 0)
+
+
+def size_inner_dim(
+    old_dim: int, new_dim: int, side_dim: int, max_mflops: float | None, uncertainty: bool = True
+) -> int:
+    """The mixer width: FCT's 16 × new dim, narrowed (to a multiple of 64, never below the new
+    dim) until h costs at most `max_mflops` MFLOP (2 × multiply-adds) per row.
+
+    At 128-d and below FCT's width fits any sane limit; at 1,280-d FCT's 20,480 would cost
+    ~1.1 GFLOP a row, more than re-embedding with a mobile CNN."""
+    widest = FCT_WIDTH * new_dim
+    if max_mflops is None:
+        return widest
+    budget = max_mflops * 1e6 / 2
+
+    def fits(w: int) -> bool:
+        return transformation_macs(old_dim, new_dim, side_dim, w, uncertainty) <= budget
+
+    if fits(widest):
+        return widest
+    w = (widest // WIDTH_STEP) * WIDTH_STEP
+    while w >= max(new_dim, WIDTH_STEP) and not fits(w):
+        w -= WIDTH_STEP
+    if w < new_dim or not fits(w):
+        least = 2 * transformation_macs(old_dim, new_dim, side_dim, new_dim, uncertainty) / 1e6
+        raise SizingError(
+            f"transformation.max_mflops={max_mflops:g} is below the cheapest h for dimensions "
+            f"old={old_dim}, side={side_dim}, new={new_dim} ({least:.1f} MFLOP/row): raise it"
+        )
+    return w
+
+
+def transformation_cost(arch: dict[str, Any]) -> dict[str, float]:
+    """Parameters and MFLOP per row of the Transformation `arch` builds (logged and printed)."""
+    macs = transformation_macs(
+        arch["old_dim"], arch["new_dim"], arch["side_dim"], arch["inner_dim"], arch["uncertainty"]
+    )
+    with torch.device("meta"):  # count without allocating (FCT's width at 1,280-d is 2 GB)
+        params = sum(p.numel() for p in Transformation(**arch).parameters())
+    return {"h_params": float(params), "h_mflops_per_row": round(2 * macs / 1e6, 3)}
 
 
 def _block(d_in: int, d_out: int) -> list[nn.Module]:
@@ -61,7 +121,7 @@ class Transformation(nn.Module):
         if side_dim < 0:
             raise ValueError(f"side_dim must be >= 0, got {side_dim}")
         self.old_dim, self.new_dim, self.side_dim = int(old_dim), int(new_dim), int(side_dim)
-        self.inner_dim = int(inner_dim) if inner_dim is not None else 16 * self.new_dim
+        self.inner_dim = int(inner_dim) if inner_dim is not None else FCT_WIDTH * self.new_dim
         self.uncertainty = bool(uncertainty)
         self.old_branch = nn.Sequential(
             *_block(old_dim, 2 * old_dim), *_block(2 * old_dim, 2 * new_dim)

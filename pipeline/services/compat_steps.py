@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cluster import train_storage
+from pipeline.compat.classifier import LinearHead, fit_linear_head
 from pipeline.context import Context
 from pipeline.embed.features import collect, paired_features
 from pipeline.evaluate.report import write_report
@@ -20,10 +21,16 @@ from pipeline.gallery.rows import read_rows
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
-from pipeline.services.models import blob_of, new_classifier, register, side_blob
-from pipeline.services.steps import split_labels
+from pipeline.services.models import blob_of, model_classifier, register, side_blob
+from pipeline.services.steps import split_sample
 from pipeline.train.loop import config_hash
-from pipeline.train.transformation import load_transformation, train_transformation
+from pipeline.train.transformation import (
+    architecture,
+    load_transformation,
+    train_transformation,
+)
+
+CLASSIFIER_FIT_ROWS = 20_000  # a linear probe needs a sample, not the whole split
 
 
 def transformation_dir(ctx: Context, tc: Any = None) -> Path:
@@ -52,24 +59,31 @@ def train_transformation_step(
     side = side_blob(ctx) if tc.side_info else None
     if side is not None:
         blobs["side"] = side
+    # h's size is known from the dimensions: a cost limit it cannot meet fails here, before
+    # Ray starts or any training pair is embedded.
+    dims = {k: b.embedding_dim for k, b in blobs.items()}
+    architecture(tc, dims, dims.get("side", 0))
     ensure_ray(cfg.ray)  # after the models resolve: a missing one fails fast, without Ray
     identity = _transformation_identity(ctx, blobs, side is not None)
     with ctx.tracker.run(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
     ) as run:
+        feats = _training_features(ctx, tc, blobs)
+        head = fastfill_classifier(ctx, tc, feats)
         tr = train_transformation(
             tc,
-            _training_features(ctx, tc, blobs),
-            {k: b.embedding_dim for k, b in blobs.items()},
+            feats,
+            dims,
             {"old": "old", "side": "side" if side else None, "new": "new"},
-            new_classifier(ctx),
+            head.to_config() if head is not None else None,
             transformation_dir(ctx, tc),
             identity,
             train_storage(cfg),
         )
         run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
         run.log_metrics(tr.metrics())
+        run.set_tags({"carryover.fastfill_classifier": head.source if head else "none"})
         tags = {
             "model": tc.name,
             "from_model": cfg.old_model.name,
@@ -84,6 +98,20 @@ def train_transformation_step(
     out = asdict(tr)
     out.update(registry_version=version, step_seconds=round(time.perf_counter() - t0, 2))
     return out
+
+
+def fastfill_classifier(ctx: Context, tc: Any, feats: Any) -> LinearHead | None:
+    """FastFill's frozen classifier of new embeddings: the new model's own head; else a linear
+    head fitted on the training pairs' labelled rows; else None (the regression term alone)."""
+    if tc.loss != "fastfill":
+        return None
+    if (head := model_classifier(ctx)) is not None:
+        return head
+    sample = collect(feats.select_columns(["new", "label"]).limit(CLASSIFIER_FIT_ROWS))
+    labels = sample.get("label", np.zeros(0, np.int64))
+    if len(np.unique(labels[labels >= 0])) < 2:
+        return None  # an unlabelled gallery
+    return fit_linear_head(sample["new"], labels, seed=ctx.cfg.data.seed)
 
 
 def _transformation_identity(ctx: Context, blobs: dict[str, Any], side: bool) -> dict[str, Any]:
@@ -104,7 +132,12 @@ def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
     CPUs Ray Data may use."""
     cfg = ctx.cfg
     feats = paired_features(
-        cfg.images_uri, blobs, cfg.embed, cfg.storage, augment_copies=tc.augment_copies
+        cfg.images_uri,
+        blobs,
+        cfg.embed,
+        cfg.storage,
+        augment_copies=tc.augment_copies,
+        labelled_only=False,  # an unlabelled gallery trains h too
     )
     if tc.max_train_rows is not None:
         feats = feats.limit(tc.max_train_rows)
@@ -171,8 +204,11 @@ def _gallery_sets(
 def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """New-model embeddings of a split computed from the images (new version not built yet)."""
     blob = blob_of(ctx, ctx.cfg.new_model)  # resolved once: a models:/ URI downloads
+    cfg = ctx.cfg
     feats = collect(
-        paired_features(ctx.cfg.images_uri, {"new": blob}, ctx.cfg.embed, ctx.cfg.storage, split)
+        paired_features(
+            cfg.images_uri, {"new": blob}, cfg.embed, cfg.storage, split, labelled_only=False
+        )
     )
     pos = {k: i for i, k in enumerate(feats.get("key", []))}
     found = np.array([k in pos for k in keys], dtype=bool)
@@ -182,13 +218,14 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
 
 
 def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None = None):
-    """Labels and per-version embeddings of one split's rows, read from the gallery."""
+    """Labels (None: unlabelled) and per-version embeddings of one split's sampled rows, read
+    from the gallery."""
     cfg, g = ctx.cfg, ctx.gallery
     old, new = cfg.old_model.name, cfg.new_model.name
     if not g.has_version(old):
         raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
-    t = split_labels(cfg, split, cap)
-    keys, labels = t["key"].to_pylist(), np.asarray(t["label"].to_pylist())
+    sample = split_sample(cfg, split, cap)
+    keys, labels = sample.keys, sample.labels
     versions = [v for v in (versions or g.versions()) if g.has_version(v)]
     versions = [old] + [v for v in versions if v != old]
     sets, found, side = _gallery_sets(ctx, versions, keys)
@@ -200,9 +237,10 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
         sets[new], f = _computed_new(ctx, split, keys)
         found &= f
     if found.sum() < 2:
-        raise ValueError(f"fewer than 2 labelled {split!r} rows are in every version")
+        raise ValueError(f"fewer than 2 sampled {split!r} rows are in every version")
     sets = {k: v[found] for k, v in sets.items()}
-    return labels[found], sets, (side[found] if side is not None else None)
+    labels = labels[found] if labels is not None else None
+    return labels, sets, (side[found] if side is not None else None)
 
 
 def evaluate_compat_step(
@@ -242,6 +280,7 @@ def evaluate_compat_step(
         tuple(cfg.evaluate.orderings),
         cfg.evaluate.curve_steps,
         cfg.data.seed,
+        recall_k=cfg.evaluate.recall_k,
     )
     report.extra.update(versions=list(sets), evaluate_seconds=round(time.perf_counter() - t0, 2))
     out = Path(report_dir or default_report_dir(ctx))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.cluster import train_storage
+from pipeline.compat.classifier import LinearHead
 from pipeline.compat.losses import synthesize_old_classifier
 from pipeline.config import ModelConfig, SideInfoConfig
 from pipeline.context import Context
@@ -75,8 +76,10 @@ def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
         ctx.cfg.embed.max_decoded_pixels,
     )
     if isinstance(model, SideInfoConfig):
-        # FCT: side-info learns from the data the old model saw, without its labels
-        classes = model.train.classes or ctx.cfg.old_model.train.classes
+        # FCT: side-info learns from the data the old model saw, without its labels. A brought
+        # old model was not trained here: its (demo) training classes say nothing of its data.
+        old = ctx.cfg.old_model
+        classes = model.train.classes or (None if old.uri else old.train.classes)
         return (lambda: train_side_info(model, classes, *args)), classes
     bct = None
     if model.train.loss == "bct":
@@ -178,21 +181,13 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
     return {"weight": w.tolist(), "bias": b.tolist(), "from_model": old.name, "known": known}
 
 
-def new_classifier(ctx: Context) -> dict[str, list]:
-    """The new model's frozen classifier (FastFill's loss); zeros when the model has none."""
-    new = ctx.cfg.new_model
-    net, _ = _with_classifier(ctx, new)
-    if net is not None:
-        return {
-            "weight": net.classifier.weight.detach().numpy().tolist(),
-            "bias": net.classifier.bias.detach().numpy().tolist(),
-        }
-    if ctx.cfg.transformation.loss == "fastfill":
-        raise ModelLoadError(
-            "transformation.loss=fastfill needs the new model's classifier; a TorchScript "
-            "model has none: set transformation.loss=fct"
-        )
-    return {"weight": [[0.0] * blob_of(ctx, new).embedding_dim], "bias": [0.0]}
+def model_classifier(ctx: Context) -> LinearHead | None:
+    """The new model's own classifier head, if it has one (a carryover embedder)."""
+    net, _ = _with_classifier(ctx, ctx.cfg.new_model)
+    if net is None:
+        return None
+    w, b = net.classifier.weight.detach().numpy(), net.classifier.bias.detach().numpy()
+    return LinearHead(w, b, "model")
 
 
 def _with_classifier(ctx: Context, model: Any) -> tuple[Any, dict[str, Any]]:

@@ -191,8 +191,11 @@ def index_version(ctx: Context, version: str, records: list[dict[str, Any]], dim
     return idx.info()
 
 
-def split_labels(cfg: UpgradeConfig, split: str = "val", cap: int | None = None) -> pa.Table:
-    """Keys and labels of one labelled split: a seeded uniform sample of at most `cap` rows.
+def split_labels(
+    cfg: UpgradeConfig, split: str = "val", cap: int | None = None, labelled_only: bool = True
+) -> pa.Table:
+    """Keys and labels of one split's labelled rows (every row, label null where it has none,
+    unless `labelled_only`): a seeded uniform sample of at most `cap` rows.
 
     Streams the shards giving each row a random priority and keeps the `cap` lowest
     (bottom-k sampling), trimming as it goes: memory stays O(cap) however large the gallery.
@@ -203,7 +206,9 @@ def split_labels(cfg: UpgradeConfig, split: str = "val", cap: int | None = None)
     for f in image_shards(cfg).values():
         for b in uri_io.iter_parquet_batches(f, cfg.storage, ["key", "label", "split"]):
             t = pa.Table.from_batches([b])
-            mask = pc.and_(pc.equal(t["split"], split), pc.is_valid(t["label"]))
+            mask = pc.equal(t["split"], split)
+            if labelled_only:
+                mask = pc.and_(mask, pc.is_valid(t["label"]))
             t = t.filter(mask).select(["key", "label"])
             pending.append(t.append_column("_p", pa.array(rng.random(t.num_rows))))
             if cap is not None and sum(x.num_rows for x in pending) > 2 * cap:
@@ -228,6 +233,28 @@ def _lowest(t: pa.Table, k: int) -> pa.Table:
 def validation_labels(cfg: UpgradeConfig) -> pa.Table:
     """Keys and labels of the labelled validation split (seeded sample up to max_queries)."""
     return split_labels(cfg, "val", cfg.evaluate.max_queries)
+
+
+@dataclass(frozen=True)
+class SplitSample:
+    """The rows a study, a plan's estimate and validation measure on: labelled rows where the
+    split has labels of 2+ classes (top-1), else every row with labels None (recall@k)."""
+
+    keys: list[str]
+    labels: np.ndarray | None
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+
+def split_sample(cfg: UpgradeConfig, split: str, cap: int | None) -> SplitSample:
+    """The seeded sample of one split, labelled when the split has labels to measure by."""
+    t = split_labels(cfg, split, cap)
+    labels = np.asarray(t["label"].to_pylist(), dtype=np.int64)
+    if t.num_rows >= 2 and len(np.unique(labels)) >= 2:
+        return SplitSample(t["key"].to_pylist(), labels)
+    return SplitSample(split_labels(cfg, split, cap, labelled_only=False)["key"].to_pylist(), None)
 
 
 def version_embeddings(g: Gallery, version: str, keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -12,10 +12,14 @@ import numpy as np
 
 from pipeline.context import Context
 from pipeline.display import shard_progress
-from pipeline.embed.transform import ChainSpec, chain_spec
+from pipeline.embed.rates import embed_rate, transform_rate
+from pipeline.embed.transform import ChainSpec, TransformChain, chain_spec
+from pipeline.evaluate.neighbours import measure_name
+from pipeline.evaluate.report import CompatReport
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
-from pipeline.gallery.store import GalleryError
+from pipeline.gallery.store import GalleryError, arrow_to_embeddings
+from pipeline.models.store import build_model
 from pipeline.runtime import ensure_ray
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
@@ -28,7 +32,7 @@ from pipeline.upgrade.execute import (
 )
 from pipeline.upgrade.facts import ScanSettings, find_chain, gather_facts
 from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, make_plan
-from pipeline.upgrade.price import price_budget
+from pipeline.upgrade.price import MeasuredRates, price_budget
 from pipeline.upgrade.simulate import simulate_plan
 from pipeline.upgrade.validate import Tolerances, ValidationReport, ValidationRows, validate_version
 from pipeline.upgrade.work import id_ranges
@@ -121,12 +125,16 @@ def load_report(ctx: Context) -> dict[str, Any]:
 
 
 def _curve(report: dict[str, Any]) -> QualityCurve:
-    """The report's backfilling curve; without a transformation there is none, and every
-    shard is re-embedded anyway: a flat curve at the new model's own quality."""
-    if report.get("curves"):
-        return QualityCurve.from_report(report["curves"])
-    top = next((c["top1"] for c in report["cases"] if c["name"] == "new/new"), 0.0)
-    return QualityCurve([0.0, 1.0], [top, top], ordering="none")
+    """The report's backfilling curve, in top-1 (labelled) or recall@k (unlabelled); without a
+    transformation there is none, and every shard is re-embedded anyway: a flat curve at the
+    new model's own quality."""
+    rep = CompatReport.from_json(json.dumps(report))
+    key = "top1" if rep.labelled else "recall"
+    measure = measure_name(rep.labelled, rep.recall_k)
+    if rep.curves:
+        return QualityCurve.from_report(rep.curves, key=key, measure=measure)
+    top = next((getattr(c, key) for c in rep.cases if c.name == "new/new"), None) or 0.0
+    return QualityCurve([0.0, 1.0], [top, top], ordering="none", measure=measure)
 
 
 def _facts(
@@ -143,7 +151,7 @@ def _facts(
 
     cfg = ctx.cfg
     try:  # the simulation's validation rows; without images there is nothing to simulate
-        probe = steps.validation_labels(cfg)["key"].to_pylist()
+        probe = steps.split_sample(cfg, "val", cfg.evaluate.max_queries).keys
     except (FileNotFoundError, ValueError):
         probe = None
     scan = ScanSettings(cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards)
@@ -176,25 +184,60 @@ def compute_plan(
         cs.train_transformation_step(ctx, (), cs.no_side_info_config(ctx))
         chains = chains_for(ctx, space)
         facts, ranks = _facts(ctx, source, chains, quiet)
-    plan = _plan(ctx, source, facts, _curve(report))
+    plan = _plan(ctx, source, facts, _curve(report), measure_rates(ctx, source, chains))
     if plan.ok:
         val = _validation_rows(ctx)
-        simulate_plan(plan, facts, ranks, chains, g, val, cfg.evaluate.metric)
+        simulate_plan(
+            plan, facts, ranks, chains, g, val, cfg.evaluate.metric, cfg.evaluate.recall_k
+        )
     return plan, facts
 
 
-def _plan(ctx: Context, source: str, facts: list[ShardFacts], curve: QualityCurve) -> Plan:
+def measure_rates(ctx: Context, source: str, chains: dict[str, ChainSpec]) -> MeasuredRates:
+    """The new model's images/s on a sample of the gallery's images and h's rows/s on a
+    sample of the source version's rows (plan.measure_rows; 0 or nothing there: None)."""
+    cfg, g, rows = ctx.cfg, ctx.gallery, ctx.cfg.plan.measure_rows
+    if not rows:
+        return MeasuredRates(None, None)
+    try:
+        files = list(steps.image_shards(cfg).values())
+    except FileNotFoundError:  # a gallery whose images are gone: nothing to re-embed
+        files = []
+    blob = models.blob_of(ctx, cfg.new_model)
+    eps, n = embed_rate(build_model(blob), blob.preprocess, files, cfg.storage, cfg.embed, rows)
+    spec = chains.get("side") or chains.get("noside")
+    if spec is None:
+        return MeasuredRates(eps, None, n)
+    cols = ("key", "embedding", "side_info") if spec.needs_side else ("key", "embedding")
+    try:
+        batch = next(g.iter_embeddings(source, cols, batch_size=8 * rows), None)
+    except GalleryError:  # the first shard has no side-info: h is priced by the profile
+        batch = None
+    if batch is None:
+        return MeasuredRates(eps, None, n)
+    old = arrow_to_embeddings(batch.column("embedding"))
+    side = arrow_to_embeddings(batch.column("side_info")) if spec.needs_side else None
+    return MeasuredRates(eps, transform_rate(TransformChain(spec), old, side), n)
+
+
+def _plan(
+    ctx: Context,
+    source: str,
+    facts: list[ShardFacts],
+    curve: QualityCurve,
+    measured: MeasuredRates | None = None,
+) -> Plan:
     """The plan of these facts under the configured, priced budget and rules."""
     pc = ctx.cfg.plan
     source_rps = ctx.gallery.manifest(source).get("rows_per_second")
-    budget, notes = price_budget(pc, facts, source, source_rps)
-    rules = PlanSettings.of(pc).rules()
+    budget, notes = price_budget(pc, facts, source, source_rps, measured)
+    rules = PlanSettings.of(pc).rules(labelled=curve.measure == "top-1")
     gain = curve.full_top1 - curve.transform_top1
     if gain < pc.min_gain and (budget.images != 0 or budget.seconds is not None):
         # The budget still bounds what must be re-embedded; nothing optional is spent.
         rules.spend_optional = False
         notes.append(
-            f"a full backfill would gain {gain:+.2f} top-1 over the transformation "
+            f"a full backfill would gain {gain:+.2f} {curve.measure} over the transformation "
             f"(< plan.min_gain {pc.min_gain}): nothing is re-embedded but what must be"
         )
     plan = make_plan(facts, ctx.cfg.target_version, curve, budget, rules)
@@ -220,9 +263,10 @@ def val_new_embeddings(ctx: Context, keys: list[str]) -> tuple[np.ndarray, np.nd
 
 
 def _validation_rows(ctx: Context) -> ValidationRows:
-    """The labelled validation rows; their new-model embeddings only when there are 2+."""
-    val = steps.validation_labels(ctx.cfg)
-    keys, labels = val["key"].to_pylist(), np.asarray(val["label"].to_pylist())
+    """The sampled validation rows (labels None on an unlabelled gallery); their new-model
+    embeddings only when there are 2+."""
+    sample = steps.split_sample(ctx.cfg, "val", ctx.cfg.evaluate.max_queries)
+    keys, labels = sample.keys, sample.labels
     if len(keys) < 2:
         return ValidationRows(keys, labels, np.zeros((len(keys), 0)), np.zeros(len(keys), bool))
     new, found = val_new_embeddings(ctx, keys)
@@ -326,6 +370,8 @@ def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, A
 def validate_target(ctx: Context, plan: Plan) -> ValidationReport:
     """Keys, values, dimension and retrieval quality of the built version vs the plan."""
     cfg = ctx.cfg
-    tol = Tolerances(cfg.evaluate.min_top1_drop_tolerance, cfg.embed.min_distinct_fraction)
+    tol = Tolerances(
+        cfg.evaluate.min_top1_drop_tolerance, cfg.embed.min_distinct_fraction, cfg.evaluate.recall_k
+    )
     val = _validation_rows(ctx)
     return validate_version(ctx.gallery, cfg.target_version, plan, val, tol, cfg.evaluate.metric)

@@ -63,19 +63,23 @@ def training_batch(
     max_pixels: int,
     split: str | None,
     classes: list[int] | None,
+    labelled_only: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Decode a batch and keep the usable labelled rows of the split/classes asked for."""
+    """Decode a batch and keep the usable rows of the split/classes asked for: labelled ones
+    only, unless `labelled_only` is False (self-supervised training: unlabelled rows get -1)."""
     keep = np.ones(len(batch["key"]), dtype=bool)
     if split is not None and "split" in batch:
         keep &= batch["split"] == split
     labels = batch.get("label")
     if labels is None:
         raise ValueError("training needs a 'label' column in the image shards")
-    labels = np.asarray(labels)
-    keep &= ~np.isnan(labels.astype(np.float64))
+    missing = np.isnan(np.asarray(labels).astype(np.float64))
+    labels = np.where(missing, -1, labels)
+    if labelled_only:
+        keep &= ~missing
     if classes is not None:
         keep &= np.isin(labels, classes)
-    sub = {k: v[keep] for k, v in batch.items()}
+    sub = {k: v[keep] for k, v in {**batch, "label": labels}.items()}
     out = decode_batch(sub, pre, max_pixels)
     ok = out["error"] == ""
     return {"pixels": out["pixels"][ok], "label": sub["label"][ok].astype(np.int64)}
@@ -101,9 +105,10 @@ def image_training_dataset(
     classes: list[int] | None,
     split: str = "train",
     cache_max_bytes: int = 0,
+    labelled_only: bool = True,
 ):
-    """The decoded, labelled rows of one split (and classes) of the image shards, and whether
-    they were cached.
+    """The decoded rows of one split (and classes) of the image shards (labelled ones only,
+    unless `labelled_only` is False), and whether they were cached.
 
     Streamed (decoded again every epoch), or decoded once and cached in the object store
     when all rows' pixels fit in `cache_max_bytes`: on small data the per-epoch decode and
@@ -112,7 +117,13 @@ def image_training_dataset(
     ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
     ds = ds.map_batches(
         training_batch,
-        fn_kwargs={"pre": pre, "max_pixels": max_pixels, "split": split, "classes": classes},
+        fn_kwargs={
+            "pre": pre,
+            "max_pixels": max_pixels,
+            "split": split,
+            "classes": classes,
+            "labelled_only": labelled_only,
+        },
         batch_size=1024,
         num_cpus=0.5,
     )

@@ -301,3 +301,24 @@ def config_hash(*parts: Any) -> str:
     """Identity of a training run: same config + data + inputs → same model (cache key)."""
     payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def task_rate(builder: str, config: dict[str, Any], batch: dict[str, torch.Tensor], steps: int = 3):
+    """Training rows/s of one process on `batch` (random rows of the right shapes): the
+    kind's own Task and step, forward + backward + optimizer, after one warm-up step. What an
+    upgrade's estimate multiplies by epochs and rows before anything is trained."""
+    task = _builder(builder)(config)
+    opt = torch.optim.AdamW(task.train.parameters(), lr=1e-4)
+    task.train.train()
+
+    def one() -> int:
+        loss, n, _ = task.step(task.train, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return n
+
+    one()
+    t0 = time.perf_counter()
+    rows = sum(one() for _ in range(steps))
+    return rows / max(time.perf_counter() - t0, 1e-9)

@@ -61,8 +61,15 @@ def train_side_info(
     if (done := reuse(out_dir, h, TrainResult)) is not None:
         return done
     started = time.perf_counter()
-    ds, small = image_training_dataset(
-        images_uri, storage, cfg.preprocess, max_pixels, classes, "train", cfg.train.cache_max_bytes
+    ds, small = image_training_dataset(  # SimCLR needs no labels: unlabelled rows train too
+        images_uri,
+        storage,
+        cfg.preprocess,
+        max_pixels,
+        classes,
+        "train",
+        cfg.train.cache_max_bytes,
+        labelled_only=False,
     )
     config = {"model": cfg.model_dump(mode="json")}
     name = f"side-info-{cfg.name}-{h}"

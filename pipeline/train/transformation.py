@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.compat.losses import fastfill_loss, transformation_loss
 from pipeline.config import TransformationConfig
-from pipeline.models.compat import Transformation
+from pipeline.models.compat import Transformation, size_inner_dim, transformation_cost
 from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
 from pipeline.train.loop import (
     Task,
@@ -45,12 +45,17 @@ class TransformationResult:
     config_hash: str
     cached: bool = False
     resumed_from_epoch: int = 0  # > 0: a killed run went on from its last checkpoint
+    inner_dim: int = 0
+    h_params: float = 0.0
+    h_mflops_per_row: float = 0.0  # what transforming a row costs (2 × multiply-adds)
 
     def metrics(self) -> dict[str, float]:
         return {
             "train_rows": self.train_rows,
             "final_loss": self.final_loss,
             "final_mse": self.final_mse,
+            "h_params": self.h_params,
+            "h_mflops_per_row": self.h_mflops_per_row,
             "train_seconds": self.seconds,
             "resumed_from_epoch": self.resumed_from_epoch,
         }
@@ -61,8 +66,10 @@ def build_task(config: dict[str, Any]) -> Task:
     tcfg = TransformationConfig.model_validate(config["transformation"])
     model = Transformation(**config["arch"])
     side = model.side_dim > 0
-    w_new = torch.tensor(np.asarray(config["new_classifier"]["weight"], dtype=np.float32))
-    b_new = torch.tensor(np.asarray(config["new_classifier"]["bias"], dtype=np.float32))
+    head = config["new_classifier"]  # None: FastFill's regression term alone
+    if head is not None:
+        w_new = torch.tensor(np.asarray(head["weight"], dtype=np.float32))
+        b_new = torch.tensor(np.asarray(head["bias"], dtype=np.float32))
     cols = config["columns"]
 
     def step(m: nn.Module, batch: dict[str, torch.Tensor]):
@@ -72,8 +79,10 @@ def build_task(config: dict[str, Any]) -> Task:
         if tcfg.loss == "fct":
             loss = transformation_loss(pred, new)
         else:
-            logits = pred @ w_new.to(pred.device).T + b_new.to(pred.device)
-            y = batch["label"].long()
+            logits, y = None, None
+            if head is not None:
+                logits = pred @ w_new.to(pred.device).T + b_new.to(pred.device)
+                y = batch["label"].long()
             loss = fastfill_loss(pred, log_var, new, logits, y, tcfg.label_smoothing)
         return loss, len(old), {"mse": mse}
 
@@ -85,7 +94,7 @@ def train_transformation(
     features: Any,
     dims: dict[str, int],
     columns: dict[str, str | None],
-    new_classifier: dict[str, list],
+    new_classifier: dict[str, list] | None,
     out_dir: str | Path,
     identity: dict[str, Any],
     results_dir: str | Path = ".carryover/ray_results",
@@ -96,7 +105,7 @@ def train_transformation(
     cache key, so the same upgrade reuses a trained transformation.
     """
     side_dim = dims.get("side", 0) if columns.get("side") else 0
-    arch = _architecture(tcfg, dims, side_dim)
+    arch = architecture(tcfg, dims, side_dim)
     h = config_hash(tcfg.model_dump(mode="json"), arch, identity)
     if (done := reuse(out_dir, h, TransformationResult)) is not None:
         return done
@@ -128,19 +137,26 @@ def train_transformation(
         loss=tcfg.loss,
         epochs=tcfg.train.epochs,
         final_mse=float(fitted.metrics.get("mse", float("nan"))),
+        inner_dim=arch["inner_dim"],
+        **transformation_cost(arch),
         **fitted.result_fields(h),
     )
     install_checkpoint(fitted.checkpoint, out_dir, _model_meta(tcfg, arch, tr))
     return tr
 
 
-def _architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
+def architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
+    """h's constructor arguments; an unset inner_dim is sized to the cost limit."""
+    uncertainty = tcfg.loss == "fastfill"
+    inner = tcfg.inner_dim or size_inner_dim(
+        dims["old"], dims["new"], side_dim, tcfg.max_mflops, uncertainty
+    )
     return {
         "old_dim": dims["old"],
         "new_dim": dims["new"],
         "side_dim": side_dim,
-        "inner_dim": tcfg.inner_dim,
-        "uncertainty": tcfg.loss == "fastfill",
+        "inner_dim": inner,
+        "uncertainty": uncertainty,
     }
 
 

@@ -40,6 +40,7 @@ class PlanSettings:
     budget_images: int | None
     budget_seconds: float | None
     target_top1: float | None
+    target_recall: float | None
     full_threshold: float
     min_partial_fraction: float
     min_gain: float
@@ -50,8 +51,10 @@ class PlanSettings:
         """The settings of a `PlanConfig`."""
         return cls(**{f.name: getattr(plan_config, f.name) for f in fields(cls)})
 
-    def rules(self) -> PlanRules:
-        return PlanRules(self.full_threshold, self.min_partial_fraction, self.target_top1)
+    def rules(self, labelled: bool = True) -> PlanRules:
+        """The rules; the quality target is top-1's on a labelled gallery, else recall's."""
+        target = self.target_top1 if labelled else self.target_recall
+        return PlanRules(self.full_threshold, self.min_partial_fraction, target)
 
 
 @dataclass
@@ -80,12 +83,15 @@ class ShardFacts:
 
 @dataclass
 class QualityCurve:
-    """Top-1 (percent) after backfilling each fraction of the gallery in uncertainty order
-    (random order when h has no uncertainty head)."""
+    """Quality (percent) after backfilling each fraction of the gallery in uncertainty order
+    (random order when h has no uncertainty head). The quality is top-1 on a labelled gallery,
+    else recall@k of the new model's own neighbours (`measure` names it; the `top1` names
+    below hold whichever it is)."""
 
     fractions: list[float]
     top1: list[float]
     ordering: str = "uncertainty"
+    measure: str = "top-1"
 
     def __post_init__(self) -> None:
         self.fractions = [float(x) for x in self.fractions]
@@ -134,19 +140,22 @@ class QualityCurve:
         cls,
         curves: Mapping[str, Mapping[str, Any]],
         prefer: Sequence[str] = ("uncertainty", "random", "oracle"),
+        key: str = "top1",
+        measure: str = "top-1",
     ) -> QualityCurve:
-        """The first usable ordering of `prefer` in `CompatReport.curves`; null points dropped."""
+        """The first usable ordering of `prefer` in `CompatReport.curves` (its `key` values:
+        "top1", or "recall" for an unlabelled gallery); null points dropped."""
         for name in prefer:
             c = curves.get(name)
             if not c:
                 continue
             pts = [
                 (float(f), float(t))
-                for f, t in zip(c.get("fractions") or [], c.get("top1") or [], strict=False)
+                for f, t in zip(c.get("fractions") or [], c.get(key) or [], strict=False)
                 if f is not None and t is not None and math.isfinite(f) and math.isfinite(t)
             ]
             try:
-                return cls([f for f, _ in pts], [t for _, t in pts], ordering=name)
+                return cls([f for f, _ in pts], [t for _, t in pts], name, measure)
             except PlanError:
                 continue  # too few finite points or malformed: try the next ordering
         raise PlanError(
@@ -164,6 +173,9 @@ class Budget:
     scan_rows_per_second: float = 20000.0
     transform_rows_per_second: float | None = None  # measured; None: TRANSFORM_SPEEDUP × embed
     origin: str = ""  # where the limit came from (a config setting), named when it is exceeded
+    # False: h is not clearly cheaper than the new model (measured): every shard whose images
+    # are there is re-embedded whole instead of transformed.
+    transform_pays: bool = True
 
     @property
     def transform_rate(self) -> float:
@@ -207,6 +219,9 @@ class Plan:
     estimate: str = "curve"
     estimate_rows: int = 0
     curve_top1: float | None = None
+    # What the *_top1 figures measure: "top-1" (labelled), or "R@k" (recall@k of the new
+    # model's own neighbours, on an unlabelled gallery).
+    measure: str = "top-1"
 
     @property
     def ok(self) -> bool:
@@ -246,7 +261,7 @@ class Plan:
         line = (
             f"plan → {self.target}: {len(self.shards)} shards ({methods}); re-embed "
             f"{self.reembed_rows:,} of {self.total_rows:,} ({pct(share)}); est. "
-            f"{self.cost_seconds:,.0f} s; top-1 {self.expected_top1:.2f} (transform-only "
+            f"{self.cost_seconds:,.0f} s; {self.measure} {self.expected_top1:.2f} (transform-only "
             f"{self.transform_top1:.2f}, full {self.full_top1:.2f})"
         )
         return line if self.ok else line + "; BLOCKED shards"
@@ -604,12 +619,15 @@ def _spend(
         return (
             picks,
             pool_limit,
-            [f"target top-1 {target:.2f} not reached: {best:.2f} expected with the whole budget"],
+            [
+                f"target {st.curve.measure} {target:.2f} not reached: {best:.2f} expected "
+                "with the whole budget"
+            ],
         )
     zero = _allocate(eligible, np.zeros(2), budget, rules)
     if _estimate(fixed_gain, st) >= target:
         for p in zero.values():
-            p.reason = "target top-1 reached without backfill"
+            p.reason = f"target {st.curve.measure} reached without backfill"
         return zero, np.zeros(2), []
     full = np.sum([_full_cost(f, budget) for f in eligible], axis=0)
     # An unlimited budget is searched between nothing and re-embedding every eligible shard.
@@ -624,7 +642,7 @@ def _spend(
             lo = mid
     for p in picks.values():
         if p.method == "transform":
-            p.reason += f"; target top-1 {target:.2f} reached"
+            p.reason += f"; target {st.curve.measure} {target:.2f} reached"
     return picks, _scaled(base, hi), []
 
 
@@ -645,7 +663,7 @@ def _chain_note(f: ShardFacts) -> str:
     return f"composes {chain}" if len(f.transform or []) > 1 else ""
 
 
-def _classify(f: ShardFacts, target: str) -> _Pick | None:
+def _classify(f: ShardFacts, target: str, transform_pays: bool = True) -> _Pick | None:
     """The method forced by a shard's facts, or None when it competes for the budget."""
     if f.native_rows >= f.rows:
         return _Pick("skip", 0, f"already embedded by {target}")
@@ -662,6 +680,9 @@ def _classify(f: ShardFacts, target: str) -> _Pick | None:
         return _Pick(
             "transform", 0, "images unavailable: transform only" + (f" ({note})" if note else "")
         )
+    if not transform_pays:
+        why = "h costs about as much as the new model (measured)"
+        return _Pick("full", f.nonnative, f"{why}: full backfill")
     return None
 
 
@@ -737,7 +758,8 @@ def make_plan(
     facts = sorted(facts, key=lambda f: f.shard_id)
     total = sum(f.rows for f in facts)
     st = _State(target, curve, budget, rules, _Ordering(facts, total), total)
-    picks = {f.shard_id: p for f in facts if (p := _classify(f, target)) is not None}
+    pays = budget.transform_pays
+    picks = {f.shard_id: p for f in facts if (p := _classify(f, target, pays)) is not None}
     eligible = [f for f in facts if f.shard_id not in picks]
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
@@ -772,4 +794,5 @@ def make_plan(
         expected_top1=_estimate(sum(s.expected_gain for s in shards), st),
         curve_ordering=curve.ordering,
         warnings=warnings,
+        measure=curve.measure,
     )

@@ -13,6 +13,24 @@ from pipeline.upgrade.plan import TRANSFORM_SPEEDUP, Budget, ShardFacts
 
 DEFAULT_EMBED_RPS = 500.0
 PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MeasuredRates:
+    """This upgrade's own models timed on a sample (pipeline/embed/rates.py): rows per second
+    of one process with `embed.torch_threads` threads; None where not measured."""
+
+    embed_images_per_second: float | None
+    transform_rows_per_second: float | None
+    rows: int = 0
+
+    @property
+    def transform_speedup(self) -> float | None:
+        """Rows transformed in the time one image is re-embedded."""
+        e, t = self.embed_images_per_second, self.transform_rows_per_second
+        return t / e if e and t else None
+
+
 _RATES = ("embed_images_per_second", "transform_rows_per_second", "scan_rows_per_second")
 
 
@@ -80,23 +98,41 @@ def load_profile(path: str | None) -> ThroughputProfile | None:
 
 
 def price_budget(
-    pc: PlanConfig, facts: list[ShardFacts], source: str, source_rps: float | None
+    pc: PlanConfig,
+    facts: list[ShardFacts],
+    source: str,
+    source_rps: float | None,
+    measured: MeasuredRates | None = None,
 ) -> tuple[Budget, list[str]]:
     """The configured budget in images and seconds, priced with measured throughputs: embedding
-    from plan.embed_rows_per_second, else the source version's ingest (`source_rps`), else the
-    throughput profile; transforming from plan.transform_rows_per_second, else the profile."""
+    from plan.embed_rows_per_second, else the new model measured on a sample (`measured`), else
+    the source version's ingest (`source_rps`), else the throughput profile; transforming from
+    plan.transform_rows_per_second, else the upgrade's h measured, else the profile.
+
+    When h is not plan.min_transform_speedup times faster than the new model, transforming
+    does not pay: the image budget is lifted and every shard with images is re-embedded."""
     notes: list[str] = []
     total = sum(f.rows for f in facts)
     caps = [pc.budget_images] if pc.budget_images is not None else []
     if pc.budget_fraction is not None:
         caps.append(int(round(pc.budget_fraction * total)))
     profile = load_profile(pc.throughput_profile)
-    rps = pc.embed_rows_per_second or source_rps
+    measured = measured or MeasuredRates(None, None, 0)
+    rps = pc.embed_rows_per_second or measured.embed_images_per_second or source_rps
     rps = rps or (profile.embed_images_per_second if profile else None)
     if not rps:
         rps = DEFAULT_EMBED_RPS
         notes.append(f"no measured embedding throughput for {source}: assuming {rps:.0f} rows/s")
-    trps = pc.transform_rows_per_second or (profile.transform_rows_per_second if profile else None)
+    trps = pc.transform_rows_per_second or measured.transform_rows_per_second
+    trps = trps or (profile.transform_rows_per_second if profile else None)
+    pays = not trps or trps >= pc.min_transform_speedup * rps
+    if not pays:
+        caps = []
+        notes.append(
+            f"h transforms {trps:,.0f} rows/s and the new model embeds {rps:,.0f} images/s "
+            f"(measured): transforming is not {pc.min_transform_speedup:g}× cheaper "
+            "(plan.min_transform_speedup), so every shard with images is re-embedded"
+        )
     if not trps and pc.budget_seconds is not None:
         notes.append(
             "no measured transformation throughput (plan.throughput_profile): a transform is "
@@ -109,6 +145,7 @@ def price_budget(
         scan_rows_per_second=pc.scan_rows_per_second,
         transform_rows_per_second=float(trps) if trps else None,
         origin=_budget_origin(pc, total),
+        transform_pays=pays,
     )
     return budget, notes
 

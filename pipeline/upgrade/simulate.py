@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.embed.transform import ChainSpec, TransformChain
-from pipeline.evaluate.metrics import retrieval_metrics
+from pipeline.evaluate.neighbours import quality
 from pipeline.gallery.rows import read_rows
 from pipeline.gallery.store import Gallery
 from pipeline.upgrade.plan import Plan, ShardFacts
@@ -37,7 +37,7 @@ class _Replay:
     names: list[str]
     new: np.ndarray
     shard: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     old: np.ndarray
     side: np.ndarray | None
 
@@ -53,7 +53,7 @@ def _replay_rows(g: Gallery, source: str, val: ValidationRows) -> _Replay | None
         [val.keys[i] for i in idx],
         val.new[idx],
         src.shard[idx],
-        val.labels[idx],
+        val.labels[idx] if val.labels is not None else None,
         src["embedding"][idx],
         side[idx] if side is not None else None,
     )
@@ -100,10 +100,12 @@ def simulate_plan(
     g: Gallery,
     val: ValidationRows,
     metric: str,
+    recall_k: int = 10,
 ) -> None:
-    """Replay the plan on the labelled validation rows: each row takes the embedding the plan
-    will give it (new, transformed or kept), queries are new-model embeddings. Sets the plan's
-    expected, transform-only and full top-1 from it (the curve's figure is kept)."""
+    """Replay the plan on the validation rows: each row takes the embedding the plan will give
+    it (new, transformed or kept), queries are new-model embeddings. Sets the plan's expected,
+    transform-only and full quality from it (top-1, or recall@k without labels; the curve's
+    figure is kept)."""
     if len(val.keys) < 2:
         return
     r = _replay_rows(g, plan.shards[0].source_version, val)
@@ -112,18 +114,17 @@ def simulate_plan(
     trans, planned, unreached = _planned_rows(plan, facts, ranks, chains, r)
 
     def top1(gal: np.ndarray) -> float:
-        m = retrieval_metrics(r.new, gal, r.labels, r.labels, metric, exclude_self=True)
-        return float(m["top1"])
+        return quality(r.new, gal, r.labels, metric, recall_k)
 
     plan.curve_top1 = plan.expected_top1
     plan.expected_top1 = top1(planned)
     plan.full_top1 = top1(r.new)
-    plan.estimate, plan.estimate_rows = "simulated", len(r.labels)
+    plan.estimate, plan.estimate_rows = "simulated", len(r.names)
     if unreached:
         # Rows no h reaches would count as re-embedded, so "transform only" would be a mix:
         # keep the evaluation's figure (h on every validation row) and say so.
         plan.warnings.append(
-            f"transform-only top-1 {plan.transform_top1:.2f} is the evaluation's: the "
+            f"transform-only {plan.measure} {plan.transform_top1:.2f} is the evaluation's: the "
             f"validation rows of shards {unreached} have no transformation to replay"
         )
     else:

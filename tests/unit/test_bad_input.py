@@ -193,6 +193,20 @@ def test_bad_image_rows_never_reach_a_training_batch() -> None:
     assert np.isfinite(out["pixels"]).all()
 
 
+def test_unlabelled_rows_train_only_a_self_supervised_model() -> None:
+    images = np.empty(3, dtype=object)
+    images[:] = [GOOD, GOOD, GOOD]
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "image": images,
+        "label": np.array([2.0, np.nan, 0.0]),  # b has no label
+        "split": np.array(["train"] * 3, dtype=object),
+    }
+    assert training_batch(batch, PRE, MAX_PIXELS, "train", None)["label"].tolist() == [2, 0]
+    out = training_batch(batch, PRE, MAX_PIXELS, "train", None, labelled_only=False)
+    assert out["label"].tolist() == [2, -1, 0] and len(out["pixels"]) == 3
+
+
 def _mode_image(kind: str) -> bytes:
     a = np.zeros((8, 8), np.uint8)
     a[:, :4] = 255  # left half white

@@ -154,3 +154,21 @@ def test_fastfill_loss_rejects_bad_log_var_shape() -> None:
     pred, target, logits, labels = _fastfill_example()
     with pytest.raises(ValueError, match="log_var must be"):
         fastfill_loss(pred, torch.zeros(2, 2), target, logits, labels)
+
+
+def test_fastfill_loss_without_a_classifier_is_the_regression_term_alone() -> None:
+    # A new model with no head and no labels: s still weighs each row's L2 error.
+    pred, target, _, _ = _fastfill_example()
+    s = math.log(2)
+    mse = [0.5, 2.0]
+    got = fastfill_loss(pred, torch.full((2,), s), target, None, None)
+    assert got.item() == pytest.approx(sum(0.25 * m + 0.5 * s for m in mse) / 2, rel=1e-6)
+
+
+def test_fastfill_loss_leaves_unlabelled_rows_out_of_the_classification_term() -> None:
+    pred, target, logits, _ = _fastfill_example()
+    mse = [0.5, 2.0]
+    ce0 = -1.0 + _lse(1.0, 0.0)
+    labels = torch.tensor([0, -1])  # row 1 has no label
+    got = fastfill_loss(pred, torch.zeros(2), target, logits, labels, label_smoothing=0.0)
+    assert got.item() == pytest.approx((0.5 * (mse[0] + ce0) + 0.5 * mse[1]) / 2, rel=1e-6)

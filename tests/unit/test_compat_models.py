@@ -14,9 +14,13 @@ from pipeline.models.compat import (
     LowRankAdapter,
     ProcrustesAdapter,
     SimCLRHead,
+    SizingError,
     Transformation,
     build_adapter,
     fit_adapter,
+    size_inner_dim,
+    transformation_cost,
+    transformation_macs,
 )
 
 
@@ -27,6 +31,37 @@ def test_transformation_shapes_with_side_info_and_uncertainty() -> None:
     assert pred.shape == (5, 6)
     assert log_var is not None and log_var.shape == (5,)
     assert t.mixer[0].in_features == 4 * 6
+
+
+@pytest.mark.parametrize("side_dim,uncertainty", [(0, False), (3, True)])
+def test_macs_formula_counts_every_linear_weight(side_dim: int, uncertainty: bool) -> None:
+    t = Transformation(5, 7, side_dim=side_dim, inner_dim=24, uncertainty=uncertainty)
+    weights = sum(m.weight.numel() for m in t.modules() if isinstance(m, nn.Linear))
+    assert transformation_macs(5, 7, side_dim, 24, uncertainty) == weights
+
+
+def test_inner_dim_is_fcts_width_where_it_fits_and_narrowed_at_production_dims() -> None:
+    # The demo's dimensions: FCT's 16 x 64 = 1,024 costs ~2.8 MFLOP/row, well under the limit.
+    assert size_inner_dim(32, 64, 32, 64.0) == 1024
+    # EfficientNet-Lite at 1,280-d: FCT's 20,480 would be ~1,100 MFLOP/row.
+    wide = transformation_cost(
+        {"old_dim": 1280, "new_dim": 1280, "side_dim": 32, "inner_dim": 20480, "uncertainty": True}
+    )
+    assert 1000 < wide["h_mflops_per_row"] < 1300 and wide["h_params"] > 5e8
+    w = size_inner_dim(1280, 1280, 32, 64.0)
+    assert w % 64 == 0 and 1280 <= w < 20480
+    assert 2 * transformation_macs(1280, 1280, 32, w) <= 64e6
+    assert 2 * transformation_macs(1280, 1280, 32, w + 64) > 64e6  # the widest that fits
+    cost = transformation_cost(
+        {"old_dim": 1280, "new_dim": 1280, "side_dim": 32, "inner_dim": w, "uncertainty": True}
+    )
+    assert cost["h_mflops_per_row"] <= 64.0
+    assert size_inner_dim(1280, 1280, 32, None) == 20480  # no limit: FCT's rule
+
+
+def test_a_cost_limit_below_the_cheapest_h_is_refused_with_the_key() -> None:
+    with pytest.raises(SizingError, match=r"transformation.max_mflops=10 .*old=1280"):
+        size_inner_dim(1280, 1280, 0, 10.0)
 
 
 def test_transformation_without_side_info_has_no_log_var() -> None:

@@ -64,3 +64,27 @@ def test_secrets_masked_in_dump() -> None:
 def test_example_configs_validate() -> None:
     for p in Path("jobs/configs").glob("*.yaml"):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["new_model.name=v1"], "old_model.name and new_model.name are both 'v1'"),
+        (
+            ["side_info.preprocess.input_size=8"],
+            "side_info.preprocess must equal old_model.preprocess",
+        ),
+        (
+            ["plan.when_backfill_cheaper=backfill", "plan.measure_rows=0"],
+            "plan.when_backfill_cheaper=backfill needs the estimate",
+        ),
+        (
+            ["evaluate.recall_k=20", "evaluate.max_queries=10"],
+            "evaluate.recall_k=20 must be below evaluate.max_queries=10",
+        ),
+    ],
+)
+def test_impossible_combinations_are_refused_when_the_config_loads(sets, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    assert f"  combination: {message}" in str(e.value)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig
+from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig, load_config
+from pipeline.context import Context
 from pipeline.embed.stages import EmbedStage
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import (
@@ -20,6 +21,7 @@ from pipeline.models.store import (
     resolve_blob,
     save_model_dir,
 )
+from pipeline.services.models import _trainer
 
 ARCH = ArchitectureConfig(widths=[4, 8], embedding_dim=6, num_classes=3)
 PRE = PreprocessConfig(input_size=8)
@@ -136,3 +138,12 @@ def test_mlflow_uri_as_embedder(tmp_path: Path) -> None:
         torch.testing.assert_close(build_model(blob)(_x()), net(_x()))
     with pytest.raises(Exception, match="models:/nope@serving"):
         resolve_blob(ModelConfig(name="z", uri="models:/nope@serving"), tracking_uri=uri)
+
+
+def test_side_info_of_a_brought_old_model_trains_on_every_class(tmp_path: Path) -> None:
+    # The demo's old model trains on classes 0-4 and side-info on the same data; a model that
+    # is brought (never trained here) says nothing of its data: no class filter applies.
+    own = load_config(None, [f"workdir={tmp_path}"])
+    assert _trainer(Context(own), own.side_info_model)[1] == [0, 1, 2, 3, 4]
+    brought = load_config(None, [f"workdir={tmp_path}", "old_model.uri=models:/x/1"])
+    assert _trainer(Context(brought), brought.side_info_model)[1] is None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from pipeline.config import PlanConfig
 from pipeline.display import plan_table
 from pipeline.upgrade.plan import (
     Budget,
@@ -18,6 +19,7 @@ from pipeline.upgrade.plan import (
     ShardFacts,
     make_plan,
 )
+from pipeline.upgrade.price import MeasuredRates, price_budget
 from pipeline.upgrade_graph import plan_of
 
 FRACTIONS = [i / 20 for i in range(21)]
@@ -328,3 +330,46 @@ def test_plan_record_round_trips_its_work_and_reads_an_older_record():
         {"shard_id": 0, "chain": "side", "source_uri": "s/0.parquet", "image_file": "i/0.parquet"}
     ]
     assert plan_of(record) == plan
+
+
+def _pc(**kw) -> PlanConfig:
+    return PlanConfig(**kw)
+
+
+def test_prices_come_from_the_upgrades_own_models_before_the_old_models_ingest() -> None:
+    facts = [_shard(i) for i in range(4)]
+    measured = MeasuredRates(embed_images_per_second=120.0, transform_rows_per_second=9_000.0)
+    budget, notes = price_budget(_pc(), facts, "v1", 800.0, measured)
+    assert budget.embed_rows_per_second == 120.0  # the new model, not v1's ingest rate
+    assert budget.transform_rows_per_second == 9_000.0 and budget.transform_pays
+    assert budget.images == 10_000 and notes == []  # 25% of 40k rows
+    assert measured.transform_speedup == pytest.approx(75.0)
+    # configured rates still win over measured ones
+    set_rates = _pc(embed_rows_per_second=50.0, transform_rows_per_second=5_000.0)
+    budget, _ = price_budget(set_rates, facts, "v1", 800.0, measured)
+    assert (budget.embed_rows_per_second, budget.transform_rows_per_second) == (50.0, 5_000.0)
+
+
+def test_a_transformation_as_slow_as_the_new_model_is_replaced_by_a_full_backfill() -> None:
+    # A 1,280-d h at FCT's width: ~1 GFLOP a row, about what re-embedding costs.
+    facts = [_shard(0), _shard(1), _shard(2, images_available=False)]
+    measured = MeasuredRates(embed_images_per_second=100.0, transform_rows_per_second=150.0)
+    budget, notes = price_budget(_pc(), facts, "v1", None, measured)
+    assert not budget.transform_pays and budget.images is None
+    assert "not 2× cheaper (plan.min_transform_speedup)" in notes[0]
+    plan = make_plan(facts, "v2", CURVE, budget, PlanRules())
+    assert [s.method for s in plan.shards] == ["full", "full", "transform"]
+    assert "h costs about as much as the new model" in plan.shards[0].reason
+    assert plan.reembed_rows == 20_000
+
+
+def test_an_unlabelled_curve_plans_in_recall_and_says_so() -> None:
+    curves = {"uncertainty": {"fractions": [0.0, 0.5, 1.0], "recall": [70.0, 92.0, 100.0]}}
+    curve = QualityCurve.from_report(curves, key="recall", measure="R@10")
+    plan = make_plan([_shard(0), _shard(1)], "v2", curve, Budget(images=5_000), PlanRules())
+    assert plan.measure == "R@10" and plan.transform_top1 == 70.0 and plan.full_top1 == 100.0
+    assert "R@10" in plan.summary()
+    out = Console(width=200, record=True)
+    out.print(plan_table(plan))
+    text = out.export_text()
+    assert "+R@10" in text and "expected R@10" in text

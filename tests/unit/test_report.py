@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.evaluate.metrics import backfill_curve, retrieval_metrics
+from pipeline.evaluate.neighbours import mixed_recall_curve, nearest, neighbour_recall
 from pipeline.evaluate.report import (
     CompatCase,
     CompatReport,
@@ -191,3 +192,43 @@ def test_clear_errors():
         compatibility_matrix(short, labels)
     with pytest.raises(ValueError, match="value must be"):
         compatibility_matrix(sets, labels, value="top3")
+
+
+def test_an_unlabelled_report_is_measured_by_recall_against_new_neighbours(tmp_path):
+    sets, _ = _data()
+    ref = nearest(sets["new"], sets["new"], 5, "cosine")
+    report = build_report("unlabelled", sets, None, CASES, reference=ref)
+    assert not report.labelled and report.recall_k == 5 and report.matrix_value == "recall"
+    by = {c.name: c for c in report.cases}
+    assert by["new/new"].recall == 100.0 and math.isnan(by["new/new"].top1)
+    assert by["new/FCT+side"].recall == pytest.approx(
+        neighbour_recall(sets["new"], sets["fct"], ref, "cosine")
+    )
+    assert by["new/FCT+side"].recall > by["new/old (BCT)"].recall  # fct is nearer to new
+    order = np.random.default_rng(5).permutation(60)
+    recall = mixed_recall_curve(sets["fct"], sets["new"], sets["new"], ref, order, "cosine", 5)
+    report.add_curve("random", None, recall)
+    assert report.curves["random"]["auc_recall"] == pytest.approx(np.mean(recall))
+    assert report.metrics()["recall_new_fct_side"] == by["new/FCT+side"].recall
+    assert "top1_new_new" not in report.metrics()
+    written = write_report(report, tmp_path)
+    assert {"backfill_curves.png", "compat_matrix.png", "cases.png"} <= set(written)
+    again = CompatReport.from_json((tmp_path / "report.json").read_text())
+    assert again.recall_k == 5 and again.cases[1].recall == 100.0
+    out = Console(width=160, record=True)
+    out.print(report.table())
+    out.print(report.curves_table())
+    text = out.export_text()
+    assert "R@5" in text and "top-1" not in text and "AUC R@k" in text
+
+
+def test_a_labelled_report_carries_recall_beside_top1():
+    sets, labels = _data()
+    ref = nearest(sets["new"], sets["new"], 5, "cosine")
+    report = build_report("both", sets, labels, CASES, reference=ref)
+    assert report.labelled and report.matrix_value == "top1"
+    assert report.cases[: len(CASES)] == [
+        c.__class__(**{**c.__dict__, "recall": report.cases[i].recall})
+        for i, c in enumerate(evaluate_cases(sets, labels, CASES))
+    ]
+    assert all(c.recall is not None for c in report.cases)

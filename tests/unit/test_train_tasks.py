@@ -96,6 +96,20 @@ def _transformation_config(loss: str, side: bool) -> dict:
     return config
 
 
+def test_fastfill_task_without_a_classifier_still_learns_an_uncertainty() -> None:
+    # A TorchScript/ONNX new model on an unlabelled gallery: no head, labels -1.
+    config = _transformation_config("fastfill", True)
+    config["new_classifier"] = None
+    torch.manual_seed(0)
+    task = transformation.build_task(config)
+    feats = {**_features(), "label": torch.full((64,), -1)}
+    losses = _losses(task, feats, steps=60)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        _, log_var = task.save.eval()(feats["old"], feats["side"])
+    assert float(log_var.std()) > 0
+
+
 def test_fct_task_regresses_new_from_old_and_side() -> None:
     feats = _features()
     with_side = _losses(_transformation_task("fct", True), feats, steps=60)

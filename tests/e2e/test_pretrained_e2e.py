@@ -1,0 +1,119 @@
+"""Models brought as TorchScript (no classifier head, as pretrained backbones come):
+- labelled images: FastFill ranks rows through a linear head fitted on the labelled training
+  pairs, and the planned upgrade mixes transformed, partial and full shards;
+- unlabelled images: the study, the plan and validation measure recall@10 of the new model's
+  own neighbours, and FastFill's regression-only uncertainty still beats a random order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.context import Context
+from pipeline.data.prepare import prepare
+from pipeline.flows import run_upgrade
+from pipeline.gallery.store import Gallery
+from pipeline.models.store import load_trained
+from pipeline.services import models
+from tests.e2e.test_upgrade_e2e import TINY
+
+pytestmark = pytest.mark.slow
+SHARDS, ROWS = 4, 800
+
+
+@pytest.fixture(scope="module")
+def brought(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """Old and new models trained once on labelled digits, kept only as TorchScript."""
+    base = tmp_path_factory.mktemp("brought")
+    cfg = load_config(None, [*TINY, f"workdir={base}", "gallery_name=ts"])
+    prepare("digits", cfg.images_uri, SHARDS, cfg.storage, cfg.data, limit=ROWS)
+    ctx, out = Context(cfg, quiet=True), {"images": Path(cfg.images_uri)}
+    for role, m in (("old", cfg.old_model), ("new", cfg.new_model)):
+        models.train_step(ctx, m)
+        net, _ = load_trained(base / "models" / m.name)
+        size = m.preprocess.input_size
+        out[role] = base / f"{role}.ts"
+        torch.jit.save(torch.jit.trace(net.eval(), torch.zeros(2, 1, size, size)), str(out[role]))
+    return out
+
+
+def _transformation_runs(cfg) -> list[dict]:
+    return Context(cfg).tracker.search_runs("tags.carryover.step = 'train_transformation'")
+
+
+def test_torchscript_new_model_with_fastfill_uncertainty_and_partial_backfills(
+    brought, tmp_path: Path
+) -> None:
+    sets = [
+        *TINY,
+        f"workdir={tmp_path}",
+        "gallery_name=ts",
+        f"images={brought['images']}",
+        "new_model.name=v2ts",
+        f"new_model.uri={brought['new']}",
+        "plan.budget_fraction=0.3",
+        "plan.min_gain=0",
+    ]
+    cfg = load_config(None, sets)
+    report = run_upgrade(cfg, quiet=True)
+    assert report.serving == "v2ts" and report.validation["ok"] is True
+    h = report.transformation
+    assert h["loss"] == "fastfill" and h["inner_dim"] == 16 * 32  # FCT's width fits the limit
+    assert 0 < h["h_mflops_per_row"] < 64
+    tags = [r["tags"]["carryover.fastfill_classifier"] for r in _transformation_runs(cfg)]
+    assert tags == ["fitted"]
+    curves = report.compat["curves"]
+    assert curves["uncertainty"]["auc_top1"] > curves["random"]["auc_top1"], curves
+    counts = report.plan["counts"]
+    assert counts["partial"] + counts["full"] >= 1, counts
+    assert report.plan["measure"] == "top-1"
+    assert Gallery(cfg.gallery_uri).manifest("v2ts")["rows"] == ROWS
+
+
+def _unlabelled_copy(images: Path, out: Path) -> Path:
+    out.mkdir()
+    for f in sorted(images.glob("*.parquet")):
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.nulls(len(t), pa.int64()))
+        pq.write_table(t, out / f.name)
+    return out
+
+
+def test_unlabelled_gallery_is_planned_and_validated_by_recall(brought, tmp_path: Path) -> None:
+    images = _unlabelled_copy(brought["images"], tmp_path / "images")
+    sets = [
+        *TINY,
+        f"workdir={tmp_path}",
+        "gallery_name=unlabelled",
+        f"images={images}",
+        "old_model.name=v1ts",
+        f"old_model.uri={brought['old']}",
+        "new_model.name=v2ts",
+        f"new_model.uri={brought['new']}",
+        "plan.budget_fraction=0",  # transform only
+    ]
+    cfg = load_config(None, sets)
+    report = run_upgrade(cfg, quiet=True)
+    assert report.serving == "v2ts" and report.validation["ok"] is True
+    compat = report.compat
+    assert compat["recall_k"] == 10
+    cases = {c["name"]: c for c in compat["cases"]}
+    assert cases["new/new"]["recall"] == 100.0 and cases["new/new"]["top1"] is None
+    fct = next(c for n, c in cases.items() if n.startswith("new/fct"))
+    assert cases["old/old"]["recall"] < fct["recall"] < 100.0
+    curves = compat["curves"]
+    assert "top1" not in curves["random"] and len(curves["random"]["recall"]) == 22
+    assert curves["uncertainty"]["auc_recall"] > curves["random"]["auc_recall"], curves
+    tags = [r["tags"]["carryover.fastfill_classifier"] for r in _transformation_runs(cfg)]
+    assert tags == ["none"]  # no head, no labels: the regression term alone
+    plan = report.plan
+    assert plan["measure"] == "R@10" and plan["counts"]["transform"] == SHARDS
+    assert plan["reembed_rows"] == 0 and plan["estimate"] == "simulated"
+    v = report.validation
+    assert v["measure"] == "R@10" and v["top1"] == pytest.approx(plan["expected_top1"], abs=1.0)
+    assert Gallery(cfg.gallery_uri).manifest("v2ts")["rows"] == ROWS

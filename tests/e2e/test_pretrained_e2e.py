@@ -8,22 +8,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy.stats import spearmanr
 
 from pipeline.config import load_config
 from pipeline.context import Context
+from pipeline.data.decode import decode_batch
 from pipeline.data.prepare import prepare
 from pipeline.flows import run_upgrade
-from pipeline.gallery.store import Gallery
+from pipeline.gallery.store import Gallery, arrow_to_embeddings
 from pipeline.models.store import load_trained
 from pipeline.services import models
 from tests.e2e.test_upgrade_e2e import TINY
 
 pytestmark = pytest.mark.slow
 SHARDS, ROWS = 4, 800
+# h trains longer than TINY's 4 epochs: its uncertainty head needs them to rank rows
+H_EPOCHS = "transformation.train.epochs=20"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,7 @@ def test_torchscript_new_model_with_fastfill_uncertainty_and_partial_backfills(
         f"new_model.uri={brought['new']}",
         "plan.budget_fraction=0.3",
         "plan.min_gain=0",
+        H_EPOCHS,
     ]
     cfg = load_config(None, sets)
     report = run_upgrade(cfg, quiet=True)
@@ -68,11 +74,41 @@ def test_torchscript_new_model_with_fastfill_uncertainty_and_partial_backfills(
     tags = [r["tags"]["carryover.fastfill_classifier"] for r in _transformation_runs(cfg)]
     assert tags == ["fitted"]
     curves = report.compat["curves"]
-    assert curves["uncertainty"]["auc_top1"] > curves["random"]["auc_top1"], curves
-    counts = report.plan["counts"]
-    assert counts["partial"] + counts["full"] >= 1, counts
+    # Measured on the recall@10 curve: on 240 validation digits top-1 sits near its ceiling
+    aucs = {k: c["auc_recall"] for k, c in curves.items()}
+    assert aucs["uncertainty"] > aucs["random"] + 1.0, aucs
+    methods = [s["method"] for s in report.plan["shards"]]
+    assert {"partial", "full"} & set(methods), methods
     assert report.plan["measure"] == "top-1"
     assert Gallery(cfg.gallery_uri).manifest("v2ts")["rows"] == ROWS
+
+
+def _uncertainty_vs_error(cfg, new_model: Path) -> float:
+    """Spearman correlation of each stored row's log-variance with h's real error."""
+    rows = pa.Table.from_batches(
+        list(Gallery(cfg.gallery_uri).iter_embeddings("v2ts", ("key", "embedding", "uncertainty")))
+    )
+    images = pa.concat_tables(
+        pq.read_table(f) for f in sorted(Path(cfg.images_uri).glob("*.parquet"))
+    )
+    pos = {k: i for i, k in enumerate(images["key"].to_pylist())}
+    idx = [pos[k] for k in rows["key"].to_pylist()]
+    batch = {
+        "key": np.asarray(rows["key"].to_pylist(), dtype=object),
+        "image": np.asarray(images["image"].to_pylist(), dtype=object)[idx],
+    }
+    pre = cfg.new_model.preprocess
+    pixels = decode_batch(batch, pre, 10**8)["pixels"]
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).view(-1, 1, pre.input_size, pre.input_size)
+    with torch.inference_mode():
+        new = torch.jit.load(str(new_model))(x).numpy()
+    mapped = arrow_to_embeddings(rows["embedding"])
+    err = ((_unit(mapped) - _unit(new)) ** 2).sum(1)
+    return float(spearmanr(rows["uncertainty"].to_numpy(), err).statistic)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _unlabelled_copy(images: Path, out: Path) -> Path:
@@ -96,6 +132,7 @@ def test_unlabelled_gallery_is_planned_and_validated_by_recall(brought, tmp_path
         "new_model.name=v2ts",
         f"new_model.uri={brought['new']}",
         "plan.budget_fraction=0",  # transform only
+        H_EPOCHS,
     ]
     cfg = load_config(None, sets)
     report = run_upgrade(cfg, quiet=True)
@@ -109,10 +146,15 @@ def test_unlabelled_gallery_is_planned_and_validated_by_recall(brought, tmp_path
     curves = compat["curves"]
     assert "top1" not in curves["random"] and len(curves["random"]["recall"]) == 22
     assert curves["uncertainty"]["auc_recall"] > curves["random"]["auc_recall"], curves
+    # ... because the regression-only head learned where h errs: its log-variance ranks the
+    # stored rows by their real error against the new model's own embedding
+    rho = _uncertainty_vs_error(cfg, brought["new"])
+    assert rho > 0.2, rho
     tags = [r["tags"]["carryover.fastfill_classifier"] for r in _transformation_runs(cfg)]
     assert tags == ["none"]  # no head, no labels: the regression term alone
     plan = report.plan
-    assert plan["measure"] == "R@10" and plan["counts"]["transform"] == SHARDS
+    assert plan["measure"] == "R@10"
+    assert [s["method"] for s in plan["shards"]] == ["transform"] * SHARDS
     assert plan["reembed_rows"] == 0 and plan["estimate"] == "simulated"
     v = report.validation
     assert v["measure"] == "R@10" and v["top1"] == pytest.approx(plan["expected_top1"], abs=1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections import Counter
@@ -28,7 +29,13 @@ from pipeline.data.shards import DataError, image_shard_files
 from pipeline.embed.quality import NON_FINITE, OVERFLOW, ZERO_NORM, row_problems
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import shard_record, version_manifest
-from pipeline.gallery.store import REJECT_SCHEMA, Gallery, embedding_schema, embeddings_to_arrow
+from pipeline.gallery.store import (
+    REJECT_SCHEMA,
+    VERSION_PATTERN,
+    Gallery,
+    embedding_schema,
+    embeddings_to_arrow,
+)
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.models.store import (
@@ -358,6 +365,8 @@ def import_step(ctx: Context, req: ImportRequest) -> ImportResult:
     rejected with a reason), registers the model, indexes and writes the manifest last.
     Rerunning keeps committed shards of the same input; a finished import does nothing."""
     t0, g, storage = time.perf_counter(), ctx.gallery, ctx.cfg.storage
+    if not re.fullmatch(VERSION_PATTERN, req.version):
+        raise ConfigError(f"--version {req.version!r} is not a plain name ({VERSION_PATTERN})")
     sources = find_sources(req.source, ctx.cfg.adopt, storage)
     if g.has_version(req.version):
         return _existing(g, req, sources)

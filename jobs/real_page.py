@@ -231,21 +231,14 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_page(res: dict, out: Path) -> str:
-    """Write the markdown page; return the quality table (printed by the benchmark)."""
+def _intro(res: dict) -> str:
+    """What was measured: the data, the models, h and the measured throughputs."""
     m, d, p = res["models"], res["data"], res["planned"]
     h = p["transformation"]
     budget = p["plan"].get("budget", {})
-    q = _table(("method", "top-1", "mAP", "R@10", "R@10 unlabelled run"), quality_rows(res))
-    text = f"""# Results: a real upgrade (real photographs, pretrained EfficientNet-Lite, 1,280-d)
-
-```bash
-make bench-real        # python jobs/benchmark_real.py{" --quick" if res["quick"] else ""}
-```
-
-{QUICK if res["quick"] else ""}
-
-**Data.** {d["photos"]} distinct photographs found offline (the Debian packages mate-backgrounds,
+    return f"""**Data.** {
+        d["photos"]
+    } distinct photographs found offline (the Debian packages mate-backgrounds,
 ukui-wallpapers, gnome-backgrounds, sway-backgrounds, plasma-workspace-wallpapers and
 lomiri-wallpapers, plus scikit-learn's two sample photos cut in quadrants), each cut into
 {d["crops_per_photo"]} **random crops** (25-60% of the shorter side, random place, random mirror)
@@ -265,7 +258,22 @@ old {m["old"]["mflops_per_image"]} MFLOP, new {m["new"]["mflops_per_image"]} MFL
 parameters, **{_f(h.get("h_mflops_per_row"), 1)} MFLOP per row** (ridge:
 {2 * m["new"]["embedding_dim"] ** 2 / 1e6:.1f} MFLOP per row). Measured by the planner on this
 gallery: new model {_f(budget.get("embed_rows_per_second"), 1)} images/s, h
-{_f(budget.get("transform_rows_per_second"), 0)} rows/s.
+{_f(budget.get("transform_rows_per_second"), 0)} rows/s."""
+
+
+def write_page(res: dict, out: Path) -> str:
+    """Write the markdown page; return the quality table (printed by the benchmark)."""
+    p = res["planned"]
+    q = _table(("method", "top-1", "mAP", "R@10", "R@10 unlabelled run"), quality_rows(res))
+    text = f"""# Results: a real upgrade (real photographs, pretrained EfficientNet-Lite, 1,280-d)
+
+```bash
+make bench-real        # python jobs/benchmark_real.py{" --quick" if res["quick"] else ""}
+```
+
+{QUICK if res["quick"] else ""}
+
+{_intro(res)}
 
 **Wall time: {res["wall_seconds"]:.0f} s** on this machine (2 cores, shared).
 

@@ -48,7 +48,7 @@ def _open(path: Path) -> Image.Image | None:
 
 def sample_photos() -> list[tuple[str, Image.Image]]:
     """scikit-learn's two sample photographs, each cut into 4 quadrants (8 pictures)."""
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # start-up: scikit-learn takes ~1 s
 
     out = []
     for name, arr in zip(("china", "flower"), load_sample_images().images, strict=True):

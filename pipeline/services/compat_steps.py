@@ -21,7 +21,13 @@ from pipeline.gallery.rows import read_rows
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
-from pipeline.services.models import blob_of, model_classifier, register, side_blob
+from pipeline.services.models import (
+    blob_of,
+    model_classifier,
+    register,
+    side_blob,
+    side_info_stored,
+)
 from pipeline.services.steps import split_sample
 from pipeline.train.loop import config_hash
 from pipeline.train.transformation import (
@@ -56,7 +62,8 @@ def train_transformation_step(
         return None
     t0 = time.perf_counter()
     blobs = {"old": blob_of(ctx, cfg.old_model), "new": blob_of(ctx, cfg.new_model)}
-    side = side_blob(ctx) if tc.side_info else None
+    # h takes side-info only when the stored rows have it (an imported gallery has none)
+    side = side_blob(ctx) if tc.side_info and side_info_stored(ctx) else None
     if side is not None:
         blobs["side"] = side
     # h's size is known from the dimensions: a cost limit it cannot meet fails here, before

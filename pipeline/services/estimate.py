@@ -100,7 +100,7 @@ def estimate_step(ctx: Context) -> UpgradeEstimate | None:
         return None
     dims = {"old": old_dim, "new": new_dim}
     side_rps = None
-    if cfg.side_info.enabled and cfg.transformation.side_info:
+    if cfg.side_info.enabled and cfg.transformation.side_info and models.side_info_stored(ctx):
         side_rps, dims["side"] = _rate(ctx, cfg.side_info_model, files)
     h_train, h_infer = _h_rates(ctx, dims)
     tc, pc_ = cfg.transformation, cfg.plan

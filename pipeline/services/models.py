@@ -147,10 +147,19 @@ def side_blob(ctx: Context) -> ModelBlob | None:
     return blob
 
 
+def side_info_stored(ctx: Context) -> bool:
+    """The serving version's rows carry side-info, or an ingest still to come will write it.
+    An adopted gallery (`carryover import`) has none: side-info would feed no h."""
+    g = ctx.gallery
+    current = g.current()
+    return current is None or bool(g.manifest(current).get("side_info_dim"))
+
+
 def train_side_info_step(ctx: Context) -> ModelStepResult | None:
-    """Train (or reuse) the SimCLR side-info model; None when side-info is disabled."""
+    """Train (or reuse) the SimCLR side-info model; None when side-info is disabled, or when
+    the gallery's rows have none to use it with."""
     sc = ctx.cfg.side_info_model
-    return train_step(ctx, sc) if sc.enabled else None
+    return train_step(ctx, sc) if sc.enabled and side_info_stored(ctx) else None
 
 
 def bct_classifier(ctx: Context) -> dict[str, Any]:

@@ -167,7 +167,6 @@ def test_imported_unlabelled_gallery_is_transformed_and_validated_by_recall(
         f"old_model.uri={brought['old']}",
         "new_model.name=v2ts",
         f"new_model.uri={brought['new']}",
-        "side_info.enabled=false",  # the imported rows have none
         "plan.budget_fraction=0",  # transform only
         H_EPOCHS,
     ]
@@ -182,6 +181,12 @@ def test_imported_unlabelled_gallery_is_transformed_and_validated_by_recall(
     report = run_upgrade(cfg, quiet=True)
     assert report.stages["ingest"]["status"] == "done" and report.serving == "v2ts"
     assert report.validation["ok"] is True
+    # the imported rows have no side-info: no side-info model is trained, h maps old alone
+    assert (
+        report.stages["side-info"]["status"] == "done"
+        and not (tmp_path / "models" / "side-info").exists()
+    )
+    assert report.transformation["side_info_model"] is None
     compat = report.compat
     assert compat["recall_k"] == 10
     cases = {c["name"]: c for c in compat["cases"]}

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +20,10 @@ from pipeline.data.decode import decode_images
 from pipeline.data.prepare import prepare
 from pipeline.gallery.store import Gallery
 from pipeline.services.steps import version_embeddings
+from tests.e2e.test_corrupt_shard_e2e import _ingest
 from tests.unit.test_onnx import DIM, _net, export
 
 pytestmark = pytest.mark.slow
-
-INGEST_TIMEOUT_S = 120  # one CLI run on the shared 2-CPU Ray (about 5 s when idle)
-
-
-def _ingest(sets: list[str]) -> subprocess.CompletedProcess:
-    """`carryover ingest` in a child that joins the session's Ray through RAY_ADDRESS."""
-    flags = [x for s in sets for x in ("--set", s)]
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "ingest", "--quiet", *flags],
-        capture_output=True,
-        text=True,
-        timeout=INGEST_TIMEOUT_S,
-    )
 
 
 def test_onnx_old_model_ingests_and_searches(tmp_path: Path, ray_local) -> None:

@@ -26,13 +26,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/...` from the root
 
-from jobs.real_page import existing_vs_ingest, ridge_case, write_page  # noqa: E402
+from jobs.real_page import existing_vs_ingest, ridge_case, skip_case, write_page  # noqa: E402
 from jobs.real_photos import write_crop_folders  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.prepare import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_EPOCHS = {False: 4, True: 1}
+AUGMENT_COPIES = 4  # augmented views of each training image for h (FCT trains on augmented)
+SIDE_SIZE = 64  # side-info's own input size: half the old model's 128 px, a quarter the pixels
 CLI = str(Path(sys.executable).parent / "carryover")
 
 
@@ -49,11 +51,6 @@ def carryover(args: list[str], log: Path) -> tuple[float, str]:
         raise SystemExit(f"carryover {args[0]} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
     print(f"carryover {' '.join(args[:1])}: {secs} s", flush=True)
     return secs, r.stdout
-
-
-def has_import() -> bool:
-    """Whether this checkout's CLI has `carryover import` (being written on another branch)."""
-    return subprocess.run([CLI, "import", "--help"], capture_output=True).returncode == 0
 
 
 def embed_existing(images: Path, model: dict, out: Path, batch: int = 64) -> float:
@@ -99,13 +96,19 @@ def config(work: Path, images: Path, models: dict, quick: bool) -> Path:
         "images": str(images),
         "old_model": brought("lite0", models["old"]),
         "new_model": brought("lite1", models["new"]),
-        # side-info: a small SimCLR net, a few epochs (its cost beside the ingest's)
-        # (this checkout refuses a side-info preprocess other than the old model's)
+        # side-info: a small SimCLR net at half the old model's resolution, a few epochs
+        # (its cost beside the ingest's)
         "side_info": {
             "architecture": {"widths": [8, 16, 32], "embedding_dim": 16, "num_classes": 2},
+            "preprocess": {**models["old"]["preprocess"], "input_size": SIDE_SIZE},
             "train": {"epochs": SIDE_EPOCHS[quick]},
         },
-        "transformation": {"train": {"epochs": 3 if quick else 40}},
+        # four augmented views of each training image beside it (FCT trains on augmented
+        # images): 5x the pairs for h and its ridge skip, for ~1.5 min more embedding
+        "transformation": {
+            "augment_copies": AUGMENT_COPIES,
+            "train": {"epochs": 3 if quick else 40},
+        },
         "adapters": {"epochs": 20 if quick else 200},
         "embed": {"batch_size": 64},
         "plan": {"budget_fraction": 0.25, "measure_rows": 32 if quick else 256},
@@ -117,15 +120,7 @@ def config(work: Path, images: Path, models: dict, quick: bool) -> Path:
 
 
 def adopt(cfg: Path, existing: Path, images: Path, models: dict, log: Path) -> dict:
-    """`carryover import` of the existing gallery; without that command (not yet in this
-    checkout), the upgrade's own ingest stage re-embeds it with the old TorchScript model."""
-    if not has_import():
-        print(
-            "carryover import is not in this checkout: "
-            "the upgrade's ingest stage embeds the old gallery instead",
-            flush=True,
-        )
-        return {"how": "ingest (carryover import not available: re-embedded)", "seconds": None}
+    """`carryover import` of the existing gallery: no re-embedding."""
     args = ["import", str(existing), "-c", str(cfg), "--model-uri", models["old"]["file"]]
     secs, _ = carryover([*args, "--images", str(images), "--version", "lite0", "--json"], log)
     return {"how": "carryover import", "seconds": secs}
@@ -181,16 +176,21 @@ def run_all(work: Path, quick: bool, crops: int, shards: int) -> dict:
         "models": models,
         "quick": quick,
         "side_epochs": SIDE_EPOCHS[quick],
+        "side_size": SIDE_SIZE,
+        "augment_copies": AUGMENT_COPIES,
     }
     res["existing_seconds"] = embed_existing(images, models["old"], work / "existing")
     lab, unl = work / "labelled", work / "unlabelled"
     cfg = config(lab, images, models, quick)
     res["adopt"] = adopt(cfg, work / "existing", images, models, log)
     res["backfill_seconds"], _ = carryover(["backfill", "-c", str(cfg), "--quiet"], log)
-    noside = ["transformation.side_info=false", "transformation.name=fct-noside"]
-    res["noside"] = upgrade(cfg, "lite1-noside", noside, "evaluate", log)
     res["planned"] = upgrade(cfg, "lite1-planned", [], None, log)
     res["ridge"] = ridge_case(lab / "gallery", images)
+    res["skip"] = skip_case(lab / "gallery", images, lab / "models" / "fct")
+    # FCT + side-info needs side-info stored beside every old embedding: a gallery that
+    # carryover ingests itself (old model + the 64 px side-info model), not an adopted one
+    cfg_s = config(work / "ingested", images, models, quick)
+    res["side"] = upgrade(cfg_s, "lite1-side", [], "evaluate", log)
     res["existing_max_abs_diff"] = existing_vs_ingest(work / "existing", lab / "gallery")
     cfg_u = config(unl, unlabelled_copy(images, work / "images-unlabelled"), models, quick)
     res["adopt_unlabelled"] = adopt(

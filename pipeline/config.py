@@ -176,7 +176,9 @@ class SideInfoConfig(ModelConfig):
     name: str = Field("side-info", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     enabled: bool = True
     preprocess: PreprocessConfig | None = Field(
-        None, description="unset: the old model's (both run on the same pixels at ingest)"
+        None,
+        description="unset: the old model's (one decode feeds both at ingest); set it to a "
+        "lower input_size for cheap side-info (the images are then decoded for it too)",
     )
     architecture: ArchitectureConfig = ArchitectureConfig(
         widths=[16, 32, 64], embedding_dim=32, num_classes=2
@@ -206,6 +208,11 @@ class TransformationConfig(_Model):
         gt=0,
         description="cost limit of h per row in MFLOP (2 × multiply-adds); sizes an unset "
         "inner_dim (FCT's width at 1,280-d is ~1,100 MFLOP, a mobile CNN's forward ~400-800)",
+    )
+    linear_skip: bool | None = Field(
+        None,
+        description="h = closed-form ridge map old→new + a learned residual; unset: on at "
+        "production dimensions (old or new >= 256), off at FCT's own (128-d)",
     )
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_copies: int = Field(
@@ -502,14 +509,9 @@ class UpgradeConfig(_Model):
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:
         """Combinations that cannot work are refused when the config loads, before any work."""
-        sc, old = self.side_info, self.old_model
+        old = self.old_model
         if old.name == self.new_model.name:
             raise ValueError(f"old_model.name and new_model.name are both {old.name!r}")
-        if sc.enabled and sc.preprocess is not None and sc.preprocess != old.preprocess:
-            raise ValueError(
-                "side_info.preprocess must equal old_model.preprocess: both run on the same "
-                "decoded pixels at ingest (leave side_info.preprocess unset)"
-            )
         if self.plan.when_backfill_cheaper == "backfill" and self.plan.measure_rows == 0:
             raise ValueError(
                 "plan.when_backfill_cheaper=backfill needs the estimate: plan.measure_rows > 0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from pipeline.compat.augment import simclr_augment
 from pipeline.config import EmbedConfig, StorageConfig
 from pipeline.data.decode import decode_batch
+from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
 from pipeline.train.embedder import image_dataset
 
@@ -133,3 +135,44 @@ def collect(ds: Any, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     if not parts:
         return {}
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+PAIRS_DONE = "_COMPLETE"  # written last: the files above it are whole
+
+
+@dataclass(frozen=True)
+class StoredPairs:
+    """Paired features written once to Parquet, streamed back from there on every pass."""
+
+    dataset: Any  # a Ray Dataset reading the files (lazily, block by block)
+    uri: str
+    rows: int
+    row_bytes: int  # float32 bytes of one row's embedding columns
+
+    @property
+    def size_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+
+def store_pairs(
+    feats: Any, uri: str, dims: dict[str, int], storage: StorageConfig | None = None
+) -> StoredPairs:
+    """Write `feats` under `uri` unless a complete copy is there already, and stream it back.
+
+    Ray Data writes block by block, so embedding a million 1,280-d training pairs (~10 GB)
+    holds a few blocks at a time, never the set; the training epochs then read the files
+    rather than an object store that would have to hold (or spill) all of it. `uri` is on
+    storage every node reaches (beside Ray Train's checkpoints), and names what the pairs
+    came from, so a rerun reuses them."""
+    done = uri_io.join(uri, PAIRS_DONE)
+    if not uri_io.exists(done, storage):
+        uri_io.delete(uri, storage)  # a write cut short leaves files without the marker
+        loc = uri_io.resolve(uri, storage)
+        feats.write_parquet(loc.path, filesystem=loc.fs)
+        uri_io.write_bytes(done, b"", storage)
+    files = uri_io.parquet_files(uri, storage)
+    rows = sum(uri_io.parquet_num_rows(f, storage) for f in files)
+    loc = uri_io.resolve(uri, storage)
+    paths = [uri_io.resolve(f, storage).path for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=loc.fs)
+    return StoredPairs(ds, uri, rows, 4 * sum(dims.values()))

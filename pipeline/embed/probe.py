@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig, StorageConfig
-from pipeline.data.decode import decode_batch
 from pipeline.data.shards import DataError
 from pipeline.embed.quality import distinct_rows
-from pipeline.embed.stages import EmbedStage
+from pipeline.embed.stages import EmbedStage, decode_with_side
 from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, ModelLoadError
 
@@ -63,7 +62,8 @@ def probe_model(
     images = np.empty(t.num_rows, dtype=object)  # bytes stay objects, never a fixed 'S' width
     images[:] = t["image"].to_pylist()
     batch = {"key": t["key"].to_numpy(zero_copy_only=False), "image": images}
-    dec = decode_batch(batch, blob.preprocess, cfg.max_decoded_pixels)
+    side_pre = side_blob.preprocess if side_blob is not None else None
+    dec = decode_with_side(batch, blob.preprocess, cfg.max_decoded_pixels, side_pre)
     ok = dec["error"] == ""
     res = ProbeResult(blob.name, where, int(ok.sum()), 0, 0, 0)
     if res.rows < 2:

@@ -373,6 +373,7 @@ def _pipeline(
             "pre": pre,
             "max_pixels": cfg.max_decoded_pixels,
             "shard_of_path": shard_of_path,
+            "side_pre": side_blob.preprocess if side_blob is not None else None,
         },
         batch_size=cfg.batch_size,
         num_cpus=cfg.decode_num_cpus,

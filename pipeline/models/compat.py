@@ -21,11 +21,17 @@ class SizingError(ConfigError):
 
 
 def transformation_macs(
-    old_dim: int, new_dim: int, side_dim: int, inner_dim: int, uncertainty: bool = True
+    old_dim: int,
+    new_dim: int,
+    side_dim: int,
+    inner_dim: int,
+    uncertainty: bool = True,
+    linear_skip: bool = False,
 ) -> int:
     """Multiply-adds per row of a Transformation: one per weight of its Linear layers."""
     o, n, s, w = old_dim, new_dim, side_dim, inner_dim
     macs = o * 2 * o + 2 * o * 2 * n  # old branch
+    macs += o * n if linear_skip else 0
     if s:
         macs += s * 2 * s + 2 * s * 2 * n  # side branch
     mixed = 4 * n if s else 2 * n
@@ -33,7 +39,12 @@ def transformation_macs(
 
 
 def size_inner_dim(
-    old_dim: int, new_dim: int, side_dim: int, max_mflops: float | None, uncertainty: bool = True
+    old_dim: int,
+    new_dim: int,
+    side_dim: int,
+    max_mflops: float | None,
+    uncertainty: bool = True,
+    linear_skip: bool = False,
 ) -> int:
     """The mixer width: FCT's 16 × new dim, narrowed (to a multiple of 64, never below the new
     dim) until h costs at most `max_mflops` MFLOP (2 × multiply-adds) per row.
@@ -46,7 +57,8 @@ def size_inner_dim(
     budget = max_mflops * 1e6 / 2
 
     def fits(w: int) -> bool:
-        return transformation_macs(old_dim, new_dim, side_dim, w, uncertainty) <= budget
+        macs = transformation_macs(old_dim, new_dim, side_dim, w, uncertainty, linear_skip)
+        return macs <= budget
 
     if fits(widest):
         return widest
@@ -54,7 +66,8 @@ def size_inner_dim(
     while w >= max(new_dim, WIDTH_STEP) and not fits(w):
         w -= WIDTH_STEP
     if w < new_dim or not fits(w):
-        least = 2 * transformation_macs(old_dim, new_dim, side_dim, new_dim, uncertainty) / 1e6
+        least = transformation_macs(old_dim, new_dim, side_dim, new_dim, uncertainty, linear_skip)
+        least = 2 * least / 1e6
         raise SizingError(
             f"transformation.max_mflops={max_mflops:g} is below the cheapest h for dimensions "
             f"old={old_dim}, side={side_dim}, new={new_dim} ({least:.1f} MFLOP/row): raise it"
@@ -65,7 +78,12 @@ def size_inner_dim(
 def transformation_cost(arch: dict[str, Any]) -> dict[str, float]:
     """Parameters and MFLOP per row of the Transformation `arch` builds (logged and printed)."""
     macs = transformation_macs(
-        arch["old_dim"], arch["new_dim"], arch["side_dim"], arch["inner_dim"], arch["uncertainty"]
+        arch["old_dim"],
+        arch["new_dim"],
+        arch["side_dim"],
+        arch["inner_dim"],
+        arch["uncertainty"],
+        arch.get("linear_skip", False),
     )
     with torch.device("meta"):  # count without allocating (FCT's width at 1,280-d is 2 GB)
         params = sum(p.numel() for p in Transformation(**arch).parameters())
@@ -104,6 +122,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 class Transformation(nn.Module):
     """FCT transformation h(old embedding, side info) -> new embedding, optionally with FastFill
     uncertainty: a head on the last hidden layer predicting the log-variance s of each sample.
+
+    `linear_skip`: h = skip(old) + MLP(old, side), the skip a frozen linear map (set by the
+    trainer to the closed-form ridge fit) and the MLP's output layer zero at the start, so
+    training begins at the least-squares map and learns only what it leaves. At production
+    dimensions (1,280-d) a plain MLP from random weights needs far more pairs than a gallery's
+    training split holds before it even matches that linear map.
     """
 
     def __init__(
@@ -113,6 +137,7 @@ class Transformation(nn.Module):
         side_dim: int = 0,
         inner_dim: int | None = None,
         uncertainty: bool = False,
+        linear_skip: bool = False,
     ):
         super().__init__()
         for name, val in (("old_dim", old_dim), ("new_dim", new_dim)):
@@ -137,6 +162,20 @@ class Transformation(nn.Module):
         )
         self.head = nn.Linear(self.inner_dim, new_dim)
         self.log_var_head = nn.Linear(self.inner_dim, 1) if self.uncertainty else None
+        self.linear_skip = bool(linear_skip)
+        self.skip: nn.Linear | None = None
+        if self.linear_skip:
+            self.skip = nn.Linear(old_dim, new_dim).requires_grad_(False)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def set_skip(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """The frozen linear part: y ≈ old @ weight.T + bias (weight (new_dim, old_dim))."""
+        if self.skip is None:
+            raise ValueError("this transformation was built without linear_skip")
+        with torch.no_grad():
+            self.skip.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.skip.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
 
     def forward(self, old: Tensor, side: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(predicted new embedding (n, new_dim), log-variance (n,) or None)."""
@@ -155,17 +194,19 @@ class Transformation(nn.Module):
             raise ValueError("side info given but the transformation was built with side_dim=0")
         h = self.mixer(h)
         log_var = self.log_var_head(h)[:, 0] if self.log_var_head is not None else None
-        return self.head(h), log_var
+        out = self.head(h)
+        return (out + self.skip(old) if self.skip is not None else out), log_var
 
     def config(self) -> dict[str, Any]:
         """Constructor kwargs, JSON-safe: Transformation(**cfg) rebuilds the architecture."""
-        return {
+        cfg = {
             "old_dim": self.old_dim,
             "new_dim": self.new_dim,
             "side_dim": self.side_dim,
             "inner_dim": self.inner_dim,
             "uncertainty": self.uncertainty,
         }
+        return {**cfg, "linear_skip": True} if self.linear_skip else cfg  # as before the skip
 
 
 class SimCLRHead(nn.Module):

@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cluster import train_storage
+from pipeline.cluster import train_storage, train_storage_uri
 from pipeline.compat.classifier import LinearHead, fit_linear_head
 from pipeline.context import Context
-from pipeline.embed.features import collect, paired_features
+from pipeline.embed.features import StoredPairs, collect, paired_features, store_pairs
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.study import StudyInputs, compat_study
 from pipeline.gallery.rows import read_rows
+from pipeline.io import uri as uri_io
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
@@ -76,17 +77,18 @@ def train_transformation_step(
         f"train-{tc.name}",
         ctx.tags(step="train_transformation", from_version=cfg.old_model.name),
     ) as run:
-        feats = _training_features(ctx, tc, blobs)
-        head = fastfill_classifier(ctx, tc, feats)
+        pairs = _training_features(ctx, tc, blobs, identity)
+        head = fastfill_classifier(ctx, tc, pairs.dataset)
         tr = train_transformation(
             tc,
-            feats,
+            pairs.dataset,
             dims,
             {"old": "old", "side": "side" if side else None, "new": "new"},
             head.to_config() if head is not None else None,
             transformation_dir(ctx, tc),
             identity,
             train_storage(cfg),
+            pairs.size_bytes,
         )
         run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
         run.log_metrics(tr.metrics())
@@ -133,10 +135,12 @@ def _transformation_identity(ctx: Context, blobs: dict[str, Any], side: bool) ->
     }
 
 
-def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
-    """The train split's paired features, materialised once: training makes many passes over
-    a small sample of features, and a lazy pipeline would compete with the trainer for the
-    CPUs Ray Data may use."""
+def _training_features(
+    ctx: Context, tc: Any, blobs: dict[str, Any], identity: dict[str, Any]
+) -> StoredPairs:
+    """The train split's paired features, embedded once into Parquet beside the training
+    checkpoints and streamed from there: training makes many passes over them, and embedding
+    them again each pass would cost a full pass of every model."""
     cfg = ctx.cfg
     feats = paired_features(
         cfg.images_uri,
@@ -148,7 +152,10 @@ def _training_features(ctx: Context, tc: Any, blobs: dict[str, Any]) -> Any:
     )
     if tc.max_train_rows is not None:
         feats = feats.limit(tc.max_train_rows)
-    return feats.materialize()
+    key = config_hash(identity, tc.augment_copies, tc.max_train_rows, sorted(blobs))
+    where = uri_io.join(train_storage_uri(cfg), "pairs", f"{tc.name}-{key}")
+    dims = {k: b.embedding_dim for k, b in blobs.items()}
+    return store_pairs(feats, where, dims, cfg.storage)
 
 
 def fit_adapters_step(

@@ -134,17 +134,9 @@ def blob_of(ctx: Context, model: Any) -> ModelBlob:
 
 
 def side_blob(ctx: Context) -> ModelBlob | None:
-    """The side-info model for ingest, or None when disabled; it must share the old preprocess."""
+    """The side-info model for ingest (with its own preprocess), or None when disabled."""
     sc = ctx.cfg.side_info_model
-    if not sc.enabled:
-        return None
-    blob = blob_of(ctx, sc)
-    if blob.preprocess != ctx.cfg.old_model.preprocess:
-        raise ModelLoadError(
-            "side_info.preprocess must equal old_model.preprocess: both run on the same decoded "
-            f"pixels at ingest (got {blob.preprocess} vs {ctx.cfg.old_model.preprocess})"
-        )
-    return blob
+    return blob_of(ctx, sc) if sc.enabled else None
 
 
 def side_info_stored(ctx: Context) -> bool:

@@ -14,6 +14,7 @@ from safetensors.torch import load
 from torch import nn
 
 from pipeline.compat.losses import fastfill_loss, transformation_loss
+from pipeline.compat.ridge import RidgeFit, fit_ridge
 from pipeline.config import TransformationConfig
 from pipeline.models.compat import Transformation, size_inner_dim, transformation_cost
 from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, ModelLoadError
@@ -25,6 +26,8 @@ from pipeline.train.loop import (
     reuse,
     run_training,
 )
+
+SKIP_MIN_DIM = 256  # from here up, h starts at the ridge map (see Transformation)
 
 
 @dataclass
@@ -48,9 +51,13 @@ class TransformationResult:
     inner_dim: int = 0
     h_params: float = 0.0
     h_mflops_per_row: float = 0.0  # what transforming a row costs (2 × multiply-adds)
+    ridge_alpha: float | None = None  # linear_skip: the ridge penalty chosen on held-out pairs
+    ridge_holdout_mse: float | None = None  # ... and the linear map's error there
 
     def metrics(self) -> dict[str, float]:
+        ridge = {"ridge_holdout_mse": self.ridge_holdout_mse} if self.ridge_alpha else {}
         return {
+            **ridge,
             "train_rows": self.train_rows,
             "final_loss": self.final_loss,
             "final_mse": self.final_mse,
@@ -65,6 +72,8 @@ def build_task(config: dict[str, Any]) -> Task:
     """L2 regression to the new embedding (FCT), or FastFill's uncertainty-weighted loss."""
     tcfg = TransformationConfig.model_validate(config["transformation"])
     model = Transformation(**config["arch"])
+    if config.get("skip") is not None:
+        model.set_skip(config["skip"]["weight"], config["skip"]["bias"])
     side = model.side_dim > 0
     head = config["new_classifier"]  # None: FastFill's regression term alone
     if head is not None:
@@ -98,9 +107,13 @@ def train_transformation(
     out_dir: str | Path,
     identity: dict[str, Any],
     results_dir: str | Path = ".carryover/ray_results",
+    size_bytes: int | None = None,
 ) -> TransformationResult:
     """Train h on a features dataset (old, side, new columns named by `columns`) on Ray Train.
 
+    `size_bytes`: the features' size where the caller knows it (streamed from files); at most
+    `train.cache_max_bytes` and each worker holds its share in memory, else every epoch
+    streams.
     `identity` names what the features came from (models, data): with the config it is the
     cache key, so the same upgrade reuses a trained transformation.
     """
@@ -112,19 +125,14 @@ def train_transformation(
     started = time.perf_counter()
     keep = [c for c in (columns["old"], columns.get("side"), columns["new"], "label") if c]
     features = features.select_columns(keep)  # only tensors travel to the workers
-    config = {
-        "transformation": tcfg.model_dump(mode="json"),
-        "arch": arch,
-        "new_classifier": new_classifier,
-        "columns": columns,
-    }
+    ridge = linear_part(features, columns) if arch.get("linear_skip") else None
     job = TrainingRun(
         "pipeline.train.transformation:build_task",
-        config,
+        _task_config(tcfg, arch, new_classifier, columns, ridge),
         features,
         tcfg.train,
         f"transformation-{tcfg.name}-{h}",
-        features.size_bytes() <= tcfg.train.cache_max_bytes,
+        (features.size_bytes() if size_bytes is None else size_bytes) <= tcfg.train.cache_max_bytes,
         started,
     )
     fitted = run_training(job, results_dir)
@@ -138,6 +146,8 @@ def train_transformation(
         epochs=tcfg.train.epochs,
         final_mse=float(fitted.metrics.get("mse", float("nan"))),
         inner_dim=arch["inner_dim"],
+        ridge_alpha=ridge.alpha if ridge else None,
+        ridge_holdout_mse=ridge.holdout_mse if ridge else None,
         **transformation_cost(arch),
         **fitted.result_fields(h),
     )
@@ -145,19 +155,50 @@ def train_transformation(
     return tr
 
 
-def architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
-    """h's constructor arguments; an unset inner_dim is sized to the cost limit."""
-    uncertainty = tcfg.loss == "fastfill"
-    inner = tcfg.inner_dim or size_inner_dim(
-        dims["old"], dims["new"], side_dim, tcfg.max_mflops, uncertainty
-    )
+def _task_config(
+    tcfg: TransformationConfig,
+    arch: dict[str, Any],
+    new_classifier: dict[str, list] | None,
+    columns: dict[str, str | None],
+    ridge: RidgeFit | None,
+) -> dict[str, Any]:
+    """What build_task gets on each worker: h's shape, its loss's inputs, its frozen skip."""
     return {
+        "transformation": tcfg.model_dump(mode="json"),
+        "arch": arch,
+        "new_classifier": new_classifier,
+        "columns": columns,
+        "skip": {"weight": ridge.weight, "bias": ridge.bias} if ridge else None,
+    }
+
+
+def linear_part(features: Any, columns: dict[str, str | None]) -> RidgeFit:
+    """The ridge map old → new over the training pairs, streamed (h's frozen skip)."""
+    pairs = (
+        (b[columns["old"]], b[columns["new"]])
+        for b in features.iter_batches(batch_size=4096, batch_format="numpy")
+    )
+    return fit_ridge(pairs)
+
+
+def architecture(tcfg: TransformationConfig, dims: dict[str, int], side_dim: int) -> dict:
+    """h's constructor arguments; an unset inner_dim is sized to the cost limit, an unset
+    linear_skip is on at production dimensions."""
+    uncertainty = tcfg.loss == "fastfill"
+    skip = tcfg.linear_skip
+    if skip is None:
+        skip = max(dims["old"], dims["new"]) >= SKIP_MIN_DIM
+    inner = tcfg.inner_dim or size_inner_dim(
+        dims["old"], dims["new"], side_dim, tcfg.max_mflops, uncertainty, skip
+    )
+    arch = {
         "old_dim": dims["old"],
         "new_dim": dims["new"],
         "side_dim": side_dim,
         "inner_dim": inner,
         "uncertainty": uncertainty,
     }
+    return {**arch, "linear_skip": True} if skip else arch  # hashes as before without it
 
 
 def _model_meta(tcfg: TransformationConfig, arch: dict, tr: TransformationResult) -> dict[str, Any]:

@@ -40,7 +40,10 @@ def test_benchmark_real_quick_writes_the_page_with_every_row(tmp_path: Path) -> 
     lab = {c["name"]: c for c in res["planned"]["compat"]["cases"]}
     unl = {c["name"]: c for c in res["unlabelled"]["compat"]["cases"]}
     assert lab["new/fct"]["top1"] is not None and unl["new/fct"]["top1"] is None
-    assert "new/fct-noside" in {c["name"] for c in res["noside"]["compat"]["cases"]}
+    # the adopted gallery has no side-info; the one carryover ingests has it, at 64 px
+    assert res["planned"]["transformation"]["side_info_model"] is None
+    assert res["side"]["transformation"]["side_info_model"] == "side-info"
+    assert "new/fct" in {c["name"] for c in res["side"]["compat"]["cases"]}
     assert res["planned"]["plan"]["measure"] == "top-1"
     assert res["unlabelled"]["plan"]["measure"] == "R@10"
     text = page.read_text()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,7 @@ def test_imported_unlabelled_gallery_is_transformed_and_validated_by_recall(
         "new_model.name=v2ts",
         f"new_model.uri={brought['new']}",
         "plan.budget_fraction=0",  # transform only
+        "transformation.linear_skip=true",  # what 1,280-d models get by default
         H_EPOCHS,
     ]
     # adopt the existing gallery: no image is embedded by carryover
@@ -187,6 +189,11 @@ def test_imported_unlabelled_gallery_is_transformed_and_validated_by_recall(
         and not (tmp_path / "models" / "side-info").exists()
     )
     assert report.transformation["side_info_model"] is None
+    # h = the ridge map of the training pairs (penalty chosen on held-out pairs) + residual
+    assert report.transformation["ridge_alpha"] > 0
+    assert report.transformation["ridge_holdout_mse"] >= 0
+    meta = json.loads((tmp_path / "models" / "fct" / "model.json").read_text())
+    assert meta["arch"]["linear_skip"] is True
     compat = report.compat
     assert compat["recall_k"] == 10
     cases = {c["name"]: c for c in compat["cases"]}

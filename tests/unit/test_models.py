@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.config import ArchitectureConfig, ModelConfig, PreprocessConfig, load_config
 from pipeline.context import Context
-from pipeline.embed.stages import EmbedStage
+from pipeline.data.decode import decode_batch
+from pipeline.embed.stages import DecodeEmbedStage, EmbedStage
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import (
     ModelLoadError,
@@ -73,6 +76,49 @@ def test_torchscript_file_as_embedder(tmp_path: Path) -> None:
         ref = net(_x()).numpy()
     np.testing.assert_allclose(out["embedding"][[0, 2]], ref[[0, 2]], rtol=1e-5, atol=1e-6)
     assert (out["embedding"][1] == 0).all()  # the rejected row is not embedded
+
+
+def _png(seed: int, size: int = 20) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_side_info_at_its_own_lower_resolution(tmp_path: Path) -> None:
+    """Side-info decoded at its own input size from the same bytes: what the side model sees
+    at ingest is what it sees anywhere it is run on the image alone."""
+    old = tmp_path / "old.pt"
+    torch.jit.save(torch.jit.trace(_net(), _x()), str(old))
+    side_arch = ArchitectureConfig(widths=[4], embedding_dim=3, num_classes=2)
+    torch.manual_seed(2)
+    side_net = EmbeddingNet(side_arch, in_channels=1).eval()
+    small = PreprocessConfig(input_size=4)
+    side_path = tmp_path / "side.pt"
+    torch.jit.save(torch.jit.trace(side_net, torch.randn(2, 1, 4, 4)), str(side_path))
+    arch = ArchitectureConfig(embedding_dim=6)
+    old_blob = resolve_blob(ModelConfig(name="o", uri=str(old), preprocess=PRE, architecture=arch))
+    side_cfg = ModelConfig(
+        name="s",
+        uri=str(side_path),
+        preprocess=small,
+        architecture=ArchitectureConfig(embedding_dim=3),
+    )
+    side_blob = resolve_blob(side_cfg)
+    images = np.empty(3, dtype=object)
+    images[:] = [_png(0), b"not an image", _png(1)]
+    batch = {
+        "key": np.array(["a", "b", "c"], dtype=object),
+        "image": images,
+        "path": np.array(["p"] * 3, dtype=object),
+    }
+    out = DecodeEmbedStage(old_blob, 1, side_blob, 10**6, {"p": 0})(batch)
+    assert list(out["error"] == "") == [True, False, True]
+    direct = decode_batch(batch, small, 10**6)["pixels"][[0, 2]]
+    with torch.inference_mode():
+        ref = side_net(torch.from_numpy(direct).view(-1, 1, 4, 4)).numpy()
+    np.testing.assert_allclose(out["side_info"][[0, 2]], ref, rtol=1e-5, atol=1e-6)
+    assert out["side_info"].shape == (3, 3) and out["embedding"].shape == (3, 6)
 
 
 def test_output_size_mismatch_is_named(tmp_path: Path) -> None:

@@ -46,12 +46,18 @@ def size_inner_dim(
     uncertainty: bool = True,
     linear_skip: bool = False,
 ) -> int:
-    """The mixer width: FCT's 16 × new dim, narrowed (to a multiple of 64, never below the new
-    dim) until h costs at most `max_mflops` MFLOP (2 × multiply-adds) per row.
+    """The mixer width: FCT's 16 × new dim (with `linear_skip`: half the new dim, see below),
+    narrowed (to a multiple of 64; without a skip never below the new dim) until h costs at
+    most `max_mflops` MFLOP (2 × multiply-adds) per row.
 
     At 128-d and below FCT's width fits any sane limit; at 1,280-d FCT's 20,480 would cost
-    ~1.1 GFLOP a row, more than re-embedding with a mobile CNN."""
+    ~1.1 GFLOP a row, more than re-embedding with a mobile CNN. With a linear skip the MLP
+    learns only what the ridge map leaves: on the real benchmark's 1,280-d pairs a 512-wide
+    residual matched or beat 1,024 and 2,432 (docs/methods.md) at a fraction of the cost."""
     widest = FCT_WIDTH * new_dim
+    if linear_skip:
+        widest = max(WIDTH_STEP, (new_dim // 2) // WIDTH_STEP * WIDTH_STEP)
+    narrowest = WIDTH_STEP if linear_skip else max(new_dim, WIDTH_STEP)  # the skip maps alone
     if max_mflops is None:
         return widest
     budget = max_mflops * 1e6 / 2
@@ -63,10 +69,10 @@ def size_inner_dim(
     if fits(widest):
         return widest
     w = (widest // WIDTH_STEP) * WIDTH_STEP
-    while w >= max(new_dim, WIDTH_STEP) and not fits(w):
+    while w >= narrowest and not fits(w):
         w -= WIDTH_STEP
-    if w < new_dim or not fits(w):
-        least = transformation_macs(old_dim, new_dim, side_dim, new_dim, uncertainty, linear_skip)
+    if w < narrowest or not fits(w):
+        least = transformation_macs(old_dim, new_dim, side_dim, narrowest, uncertainty, linear_skip)
         least = 2 * least / 1e6
         raise SizingError(
             f"transformation.max_mflops={max_mflops:g} is below the cheapest h for dimensions "

@@ -57,3 +57,13 @@ def test_a_linear_skip_h_starts_at_the_ridge_map_and_keeps_it_frozen() -> None:
     assert transformation_cost(arch)["h_params"] == sum(p.numel() for p in h.parameters())
     with pytest.raises(ValueError, match="without linear_skip"):
         Transformation(6, 4, inner_dim=16).set_skip(fit.weight, fit.bias)
+
+
+def test_a_residual_h_is_half_the_new_dim_wide_and_still_within_the_cost_limit() -> None:
+    from pipeline.models.compat import size_inner_dim
+
+    assert size_inner_dim(1280, 1280, 0, 64.0, linear_skip=True) == 640
+    assert size_inner_dim(512, 512, 0, None, linear_skip=True) == 256
+    w = size_inner_dim(1280, 1280, 32, 25.0, linear_skip=True)  # the limit narrows it further
+    assert w % 64 == 0 and w < 640
+    assert 2 * transformation_macs(1280, 1280, 32, w, True, linear_skip=True) <= 25e6

@@ -228,8 +228,8 @@ def notes(res: dict) -> str:
         f"- The existing gallery (the user's own job, Parquet) and carryover's embedding of "
         f"the same images by the same TorchScript file differ by at most "
         f"{res.get('existing_max_abs_diff', float('nan')):.1e}.",
-        f"- h (FastFill, no classifier head: the adopted gallery's labels are used only to "
-        f"fit the linear head FastFill's CE term needs) trained {h.get('epochs')} epochs on "
+        f"- h (FastFill's regression term alone: the TorchScript model has no classifier and "
+        f"`transformation.fit_classifier` is off) trained {h.get('epochs')} epochs on "
         f"{h.get('train_rows')} pairs (the {r['train_pairs']} training images and "
         f"{res.get('augment_copies', '?')} augmented views of each): "
         f"{h.get('h_params', 0) / 1e6:.2f} M parameters, final train MSE "

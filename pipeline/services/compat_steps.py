@@ -110,12 +110,15 @@ def train_transformation_step(
 
 
 def fastfill_classifier(ctx: Context, tc: Any, feats: Any) -> LinearHead | None:
-    """FastFill's frozen classifier of new embeddings: the new model's own head; else a linear
-    head fitted on the training pairs' labelled rows; else None (the regression term alone)."""
+    """FastFill's frozen classifier of new embeddings: the new model's own head; else, with
+    `transformation.fit_classifier`, a linear head fitted on the training pairs' labelled
+    rows; else None (the regression term alone)."""
     if tc.loss != "fastfill":
         return None
     if (head := model_classifier(ctx)) is not None:
         return head
+    if not tc.fit_classifier:
+        return None
     sample = collect(feats.select_columns(["new", "label"]).limit(CLASSIFIER_FIT_ROWS))
     labels = sample.get("label", np.zeros(0, np.int64))
     if len(np.unique(labels[labels >= 0])) < 2:

@@ -1,6 +1,6 @@
 """Models brought as TorchScript (no classifier head, as pretrained backbones come):
-- labelled images: FastFill ranks rows through a linear head fitted on the labelled training
-  pairs, and the planned upgrade mixes transformed, partial and full shards;
+- labelled images, `fit_classifier` on: FastFill ranks rows through a linear head fitted on the
+  labelled training pairs, and the planned upgrade mixes transformed, partial and full shards;
 - an existing, unlabelled gallery adopted with `carryover import`, then upgraded by
   transformation only: the study, the plan and validation measure recall@10 of the new model's
   own neighbours, and FastFill's regression-only uncertainty tracks h's real error."""
@@ -72,6 +72,7 @@ def test_torchscript_new_model_with_fastfill_uncertainty_and_partial_backfills(
         f"new_model.uri={brought['new']}",
         "plan.budget_fraction=0.3",
         "plan.min_gain=0",
+        "transformation.fit_classifier=true",  # off by default: the regression term alone
         H_EPOCHS,
     ]
     cfg = load_config(None, sets)

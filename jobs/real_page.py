@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,33 +37,56 @@ def existing_vs_ingest(existing: Path, gallery: Path) -> float:
     return max(float(np.abs(ours[k] - e).max()) for k, e in zip(keys, emb, strict=True))
 
 
-def ridge_case(gallery: Path, images: Path) -> dict:
-    """Ridge least-squares old→new fitted on the train split's pairs (alpha by leave-one-out),
-    measured on every validation row by the upgrade's own metric functions; old/old and
-    new/new beside it, and how far the existing Parquet embeddings are from carryover's."""
+@dataclass(frozen=True)
+class _Pairs:
+    """The gallery's old and new embeddings of the train and validation images."""
+
+    train_old: np.ndarray
+    train_new: np.ndarray
+    val_old: np.ndarray
+    val_new: np.ndarray
+    val_labels: np.ndarray
+
+
+def _pairs(gallery: Path, images: Path) -> _Pairs:
     g = Gallery(str(gallery))
     old, new = _version(g, "lite0"), _version(g, "lite1")
     t = pq.read_table(images, columns=["key", "label", "split"]).to_pydict()
     rows = [(k, y, s) for k, y, s in zip(t["key"], t["label"], t["split"], strict=True) if k in old]
     tr = [k for k, _, s in rows if s == "train"]
     va = [(k, y) for k, y, s in rows if s == "val"]
-    xt, yt = np.stack([old[k] for k in tr]), np.stack([new[k] for k in tr])
+    return _Pairs(
+        np.stack([old[k] for k in tr]),
+        np.stack([new[k] for k in tr]),
+        np.stack([old[k] for k, _ in va]),
+        np.stack([new[k] for k, _ in va]),
+        np.array([y for _, y in va]),
+    )
+
+
+def _measured(p: _Pairs, queries: np.ndarray, gallery: np.ndarray) -> dict[str, float]:
+    """top-1 / mAP (labels) and recall@K of the new model's own neighbours, on the val rows."""
+    y = p.val_labels
+    m = retrieval_metrics(queries, gallery, y, y, "cosine", exclude_self=True)
+    r = neighbour_recall(queries, gallery, nearest(p.val_new, p.val_new, K, "cosine"), "cosine")
+    return {"top1": m["top1"], "map": m["map"], "recall": r}
+
+
+def ridge_case(gallery: Path, images: Path) -> dict:
+    """Ridge least-squares old→new fitted on the train split's pairs (alpha by leave-one-out),
+    measured on every validation row by the upgrade's own metric functions; old/old and
+    new/new beside it."""
+    p = _pairs(gallery, images)
+    xt, yt, o, n = p.train_old, p.train_new, p.val_old, p.val_new
     fit = RidgeCV(alphas=(0.01, 0.1, 1.0, 10.0, 100.0)).fit(xt, yt)
-    fit_mse = float(np.mean((fit.predict(xt) - yt) ** 2))  # per element, as h's final_mse
-    o = np.stack([old[k] for k, _ in va])
-    n = np.stack([new[k] for k, _ in va])
-    y = np.array([y for _, y in va])
-    ref = nearest(n, n, K, "cosine")
-    out = {"train_pairs": len(tr), "val_rows": len(va), "alpha": float(fit.alpha_)}
+    out = {"train_pairs": len(xt), "val_rows": len(o), "alpha": float(fit.alpha_)}
     out.update(
-        train_mse=fit_mse,
+        train_mse=float(np.mean((fit.predict(xt) - yt) ** 2)),  # per element, as h's final_mse
         val_mse=float(np.mean((fit.predict(o) - n) ** 2)),
         new_variance=float(np.mean(yt.var(axis=0))),  # what predicting the mean would score
     )
     for name, q, gal in (("old/old", o, o), ("new/new", n, n), ("ridge", n, fit.predict(o))):
-        m = retrieval_metrics(q, gal, y, y, "cosine", exclude_self=True)
-        r = neighbour_recall(q, gal, ref, "cosine")
-        out[name] = {"top1": m["top1"], "map": m["map"], "recall": r}
+        out[name] = _measured(p, q, gal)
     return out
 
 
@@ -70,24 +94,14 @@ def skip_case(gallery: Path, images: Path, h_dir: Path) -> dict:
     """h's frozen linear part alone (the ridge map of h's own training pairs, augmented views
     included) on the validation rows: what h's residual MLP adds is h minus this."""
     h, meta = load_transformation(h_dir)
-    g = Gallery(str(gallery))
-    old, new = _version(g, "lite0"), _version(g, "lite1")
-    t = pq.read_table(images, columns=["key", "label", "split"]).to_pydict()
-    va = [(k, y) for k, y, s in zip(t["key"], t["label"], t["split"], strict=True) if s == "val"]
-    o = np.stack([old[k] for k, _ in va])
-    n = np.stack([new[k] for k, _ in va])
-    y = np.array([y for _, y in va])
     if h.skip is None:
         return {}
+    p = _pairs(gallery, images)
     with torch.inference_mode():
-        lin = h.skip(torch.from_numpy(o).float()).numpy()
-    m = retrieval_metrics(n, lin, y, y, "cosine", exclude_self=True)
-    r = neighbour_recall(n, lin, nearest(n, n, K, "cosine"), "cosine")
+        lin = h.skip(torch.from_numpy(p.val_old).float()).numpy()
     res = meta["train_result"]
     return {
-        "top1": m["top1"],
-        "map": m["map"],
-        "recall": r,
+        **_measured(p, p.val_new, lin),
         "alpha": res.get("ridge_alpha"),
         "holdout_mse": res.get("ridge_holdout_mse"),
         "train_rows": res.get("train_rows"),

@@ -164,15 +164,13 @@ def store_pairs(
     rather than an object store that would have to hold (or spill) all of it. `uri` is on
     storage every node reaches (beside Ray Train's checkpoints), and names what the pairs
     came from, so a rerun reuses them."""
-    done = uri_io.join(uri, PAIRS_DONE)
+    done, loc = uri_io.join(uri, PAIRS_DONE), uri_io.resolve(uri, storage)
     if not uri_io.exists(done, storage):
         uri_io.delete(uri, storage)  # a write cut short leaves files without the marker
-        loc = uri_io.resolve(uri, storage)
         feats.write_parquet(loc.path, filesystem=loc.fs)
         uri_io.write_bytes(done, b"", storage)
     files = uri_io.parquet_files(uri, storage)
     rows = sum(uri_io.parquet_num_rows(f, storage) for f in files)
-    loc = uri_io.resolve(uri, storage)
     paths = [uri_io.resolve(f, storage).path for f in files]
     ds = ray.data.read_parquet(paths, filesystem=loc.fs)
     return StoredPairs(ds, uri, rows, 4 * sum(dims.values()))

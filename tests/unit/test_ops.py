@@ -159,7 +159,9 @@ def test_job_config_is_absolute_and_has_no_secrets(tmp_path: Path, monkeypatch) 
     assert data["new_model"]["uri"] == "models:/g-embedder@candidate"
     assert "very-secret" not in json.dumps(data)
     bundle = jobs.make_bundle(cfg, "upgrade", tmp_path / "bundle")
-    assert (bundle / "jobs" / "upgrade.py").is_file() and (bundle / "pipeline" / "cli.py").is_file()
+    assert (bundle / "jobs" / "upgrade.py").is_file() and (
+        bundle / "pipeline" / "cli" / "commands.py"
+    ).is_file()
     assert not list(bundle.rglob("__pycache__"))
     again = load_config(bundle / "config.yaml")  # the job can load what travels
     assert again.workdir == data["workdir"] and again.storage.secret_access_key is None

@@ -1,11 +1,10 @@
-"""The `carryover` command line: one dispatch table of typer commands."""
+"""The upgrade commands: data, train, ingest, import, backfill, evaluate, promote, rollback,
+versions, search, config, upgrade, plan, demo, submit, jobs, schedule, lineage, lock."""
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,151 +12,28 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import ConfigError, UpgradeConfig, dump_config, load_config
-
-app = typer.Typer(
-    help="carryover: upgrade the embedding model behind an image gallery on Ray.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from pipeline.cli.common import (
+    EXIT_LOCKED,
+    AddressOpt,
+    ConfigOpt,
+    EnvOpt,
+    GalleryArg,
+    QuietOpt,
+    SetOpt,
+    TokenOpt,
+    _cfg,
+    _ctx,
+    _errors,
+    _gallery_cfg,
+    app,
+    console,
+    data_app,
+    jobs_app,
+    lock_app,
 )
-data_app = typer.Typer(
-    help="Image shards: prepare Parquet shards from datasets.", no_args_is_help=True
-)
-app.add_typer(data_app, name="data")
-jobs_app = typer.Typer(
-    help="Jobs on a Ray cluster (and local ones) with the gallery's journal of submissions "
-    "and scheduler ticks.",
-    no_args_is_help=True,
-)
-app.add_typer(jobs_app, name="jobs")
-lock_app = typer.Typer(help="The gallery's upgrade lock.", no_args_is_help=True)
-app.add_typer(lock_app, name="lock")
-# Off a terminal (CI logs, `ray job logs`) rich would wrap tables at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="upgrade YAML config")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        help="override a config key, e.g. --set new_model.train.epochs=3 (repeatable)",
-    ),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-AddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--address",
-        "-a",
-        help="Ray job API, http://HEAD:8265 (else ray.submit_address or RAY_API_SERVER_ADDRESS; "
-        "unset: run here on a local Ray)",
-    ),
-]
-TokenOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--token-file",
-        help="Ray auth token file (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
-    ),
-]
-EnvOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--env",
-        "-e",
-        help="KEY=VALUE for the job's environment, or KEY to forward this shell's value "
-        "(values are never printed; prefer the cluster's own secrets for credentials)",
-    ),
-]
-EXIT_LOCKED = 3
-
-
-def _say_error(label: str, style: str, e: BaseException) -> None:
-    """One line on stderr, never wrapped (a log grep finds the whole message) and never read
-    as markup (messages quote lists and paths in brackets)."""
-    err.print(f"[{style}]{label}:[/] {escape(str(e))}", soft_wrap=True)
-
-
-def _errors(fn):
-    """Map known failures to one clear line and a meaningful exit code (2 = bad input)."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        # start-up: torch and Ray (seconds); --help and parsing need neither
-        from pipeline.data.shards import DataError
-        from pipeline.gallery.lock import LockHeld
-        from pipeline.gallery.store import GalleryError
-        from pipeline.graph.dag import GraphError
-        from pipeline.io.uri import StorageError
-        from pipeline.models.store import ModelLoadError
-        from pipeline.ops.jobs import JobsError
-        from pipeline.runtime import RayStartError
-        from pipeline.upgrade.plan import PlanError
-
-        try:
-            return fn(*a, **kw)
-        except (
-            ConfigError,
-            DataError,
-            FileNotFoundError,
-            ModelLoadError,
-            PlanError,
-            GraphError,
-        ) as e:
-            _say_error("error", "bold red", e)
-            raise typer.Exit(2) from None
-        except LockHeld as e:
-            _say_error("locked", "bold yellow", e)
-            raise typer.Exit(EXIT_LOCKED) from None
-        except (GalleryError, StorageError, JobsError, RayStartError) as e:
-            _say_error("error", "bold red", e)
-            raise typer.Exit(1) from None
-        except Exception as e:
-            if type(e).__name__ == "TrackingError":
-                _say_error("tracking error", "bold red", e)
-                raise typer.Exit(1) from None
-            raise
-
-    return wrapper
-
-
-def _cfg(config: Path | None, sets: list[str] | None, gallery: str | None = None) -> UpgradeConfig:
-    cfg = load_config(config, sets)
-    if gallery:
-        cfg.gallery = gallery
-    return cfg
-
-
-def _gallery_cfg(
-    config: Path | None,
-    sets: list[str] | None,
-    gallery: str | None = None,
-    require: bool = True,
-    uses_tracking: bool = True,
-) -> tuple[UpgradeConfig, Any]:
-    """The config of a command on a gallery, with the gallery's identity: its name and MLflow
-    as its manifests record them (a -c/--set that disagrees: exit 2); "no gallery at PATH"
-    (when `require`) before anything is read, locked or created."""
-    # start-up: pyarrow (~0.1 s, a third of what --help takes)
-    from pipeline.gallery.identity import adopt_identity, given_keys
-
-    cfg = _cfg(config, sets, gallery)
-    given = given_keys(config is not None, sets)
-    return cfg, adopt_identity(cfg, given, require, uses_tracking)
-
-
-def _ctx(cfg: UpgradeConfig, quiet: bool = False):
-    # start-up: pyarrow (~0.1 s, a third of what --help takes)
-    from pipeline.context import Context
-
-    return Context(cfg, quiet=quiet)
+from pipeline.config import ConfigError, dump_config
 
 
 @data_app.command("prepare")
@@ -388,7 +264,7 @@ def _gallery_lock(cfg: Any, purpose: str) -> Any:
 @app.command()
 @_errors
 def rollback(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -405,7 +281,7 @@ def rollback(
 @app.command()
 @_errors
 def versions(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -424,7 +300,7 @@ def versions(
 @app.command()
 @_errors
 def search(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     key: Annotated[str | None, typer.Option(help="query by a gallery row's key")] = None,
     image: Annotated[Path | None, typer.Option(help="query by an image file")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="neighbours to return")] = 10,
@@ -781,7 +657,7 @@ def schedule(
 @app.command()
 @_errors
 def lineage(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     version: Annotated[str | None, typer.Option(help="only this version")] = None,
     shard: Annotated[int | None, typer.Option(help="only this shard id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -809,7 +685,7 @@ def lineage(
 @lock_app.command("show")
 @_errors
 def lock_show(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -830,7 +706,7 @@ def lock_show(
 @lock_app.command("break")
 @_errors
 def lock_break(
-    gallery: Annotated[str | None, typer.Argument(help="gallery URI (default: config)")] = None,
+    gallery: GalleryArg = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -844,15 +720,3 @@ def lock_break(
     console.print(
         f"{cfg.gallery_uri}: removed the lock of {info.describe()}" if info else "not locked"
     )
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,18 @@
+"""The `carryover` command line: one typer app; each module below adds its commands to it."""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import commands  # noqa: F401  (registers its commands)
+from pipeline.cli.common import EXIT_LOCKED, app, err
+
+__all__ = ["EXIT_LOCKED", "app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

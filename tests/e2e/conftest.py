@@ -1,12 +1,14 @@
 """A small upgraded gallery shared by the e2e tests that only need one to exist.
 
-Built once per test worker (session scope): digits on local files, MLflow on a SQLite file,
-v1 (old model) upgraded to v2 (new model) by the real flow. Tests read it as it is; a test
+Built once per test run (the first xdist worker to ask builds it under a file lock; the others
+wait and share it): digits on local files, MLflow on a SQLite file, v1 (old model) upgraded to
+v2 (new model) by the real flow (~1.5 min on 2 cores). Tests read it as it is; a test
 that changes it (promote, rollback, publish, a new version) works on `copy_of(...)`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +53,22 @@ def copy_of(g: SmallGallery, dest: Path) -> SmallGallery:
 
 
 @pytest.fixture(scope="session")
-def small_gallery(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Iterator[SmallGallery]:
-    root = tmp_path_factory.mktemp("small-gallery")
-    g = SmallGallery(root, small_sets(root))
+def small_gallery(
+    tmp_path_factory: pytest.TempPathFactory, worker_id: str, ray_local
+) -> Iterator[SmallGallery]:
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # one folder for all workers
+    root = shared / "small-gallery"
+    with open(shared / "small-gallery.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the builder holds it; the others wait here
+        if not (root / "READY").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            _build(SmallGallery(root, small_sets(root)))
+            (root / "READY").touch()
+    yield SmallGallery(root, small_sets(root))
+
+
+def _build(g: SmallGallery) -> None:
     cfg = g.cfg
     prepare("digits", cfg.images_uri, 2, cfg.storage, cfg.data, limit=400)
     run_upgrade(cfg, quiet=True)
-    yield g

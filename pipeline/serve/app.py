@@ -1,7 +1,7 @@
 """The search service on Ray Serve: a FastAPI ingress over a `LiveSearcher` per replica."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI resolves the endpoints' annotations at
+# request time inside a Serve replica, where string annotations (KOpt ...) do not resolve.
 import threading
 from typing import Annotated, Any
 

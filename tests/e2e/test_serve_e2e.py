@@ -161,15 +161,16 @@ def _image_and_vector_queries(g: SmallGallery, url: str, key: str) -> None:
         r = c.post("/search/image", params={"k": 3}, content=data)
         assert r.status_code == 200, r.text
         body = r.json()
-        # the image of a stored row finds that row first, with its label
-        assert body["version"] == "v1" and body["hits"][0]["key"] == key
+        # the image of a stored row finds that row (first, unless an identical digit ties)
+        assert body["version"] == "v1" and key in [h["key"] for h in body["hits"]]
+        assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert isinstance(body["hits"][0]["label"], int) and len(body["hits"]) == 3
         r = c.post("/search/image", params={"adapter": "procrustes"}, content=data)
         assert r.status_code == 200 and r.json()["adapter"] == "procrustes", r.text
         _, emb = version_embeddings(ctx.gallery, "v1", pa.array([key]))
         r = c.post("/search/vector", json={"vector": emb[0].tolist(), "k": 4})
         hits = r.json()["hits"]
-        assert r.status_code == 200 and hits[0]["key"] == key and len(hits) == 4
+        assert r.status_code == 200 and key in [h["key"] for h in hits] and len(hits) == 4
         assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)  # cosine of itself
         r = c.post("/search/vector", json={"vector": [1.0, 2.0]})
         assert r.status_code == 400 and "32-d" in r.json()["detail"]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-SECTIONS = ("transform", "backfill", "cost", "index", "training", "evaluation")
+SECTIONS = ("transform", "backfill", "cost", "index", "training", "evaluation", "serve")
 TINY = {
     "rows": 20_000,
     "images": 2_000,
@@ -31,12 +31,15 @@ TINY = {
     "cost_rows": 20_000,
     "workers": "1",
     "shards": 4,
+    "serve_rows": 2_000,
+    "serve_queries": 40,
+    "serve_cli_runs": 1,
 }
 
 
 def run(args: argparse.Namespace, console: Console) -> list:
     """Each selected section in turn; returns all figures."""
-    from pipeline.bench import backfill, cost, evaluation, index, training, transform
+    from pipeline.bench import backfill, cost, evaluation, index, serve, training, transform
 
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="carryover-bench-"))
     todo = {
@@ -51,6 +54,9 @@ def run(args: argparse.Namespace, console: Console) -> list:
         ),
         "evaluation": lambda: evaluation.run_evaluation(
             queries=args.eval_queries, gallery=args.eval_queries
+        ),
+        "serve": lambda: serve.run_serve(
+            wd, rows=args.serve_rows, queries=args.serve_queries, cli_runs=args.serve_cli_runs
         ),
     }
     figs = []
@@ -116,6 +122,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cost-seconds", type=float, default=20.0, help="cost: ResNet-50 seconds")
     ap.add_argument("--cost-batch", type=int, default=16, help="cost: ResNet-50 batch")
     ap.add_argument("--cost-rows", type=int, default=200_000, help="cost: transformation rows")
+    ap.add_argument("--serve-rows", type=int, default=100_000, help="serve: gallery rows")
+    ap.add_argument("--serve-queries", type=int, default=2000, help="serve: HTTP queries")
+    ap.add_argument("--serve-cli-runs", type=int, default=3, help="serve: CLI searches")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke run in seconds")
     ap.add_argument("--workdir", help="where generated data goes (default: a temp dir)")
     ap.add_argument("--out", default="docs/benchmarks.md", help="markdown report ('' = none)")

@@ -478,6 +478,29 @@ class AdoptConfig(_Model):
         return self.key_column or ("image_path" if layout == "npy" else "key")
 
 
+class ServeConfig(_Model):
+    """`carryover serve`: the search service on Ray Serve (HTTP/JSON)."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds (0.0.0.0: all)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the service")
+    replicas: int = Field(1, ge=1, description="replicas, each holding the model and the index")
+    replica_num_cpus: float = Field(0.5, gt=0, description="CPUs each replica reserves")
+    poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="how often each replica reads CURRENT; after a promote or rollback it "
+        "loads the new version fully, then swaps it in (requests never wait for the load)",
+    )
+    top_k: int = Field(10, ge=1, description="neighbours returned when a query gives no k")
+    max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
+    max_image_bytes: int = Field(
+        20_000_000, ge=1, description="largest image upload accepted (HTTP 413 above)"
+    )
+    ready_timeout_seconds: float = Field(
+        300.0, gt=0, description="how long the command waits for every replica to be ready"
+    )
+
+
 class DataConfig(_Model):
     """Image shards prepared for the demo and benchmarks."""
 
@@ -511,6 +534,7 @@ class UpgradeConfig(_Model):
     plan: PlanConfig = PlanConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     adopt: AdoptConfig = AdoptConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:

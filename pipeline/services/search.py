@@ -36,7 +36,7 @@ def read_image_file(image: Path) -> bytes:
         raise QueryError(f"{image}: cannot read it: {e.strerror or e}") from None
 
 
-def _model_for_version(ctx: Context, version: str) -> ModelConfig:
+def model_for_version(ctx: Context, version: str) -> ModelConfig:
     """The model that produced a version: from the config if named there, else the registry."""
     m = ctx.gallery.manifest(version)
     rv = m.get("registry_version")
@@ -57,7 +57,7 @@ def _model_for_version(ctx: Context, version: str) -> ModelConfig:
 def embed_image_file(ctx: Context, version: str, image: Path) -> np.ndarray:
     """Embed one image file with the model that produced `version`."""
     data = read_image_file(image)
-    return embed_bytes(ctx, _model_for_version(ctx, version), data, str(image))
+    return embed_bytes(ctx, model_for_version(ctx, version), data, str(image))
 
 
 def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.ndarray:

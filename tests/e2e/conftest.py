@@ -49,6 +49,10 @@ def small_sets(root: Path, name: str = "small") -> tuple[str, ...]:
 def copy_of(g: SmallGallery, dest: Path) -> SmallGallery:
     """A private copy (files and the SQLite tracking store) that a test may change."""
     shutil.copytree(g.root, dest)
+    # Manifests record the tracking URI (the gallery's identity): point them at the copy's
+    # own store, or every command on the copy refuses its config's tracking.uri.
+    for f in (dest / "gallery").rglob("*.json"):
+        f.write_text(f.read_text().replace(str(g.root), str(dest)))
     return SmallGallery(dest, small_sets(dest, name=g.cfg.gallery_name))
 
 

@@ -43,7 +43,8 @@ def test_benchmark_tiny_writes_report_figures_and_profile(tmp_path: Path) -> Non
     figs = json.loads(js.read_text())
     sections = {f["section"] for f in figs}
     assert sections == {"transform", "memory", "backfill", "cost", "index", "training"} | {
-        "evaluation"
+        "evaluation",
+        "serve",
     }
     for f in figs:
         assert math.isfinite(f["value"]) and f["value"] > 0, f

@@ -187,7 +187,9 @@ class LanceDBTarget:
 
     def _knn(self, ds: lance.LanceDataset, q: np.ndarray, **kw: Any) -> list[str]:
         nearest = {"column": "embedding", "q": q, "k": _K, "metric": self.metric, **kw}
-        return ds.to_table(columns=["key"], nearest=nearest).column("key").to_pylist()
+        # no _distance column wanted (pylance 14 warns once per query unless told so)
+        t = ds.to_table(columns=["key"], nearest=nearest, disable_scoring_autoprojection=True)
+        return t.column("key").to_pylist()
 
     def _tune(self, ds: lance.LanceDataset, parts: int) -> tuple[int, float]:
         """The fewest probed partitions whose recall@10 against an exact scan reaches the

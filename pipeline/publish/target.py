@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.config import ConfigError
 from pipeline.gallery.store import Gallery, GalleryError
@@ -65,6 +65,7 @@ class TargetInfo:
     serving: str | None
 
 
+@runtime_checkable
 class Target(Protocol):
     """A vector database target. `publish` writes a version where queries are answered (not yet
     served); `point` moves the serving name (None: remove it) in one atomic step of the

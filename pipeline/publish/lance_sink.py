@@ -71,4 +71,4 @@ class LanceFragmentSink(Datasink[list[bytes]]):
         op = lance.LanceOperation.Overwrite(self.schema, frags)
         ds = lance.LanceDataset.commit(self.uri, op, storage_options=self.storage_options)
         self.committed_version = ds.version
-        self.rows = sum(f.num_rows() if callable(f.num_rows) else f.num_rows for f in frags)
+        self.rows = sum(f.num_rows for f in frags)

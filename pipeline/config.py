@@ -508,6 +508,57 @@ class DataConfig(_Model):
     seed: int = 0
 
 
+class PublishConfig(_Model):
+    """`carryover publish`: copies of gallery versions in vector databases (LanceDB), their ANN
+    index, and the tag that serving readers open (moved by promote and rollback)."""
+
+    table: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="table name in the target database (default: gallery_name)",
+    )
+    serving_tag: str = Field(
+        "serving",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="tag on the table version that serving readers open; promote/rollback move it",
+    )
+    index_type: Literal["IVF_PQ", "IVF_FLAT", "none"] = Field(
+        "IVF_PQ", description="ANN index built after each publish (none: exact scans only)"
+    )
+    min_rows_for_index: int = Field(
+        256,
+        ge=256,
+        description="below this many rows no ANN index is built (a scan is exact and fast; "
+        "PQ needs 256 rows to train its codebooks)",
+    )
+    rows_per_partition: int = Field(
+        4096, ge=256, description="IVF partitions = ceil(rows / this) (Lance samples 256 a list)"
+    )
+    sub_vector_dims: int = Field(
+        8, ge=1, description="IVF_PQ: dimensions per PQ sub-vector (sub-vectors = dim / this)"
+    )
+    refine_factor: int = Field(
+        10, ge=1, description="IVF_PQ: re-rank refine_factor*k PQ candidates by exact distance"
+    )
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="nprobes is tuned until recall@10 vs exact reaches this"
+    )
+    tune_queries: int = Field(
+        200, ge=1, description="sample queries (rows of the table) for the nprobes tuning"
+    )
+    max_rows_per_file: int = Field(
+        1_048_576, ge=1, description="rows per Lance data file a write task starts a new file at"
+    )
+    read_rows: int = Field(
+        65_536, ge=1, description="rows per block read from a gallery shard (bounds memory)"
+    )
+    auto_publish: bool = Field(
+        True,
+        description="promote/rollback to a version a target lacks publishes it there first "
+        "(false: refuse, nothing moves)",
+    )
+
+
 class UpgradeConfig(_Model):
     """Everything one gallery upgrade needs; load with `load_config`."""
 
@@ -535,6 +586,7 @@ class UpgradeConfig(_Model):
     schedule: ScheduleConfig = ScheduleConfig()
     adopt: AdoptConfig = AdoptConfig()
     serve: ServeConfig = ServeConfig()
+    publish: PublishConfig = PublishConfig()
 
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:

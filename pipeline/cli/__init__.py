@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import (
-    commands,  # noqa: F401  (registers its commands)
-    serve,  # noqa: F401  (registers `carryover serve`)
-)
+from pipeline.cli import commands, publish, serve  # noqa: F401  (each registers its commands)
 from pipeline.cli.common import EXIT_LOCKED, app, err
 
 __all__ = ["EXIT_LOCKED", "app", "main"]

@@ -24,6 +24,7 @@ from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.models.store import resolve_blob
+from pipeline.publish.serving import targets_moved
 from pipeline.runtime import Timer, ensure_ray
 from pipeline.services.models import registry_version_of
 
@@ -289,10 +290,11 @@ def promote_step(ctx: Context, version: str) -> dict[str, Any]:
     m = g.manifest(version)
     serving = _serving_of(ctx, version, m)  # checked before anything moves
     before = g.current_bytes()
-    state = g.promote(
-        version, {"model": m.get("model"), "registry_version": m.get("registry_version")}
-    )
-    _move_serving(ctx, serving, before, f"promote {version}")
+    with targets_moved(g, ctx.cfg, version, f"promote {version}"):  # published copies first
+        state = g.promote(
+            version, {"model": m.get("model"), "registry_version": m.get("registry_version")}
+        )
+        _move_serving(ctx, serving, before, f"promote {version}")
     return state
 
 
@@ -302,8 +304,9 @@ def rollback_step(ctx: Context) -> dict[str, Any]:
     target = g.rollback_target()
     serving = _serving_of(ctx, target, g.manifest(target))
     before = g.current_bytes()
-    state = g.rollback()
-    _move_serving(ctx, serving, before, f"rollback to {target}")
+    with targets_moved(g, ctx.cfg, target, f"rollback to {target}"):
+        state = g.rollback()
+        _move_serving(ctx, serving, before, f"rollback to {target}")
     return state
 
 

@@ -1,0 +1,1 @@
+"""Copies of gallery versions in vector databases, and the serving name promote/rollback move."""

@@ -523,7 +523,9 @@ class PublishConfig(_Model):
         description="tag on the table version that serving readers open; promote/rollback move it",
     )
     index_type: Literal["IVF_PQ", "IVF_FLAT", "none"] = Field(
-        "IVF_PQ", description="ANN index built after each publish (none: exact scans only)"
+        "IVF_FLAT",
+        description="ANN index built after each publish (IVF_FLAT: exact distances in the probed "
+        "partitions, recall reaches the target; IVF_PQ: smaller, lossy; none: exact scans only)",
     )
     min_rows_for_index: int = Field(
         256,

@@ -29,14 +29,6 @@ def _carryover(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _sets(sg: SmallGallery, original: SmallGallery) -> list[str]:
-    """The copy's --set flags with the tracking URI its copied manifests record (the
-    original's): publish uses none, and a different explicit one would be refused."""
-    sets = [s for s in sg.sets if not s.startswith("tracking.uri=")]
-    sets.append(f"tracking.uri={original.cfg.tracking_uri}")
-    return [a for s in sets for a in ("--set", s)]
-
-
 def _recall_vs_faiss(g: Gallery, location: str, opts: dict | None, published: dict) -> float:
     """recall@10 of LanceDB opened at `serving` (with the tuned search settings) against the
     version's own faiss index, over 100 of its rows as queries."""
@@ -62,18 +54,18 @@ def test_publish_local_then_promote_and_rollback_move_the_tag(
     sg = copy_of(small_gallery, tmp_path / "g")
     cfg, db = sg.cfg, tmp_path / "db"
     g = Gallery(cfg.gallery_uri, cfg.storage)
-    r = _carryover("publish", "v2", "--to", f"lancedb://{db}", "--json", *_sets(sg, small_gallery))
+    r = _carryover("publish", "v2", "--to", f"lancedb://{db}", "--json", *sg.cli_sets())
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     p = out["published"]
-    assert (p["rows"], p["index_type"], out["serving_moved"]) == (400, "IVF_PQ", True)
+    assert (p["rows"], p["index_type"], out["serving_moved"]) == (400, "IVF_FLAT", True)
     assert out["target"]["serving"] == "v2" and p["recall_at_10"] >= 0.95
     assert _recall_vs_faiss(g, str(db), None, p) >= 0.95
 
-    bad = _carryover("publish", "v2", "--to", "qdrant://host/x", *_sets(sg, small_gallery))
+    bad = _carryover("publish", "v2", "--to", "qdrant://host/x", *sg.cli_sets())
     assert bad.returncode == 2 and "--to 'qdrant://host/x'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    gone = _carryover("publish", "v9", "--to", f"lancedb://{db}", *_sets(sg, small_gallery))
+    gone = _carryover("publish", "v9", "--to", f"lancedb://{db}", *sg.cli_sets())
     assert gone.returncode == 2 and "no complete version 'v9'" in gone.stderr
 
     # v1 was never published: rollback publishes it (auto_publish), then moves all three

@@ -42,7 +42,10 @@ def env_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of secret-named environment variables (AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN,
     MLFLOW_TRACKING_PASSWORD, ...), longest first so a longer secret is masked whole."""
     env = os.environ if environ is None else environ
-    found = {v for k, v in env.items() if is_secret_key(k) and len(v) >= MIN_SCRUB_LENGTH}
+    # a snapshot of the names, then .get: another thread (MLflow's telemetry) may delete a
+    # variable while we read, and iterating os.environ's items would raise KeyError
+    values = (env.get(k) for k in list(env) if is_secret_key(k))
+    found = {v for v in values if v and len(v) >= MIN_SCRUB_LENGTH}
     return sorted(found, key=len, reverse=True)
 
 

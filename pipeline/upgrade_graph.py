@@ -18,6 +18,7 @@ from pipeline.graph.dag import Stage, StageLog, StageRun
 from pipeline.io import uri as uri_io
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
+from pipeline.services.inputs import gallery_version_ref
 from pipeline.services.upgrade import (
     compute_plan,
     execute_plan,
@@ -159,12 +160,19 @@ class UpgradeStages:
         return json.loads(p.to_json())
 
     def execute(self, inp: dict, r: StageRun) -> dict[str, Any]:
-        return execute_plan(self.ctx, plan_of(inp["plan"]), r.run, self.ctx.quiet)
+        # the upgrade run (parent) lists the same inputs: the UI leads from it to data and models
+        return execute_plan(self.ctx, plan_of(inp["plan"]), r.run, self.ctx.quiet, r.parent)
 
     def index(self, inp: dict, r: StageRun) -> dict[str, Any]:
         parent_id = r.parent.run_id if r.parent is not None else None
-        out = finalize_target(self.ctx, plan_of(inp["plan"]), parent_id)
+        plan = plan_of(inp["plan"])
+        out = finalize_target(self.ctx, plan, parent_id)
         r.log_dict(self.ctx.gallery.manifest(self.cfg.target_version), "manifest.json")
+        built = gallery_version_ref(
+            self.ctx.gallery, self.cfg.gallery_name, self.cfg.target_version, "built"
+        )
+        for run in {id(x): x for x in (r.run, r.parent) if x is not None}.values():
+            run.log_inputs([built])
         return out
 
     def validate(self, inp: dict, _: StageRun) -> dict[str, Any]:

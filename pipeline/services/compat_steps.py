@@ -22,8 +22,10 @@ from pipeline.io import uri as uri_io
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
 from pipeline.runtime import ensure_ray
+from pipeline.services.inputs import model_ids, training_images
 from pipeline.services.models import (
     blob_of,
+    find_model_version,
     model_classifier,
     register,
     side_blob,
@@ -93,6 +95,7 @@ def train_transformation_step(
         run.log_params({"transformation": tc.model_dump(mode="json"), "identity": identity})
         run.log_metrics(tr.metrics())
         run.set_tags({"carryover.fastfill_classifier": head.source if head else "none"})
+        run.log_inputs([training_images(ctx)], _model_ids_of(ctx, blobs))
         tags = {
             "model": tc.name,
             "from_model": cfg.old_model.name,
@@ -107,6 +110,19 @@ def train_transformation_step(
     out = asdict(tr)
     out.update(registry_version=version, step_seconds=round(time.perf_counter() - t0, 2))
     return out
+
+
+def _model_ids_of(ctx: Context, blobs: dict[str, Any]) -> list[str]:
+    """The LoggedModels of the registered embedders h learns from (old, new, side-info)."""
+    cfg = ctx.cfg
+    kinds = {"old": ("embedder", cfg.old_model), "new": ("embedder", cfg.new_model)}
+    kinds["side"] = ("side-info", cfg.side_info_model)
+    used = []
+    for key in blobs:
+        kind, model = kinds[key]
+        info = find_model_version(ctx, "carryover.model", model.name, kind)
+        used.append((ctx.registry_name(kind), info.version if info else None))
+    return model_ids(ctx, used)
 
 
 def fastfill_classifier(ctx: Context, tc: Any, feats: Any) -> LinearHead | None:

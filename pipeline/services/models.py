@@ -17,6 +17,7 @@ from pipeline.context import Context
 from pipeline.embed.features import collect, paired_features
 from pipeline.models.store import ModelBlob, ModelLoadError, build_model, load_trained, resolve_blob
 from pipeline.runtime import ensure_ray
+from pipeline.services.inputs import training_images
 from pipeline.train.embedder import train_embedder
 from pipeline.train.side_info import train_side_info
 
@@ -53,6 +54,7 @@ def train_step(ctx: Context, model: ModelConfig, aliases: tuple[str, ...] = ()) 
         tr = train()
         run.log_params({"model": model.model_dump(mode="json"), "images": ctx.cfg.images_uri})
         run.log_metrics(tr.metrics())
+        run.log_inputs([training_images(ctx)])
         tags = {"model": model.name, "trained_classes": classes or "all"}
         if not side:
             tags["compat_loss"] = model.train.loss

@@ -26,6 +26,7 @@ from pipeline.io.redact import redact_text
 from pipeline.models.store import resolve_blob
 from pipeline.publish.serving import targets_moved
 from pipeline.runtime import Timer, ensure_ray
+from pipeline.services.inputs import gallery_version_ref, images_ref, model_ids
 from pipeline.services.models import registry_version_of
 
 
@@ -67,6 +68,19 @@ def _existing_version(version: str, method: str, m: dict[str, Any]) -> VersionSt
     )
 
 
+def _log_version_inputs(ctx: Context, run: Any, version: str, files: dict[int, str]) -> None:
+    """The ingest/backfill run's lineage in MLflow: images in, version built, embedder used."""
+    g, m = ctx.gallery, ctx.gallery.manifest(version)
+    emb = m.get("registry_model") or ctx.registry_name()
+    run.log_inputs(
+        [
+            images_ref(ctx.cfg.images_uri, files, ctx.cfg.storage, "images"),
+            gallery_version_ref(g, ctx.cfg.gallery_name, version, "built"),
+        ],
+        model_ids(ctx, [(emb, m.get("registry_version"))]),
+    )
+
+
 def embed_version_step(
     ctx: Context,
     model: ModelConfig,
@@ -102,6 +116,7 @@ def embed_version_step(
         run.log_metrics({**res.metrics(), **timer.metrics()})
         run.log_dict(manifest, "manifest.json")
         run.set_tags({"carryover.shards": ",".join(str(r["shard_id"]) for r in records)})
+        _log_version_inputs(ctx, run, version, files)
     return VersionStepResult(
         version,
         method,

@@ -23,6 +23,7 @@ from pipeline.models.store import build_model
 from pipeline.runtime import ensure_ray
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
+from pipeline.services.inputs import gallery_version_ref, images_ref, model_ids
 from pipeline.upgrade.execute import (
     ExecutorSpec,
     execute_shards,
@@ -299,8 +300,11 @@ def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec
     )
 
 
-def execute_plan(ctx: Context, plan: Plan, run: Any, quiet: bool) -> dict[str, Any]:
-    """Run every planned shard not committed yet on a Ray Data actor pool."""
+def execute_plan(
+    ctx: Context, plan: Plan, run: Any, quiet: bool, parent: Any = None
+) -> dict[str, Any]:
+    """Run every planned shard not committed yet on a Ray Data actor pool; the run (and the
+    upgrade's `parent` run) record the datasets and models it read."""
     g, target = ctx.gallery, ctx.cfg.target_version
     done = g.committed_shards(target)
     work = pending_work(plan, done)
@@ -324,7 +328,23 @@ def execute_plan(ctx: Context, plan: Plan, run: Any, quiet: bool) -> dict[str, A
     secs = time.perf_counter() - t0
     all_recs = list(g.committed_shards(target).values())
     run.log_dict(sorted(all_recs, key=lambda r: r["shard_id"]), "shards.json")
+    for r in (run, parent) if parent is not None else (run,):
+        log_upgrade_inputs(ctx, r, plan, spec)
     return execution_summary(records, len(done), secs)
+
+
+def log_upgrade_inputs(ctx: Context, run: Any, plan: Plan, spec: ExecutorSpec) -> None:
+    """An upgrade run's lineage in MLflow: the source version, the image shards re-embedded
+    rows came from, the new embedder and every transformation version applied."""
+    source = plan.shards[0].source_version
+    refs = [gallery_version_ref(ctx.gallery, ctx.cfg.gallery_name, source, "source")]
+    if any(w.method != "transform" for w in plan.shards):
+        files = steps.image_shards(ctx.cfg)
+        refs.append(images_ref(ctx.cfg.images_uri, files, ctx.cfg.storage, "images"))
+    used = [(ctx.registry_name(), spec.lineage["model_registry_version"])]
+    for chain in spec.lineage["chains"].values():
+        used += [(m["registry_name"], m["registry_version"]) for m in chain]
+    run.log_inputs(refs, model_ids(ctx, used))
 
 
 def finalize_target(ctx: Context, plan: Plan, run_id: str | None) -> dict[str, Any]:

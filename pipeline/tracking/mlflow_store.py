@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import re
@@ -18,17 +19,20 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelInput, Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline.io.redact import redact, redact_text, uri_has_credentials
+from pipeline.tracking.mlmodel import DatasetRef, dataset_input, log_logged_model
 from pipeline.tracking.params import MAX_TAG_VALUE_LENGTH, to_params, to_tags, to_text
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests runs by it
 ERROR_TAG = "carryover.error"
 MODEL_ARTIFACT_PATH = "model"
 MODEL_FILE = "model.json"
+MODEL_ID_TAG = "carryover.model_id"  # on a model version: its LoggedModel
 # A server that refuses fails at once; one that answers slowly (a loaded host) gets time.
 PROBE_TIMEOUT_S = 30.0
 # The runs open in this thread of control, innermost last: a run started while another is
@@ -58,6 +62,7 @@ class ModelVersionInfo:
     source: str
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    model_id: str | None = None  # its MLflow 3 LoggedModel (None: registered before them)
 
     @property
     def uri(self) -> str:
@@ -65,13 +70,17 @@ class ModelVersionInfo:
 
 
 def _version_info(mv: ModelVersion) -> ModelVersionInfo:
+    tags = dict(mv.tags or {})
+    # A SQLite registry does not keep ModelVersion.model_id: a tag carries it there.
+    model_id = tags.pop(MODEL_ID_TAG, None)
     return ModelVersionInfo(
         name=mv.name,
         version=int(mv.version),
         run_id=mv.run_id or None,
         source=mv.source,
-        tags=dict(mv.tags or {}),
+        tags=tags,
         aliases=sorted(mv.aliases or []),
+        model_id=getattr(mv, "model_id", None) or model_id,
     )
 
 
@@ -179,6 +188,17 @@ class RunHandle:
         with _errors(f"log {artifact_file} to run {self.run_id}"):
             self._client.log_dict(self.run_id, redact(obj), artifact_file)
 
+    def log_inputs(
+        self, datasets: Iterable[DatasetRef] = (), model_ids: Iterable[str] = ()
+    ) -> None:
+        """The datasets and LoggedModels this run read: MLflow's UI links them from the run."""
+        ds = [dataset_input(d) for d in datasets]
+        ms = [LoggedModelInput(m) for m in dict.fromkeys(model_ids) if m]
+        if not ds and not ms:
+            return
+        with _errors(f"log inputs to run {self.run_id}"):
+            self._client.log_inputs(self.run_id, datasets=ds or None, models=ms or None)
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a directory's contents, under `artifact_path`."""
         path = Path(local_path)
@@ -248,22 +268,28 @@ class Registry:
         run_id: str,
         tags: Mapping[str, Any] | None = None,
         aliases: Iterable[str] = (),
-        artifact_path: str = MODEL_ARTIFACT_PATH,
     ) -> int:
-        """Log `model_dir` as the run's `artifact_path/` and register it; returns the version."""
+        """Log `model_dir` as an MLflow model (pyfunc from code + signature, the dir's
+        safetensors as its artifacts), a LoggedModel output of the run; register it."""
         src = Path(model_dir)
         if not (src / MODEL_FILE).is_file():
             raise TrackingError(f"register {name}: {src} has no {MODEL_FILE}")
         with _errors(f"register model {name} from run {run_id} at {self.tracking_uri}"):
-            self._client.log_artifacts(run_id, str(src), artifact_path)
+            model_id, where = log_logged_model(self._client, run_id, name, src, dict(tags or {}))
             self._ensure_registered_model(name)
-            # The concrete artifact URI (not runs:/...) so downloads need no run lookup, and an
-            # `mlflow server` accepts it: it checks the source lies inside the run's artifacts.
-            run_root = self._client.get_run(run_id).info.artifact_uri.rstrip("/")
+            # The concrete artifact URI (not models:/<id>, which MLflow would resolve through
+            # the process-wide tracking URI); a server accepts it inside the model's artifacts.
             mv = self._client.create_model_version(
-                name, f"{run_root}/{artifact_path}", run_id=run_id, tags=to_tags(tags or {})
+                name,
+                where,
+                run_id=run_id,
+                tags={**to_tags(tags or {}), MODEL_ID_TAG: model_id},
+                model_id=model_id,
             )
             version = int(mv.version)
+            # what mlflow.register_model records: the model's page links its versions
+            link = json.dumps([{"name": name, "version": str(version)}])
+            self._client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: link})
             for alias in aliases:
                 self._client.set_registered_model_alias(name, alias, str(version))
             self._client.set_tag(run_id, f"carryover.registered.{name}", str(version))

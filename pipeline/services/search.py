@@ -16,10 +16,9 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.context import Context
 from pipeline.data.decode import decode_images
 from pipeline.data.shards import DataError
-from pipeline.io import uri as uri_io
 from pipeline.models.compat import ADAPTERS, build_adapter
 from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, build_model, resolve_blob
-from pipeline.services.steps import image_shards, load_index, version_embeddings
+from pipeline.services.steps import image_layout, image_shards, load_index, version_embeddings
 
 
 class QueryError(DataError):
@@ -94,8 +93,9 @@ def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
 
 def image_bytes_of_key(ctx: Context, key: str) -> bytes:
     """The encoded image of a key, found by scanning the image shards (filter on key)."""
+    layout = image_layout(ctx.cfg)
     for f in image_shards(ctx.cfg).values():
-        for b in uri_io.iter_parquet_batches(f, ctx.cfg.storage, ["key", "image"]):
+        for b in layout.read(f, ctx.cfg.storage, ["key", "image"]):
             t = pa.Table.from_batches([b])
             t = t.filter(pc.equal(t["key"], key))
             if t.num_rows:

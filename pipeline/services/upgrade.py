@@ -154,7 +154,9 @@ def _facts(
         probe = steps.split_sample(cfg, "val", cfg.evaluate.max_queries).keys
     except (FileNotFoundError, ValueError):
         probe = None
-    scan = ScanSettings(cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards)
+    scan = ScanSettings(
+        cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards, cfg.workdir
+    )
     with prog:
         return gather_facts(ctx.gallery, source, cfg.new_model.name, chains, scan, tick, probe)
 

@@ -192,7 +192,8 @@ def _folder_source(root: Path) -> _Source:
         labels += [label] * len(found)
     if not files:
         raise DataError(
-            f"{root}: no images (expected {root}/<image>.jpg or {root}/<class>/<image>.png; "
+            f"{root}: the folder has no images (expected {root}/<image>.jpg or "
+            f"{root}/<class>/<image>.png; "
             f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
 

@@ -4,6 +4,7 @@ rows rejected with their reason, split by key hash), flat image folders, absolut
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig, load_config
+from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data.prepare import prepare
 from pipeline.data.shards import DataError, split_for_key
 from pipeline.data.sources import ImageLayout, check_shards, image_files
@@ -156,3 +157,30 @@ def test_absolute_uris_and_old_relative_records(tmp_path: Path, monkeypatch) -> 
     )
     assert uri_io.from_record("/abs/x.parquet", work) == "/abs/x.parquet"
     assert uri_io.from_record(None, work) is None
+
+
+def test_adapter_queries_search_the_old_models_version(tmp_path: Path) -> None:
+    """After promotion (v2 serving) an adapter's new→old queries go to v1, not to v2."""
+    from pipeline.context import Context
+    from pipeline.services.search import adapter_version
+
+    cfg = load_config(None, [f"workdir={tmp_path}"])
+    g = tmp_path / "gallery"
+    for i, (v, model) in enumerate([("v1", "v1"), ("v2", "v2"), ("v3", "v2")]):
+        (g / "versions" / v).mkdir(parents=True)
+        m = {"model": model, "created_at": i, "shards": []}
+        (g / "versions" / v / "manifest.json").write_text(json.dumps(m))
+    (g / "CURRENT").write_text(json.dumps({"version": "v2"}))
+    meta = tmp_path / "models" / "adapter-procrustes" / "model.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"adapter": {}, "from_model": "v2", "to_model": "v1"}))
+    ctx = Context(cfg)
+    assert adapter_version(ctx, "procrustes") == "v1"
+    (g / "CURRENT").write_text(json.dumps({"version": "v1"}))
+    assert adapter_version(ctx, "procrustes") == "v1"
+    meta.write_text(json.dumps({"adapter": {}, "from_model": "v1", "to_model": "v2"}))
+    (g / "CURRENT").write_text(json.dumps({"version": "v1"}))
+    assert adapter_version(ctx, "procrustes") == "v3"  # the newest version of that model
+    meta.write_text(json.dumps({"adapter": {}, "from_model": "v1", "to_model": "v9"}))
+    with pytest.raises(ConfigError, match="no version of .* holds 'v9' embeddings"):
+        adapter_version(ctx, "procrustes")

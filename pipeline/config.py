@@ -501,11 +501,56 @@ class ServeConfig(_Model):
     )
 
 
+class ImageColumnsConfig(_Model):
+    """Which column of the image shards holds each field (None: the layout's default)."""
+
+    key: str | None = Field(None, description="unique row key (default: key)")
+    image: str | None = Field(
+        None, description="encoded image bytes (default: image; jpg for img2dataset)"
+    )
+    label: str | None = Field(
+        None,
+        description="integer class label; optional unless set (default: label; img2dataset: none)",
+    )
+    split: str | None = Field(
+        None,
+        description="'train'/'val'; optional unless set: without one, a row's split comes from a "
+        "hash of its key (data.val_fraction, data.seed), as `data prepare` writes it",
+    )
+
+
+class ImageSourceConfig(_Model):
+    """How image shards are laid out: carryover's own, or img2dataset's output read in place."""
+
+    layout: Literal["carryover", "img2dataset"] = Field(
+        "carryover",
+        description="carryover: shard-NNNNN.parquet with key/image/label/split; img2dataset: "
+        "NNNNN.parquet with key, jpg and status/error_message (failed rows become rejected rows)",
+    )
+    shard_pattern: str | None = Field(
+        None,
+        description="glob of shard file names; the shard id is the last number in the name "
+        "(default: shard-*.parquet; [0-9]*.parquet for img2dataset)",
+    )
+    columns: ImageColumnsConfig = ImageColumnsConfig()
+    status_column: str | None = Field(
+        None,
+        description="rows whose value is not 'success' are rejected, not decoded "
+        "(default: none; status for img2dataset, optional unless set)",
+    )
+    error_column: str | None = Field(
+        None,
+        description="the reason recorded for a row the status column rejects "
+        "(default: none; error_message for img2dataset)",
+    )
+
+
 class DataConfig(_Model):
-    """Image shards prepared for the demo and benchmarks."""
+    """Image shards: how they are laid out and read, and the train/val split of rows."""
 
     val_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = 0
+    source: ImageSourceConfig = ImageSourceConfig()
 
 
 class PublishConfig(_Model):

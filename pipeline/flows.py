@@ -253,7 +253,9 @@ def print_summary(report: UpgradeReport, console: Console) -> None:
             console.print(
                 f"compatibility report: {Path(report.compat_files['report.json']).parent}"
             )
-    if report.plan:
+    # The plan stage prints the table as it plans (before the long execute stage): repeat it
+    # here only when this run did not plan (the plan was resumed from an earlier run).
+    if report.plan and report.stages.get("plan", {}).get("status") != "done":
         console.print(plan_table(Plan.from_json(json.dumps(report.plan))))
     if report.validation:
         v = {k: x for k, x in report.validation.items() if k != "ok"}

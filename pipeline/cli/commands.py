@@ -42,7 +42,8 @@ def data_prepare(
     source: Annotated[
         str,
         typer.Option(
-            help="digits | synthetic | PATH.npz (images, labels) | DIR of class sub-folders"
+            help="digits | synthetic | PATH.npz (images, labels) | DIR of images "
+            "(flat: unlabelled, or in class sub-folders)"
         ),
     ],
     out: Annotated[str, typer.Option(help="output URI (local path or s3://bucket/prefix)")],
@@ -311,7 +312,8 @@ def search(
         str | None,
         typer.Option(
             help="embed the query with the NEW model and map it through this query "
-            "adapter (procrustes | low_rank | residual_mlp) into the serving space"
+            "adapter (procrustes | low_rank | residual_mlp) into the old model's space; "
+            "searches the version holding that space unless --version is given"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -327,14 +329,14 @@ def search(
     cfg, _ = _gallery_cfg(config, set_, gallery)
     res = search_gallery(_ctx(cfg), key=key, image=image, k=k, version=version, adapter=adapter)
     if as_json:
-        console.print_json(json.dumps(res))
+        console.print_json(json.dumps(res.__dict__))
         return
     via = f" via {adapter} adapter" if adapter else ""
-    t = Table(title=f"top {k} in {res['version']} for {key or image}{via}")
-    for c in ("rank", "key", "score"):
+    t = Table(title=f"top {k} in {res.version} for {key or image}{via}")
+    for c in ("rank", "key", "score", "label"):
         t.add_column(c)
-    for i, (kk, s) in enumerate(zip(res["keys"], res["scores"], strict=True), 1):
-        t.add_row(str(i), str(kk), f"{s:.4f}")
+    for i, (kk, s, y) in enumerate(zip(res.keys, res.scores, res.labels, strict=True), 1):
+        t.add_row(str(i), str(kk), f"{s:.4f}", "" if y is None else str(y))
     console.print(t)
 
 

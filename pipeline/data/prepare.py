@@ -1,4 +1,4 @@
-"""Prepare Parquet image shards from digits, a .npz, class folders or a synthetic generator."""
+"""Prepare Parquet image shards from digits, a .npz, a folder of images or a synthetic generator."""
 
 from __future__ import annotations
 
@@ -26,10 +26,13 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # Stored as is: every consumer reads PNG and JPEG, and re-encoding JPEG as PNG bloats it.
 _PASSTHROUGH_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
-VALID_SOURCES = "'digits', 'synthetic', a path to a .npz file, or a directory of class sub-folders"
+VALID_SOURCES = (
+    "'digits', 'synthetic', a path to a .npz file, or a directory of images (flat: unlabelled; "
+    "or in class sub-folders)"
+)
 
 # Rows -> (keys, encoded images, labels) for the given source row indices.
-EncodeFn = Callable[[np.ndarray], tuple[list[str], list[bytes], list[int]]]
+EncodeFn = Callable[[np.ndarray], tuple[list[str], list[bytes], list[int | None]]]
 
 
 @dataclass
@@ -166,25 +169,41 @@ def _image_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot convert to PNG: {e}") from e
 
 
-def _folder_source(root: Path) -> _Source:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
-    files: list[str] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
-        for p in sorted((root / cls).rglob("*")):
-            rel = p.relative_to(root)
-            hidden = any(part.startswith(".") for part in rel.parts)
-            if p.is_file() and not hidden and p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(rel.as_posix())
-                labels.append(label)
+def _images_in(folder: Path, root: Path, recursive: bool) -> list[str]:
+    """Image files under `folder` (hidden ones left out), as sorted paths relative to root."""
+    out: list[str] = []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        rel = p.relative_to(root)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        if p.is_file() and not hidden and p.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(rel.as_posix())
+    return out
 
-    def encode(idx: np.ndarray) -> tuple[list[str], list[bytes], list[int]]:
+
+def _folder_source(root: Path) -> _Source:
+    """Class sub-folders (labels by sorted folder name) and images directly in the folder
+    (no label): a flat folder of images is an unlabelled gallery."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = _images_in(root, root, recursive=False)
+    labels: list[int | None] = [None] * len(files)
+    for label, cls in enumerate(classes):
+        found = _images_in(root / cls, root, recursive=True)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(
+            f"{root}: the folder has no images (expected {root}/<image>.jpg or "
+            f"{root}/<class>/<image>.png; "
+            f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+
+    def encode(idx: np.ndarray) -> tuple[list[str], list[bytes], list[int | None]]:
         keys = [files[i] for i in idx]
         return keys, [_image_bytes(root / k) for k in keys], [labels[i] for i in idx]
 
-    return _Source(root.name, len(files), classes, encode, np.asarray(labels))
+    labelled = all(y is not None for y in labels)
+    shown = classes if any(y is not None for y in labels) else []
+    return _Source(root.name, len(files), shown, encode, np.asarray(labels) if labelled else None)
 
 
 def _open_source(source: str, data: DataConfig, synthetic_n: int) -> _Source:

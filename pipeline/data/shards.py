@@ -145,13 +145,13 @@ def image_shard_files(uri: str, storage: StorageConfig | None = None) -> dict[in
             other = out[sid].rsplit("/", 1)[-1]
             raise DataError(f"{uri}: {name} and {other} both have shard id {sid}")
         out[sid] = f
-    _warn_strays(uri, strays)
+    warn_strays(uri, strays)
     if not out:
         raise FileNotFoundError(f"no Parquet image shards (shard-NNNNN.parquet) under {uri}")
     return dict(sorted(out.items()))
 
 
-def _warn_strays(uri: str, strays: list[str]) -> None:
+def warn_strays(uri: str, strays: list[str], pattern: str = "shard-NNNNN.parquet") -> None:
     """One warning line naming the files left out, once per process and folder content."""
     if not strays or (uri, *strays) in _warned:
         return
@@ -159,7 +159,7 @@ def _warn_strays(uri: str, strays: list[str]) -> None:
     n = len(strays)
     print(
         f"warning: {uri}: ignored {n} file{'s' if n > 1 else ''} not named "
-        f"shard-NNNNN.parquet: {', '.join(strays)}",
+        f"{pattern}: {', '.join(strays)}",
         file=sys.stderr,
     )
 

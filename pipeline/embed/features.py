@@ -12,6 +12,7 @@ import torch
 from pipeline.compat.augment import simclr_augment
 from pipeline.config import EmbedConfig, StorageConfig
 from pipeline.data.decode import decode_batch
+from pipeline.data.sources import ImageLayout
 from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, build_model, check_output_dim, model_output
 from pipeline.train.embedder import image_dataset
@@ -105,9 +106,10 @@ def paired_features(
     augment_copies: int = 0,
     seed: int = 0,
     labelled_only: bool = True,
+    layout: ImageLayout | None = None,
 ) -> Any:
     """A Ray Dataset of key, label, view and one (n, d) column per model, for one split."""
-    ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
+    ds = image_dataset(images_uri, storage, ["key", "image", "label", "split"], layout)
     ds = ds.map_batches(_keep_split, fn_kwargs={"split": split, "classes": classes}, num_cpus=0.25)
     return ds.map_batches(
         FeatureStage,

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import EmbedConfig, StorageConfig
 from pipeline.data.shards import DataError
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.quality import distinct_rows
 from pipeline.embed.stages import EmbedStage, decode_with_side
-from pipeline.io import uri as uri_io
 from pipeline.models.store import ModelBlob, ModelLoadError
 
 
@@ -31,13 +32,17 @@ class ProbeResult:
     distinct_outputs: int
 
 
-def sample_images(files: list[str], storage: StorageConfig | None, rows: int) -> pa.Table:
-    """The first `rows` (key, image) rows of the image shards, in shard order."""
+def sample_images(
+    files: list[str], storage: StorageConfig | None, rows: int, layout: ImageLayout | None = None
+) -> pa.Table:
+    """The first `rows` usable (key, image) rows of the image shards, in shard order (rows
+    the layout's status column rejects are skipped)."""
     parts: list[pa.RecordBatch] = []
     got = 0
     for f in files:
         try:
-            for b in uri_io.iter_parquet_batches(f, storage, ["key", "image"], rows):
+            for b in (layout or ImageLayout()).read(f, storage, ["key", "image"], rows):
+                b = b.filter(pc.equal(b.column("reject"), "")).select(["key", "image"])
                 parts.append(b.slice(0, rows - got))
                 got += len(parts[-1])
                 if got >= rows:
@@ -53,11 +58,12 @@ def probe_model(
     storage: StorageConfig | None,
     cfg: EmbedConfig,
     side_blob: ModelBlob | None = None,
+    layout: ImageLayout | None = None,
 ) -> ProbeResult:
     """Embed a sample of the gallery with `blob` (and its side-info model); ModelLoadError
     when the output is unfit to serve: a rejected share over `max_rejected_fraction`, or
     fewer distinct embeddings than `min_distinct_fraction` of the distinct images."""
-    t = sample_images(files, storage, cfg.probe_rows)
+    t = sample_images(files, storage, cfg.probe_rows, layout)
     where = files[0] if files else "(no image shards)"
     images = np.empty(t.num_rows, dtype=object)  # bytes stay objects, never a fixed 'S' width
     images[:] = t["image"].to_pylist()

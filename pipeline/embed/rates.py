@@ -12,6 +12,7 @@ from torch import nn
 
 from pipeline.config import EmbedConfig, PreprocessConfig, StorageConfig
 from pipeline.data.decode import decode_batch
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.probe import sample_images
 from pipeline.embed.transform import TransformChain
 from pipeline.models.compat import Transformation, fold_batchnorm
@@ -32,10 +33,11 @@ def embed_rate(
     storage: StorageConfig | None,
     cfg: EmbedConfig,
     rows: int,
+    layout: ImageLayout | None = None,
 ) -> tuple[float | None, int]:
     """Images/s of decoding `rows` gallery images with `pre` and embedding them with `model`
     (None: no images). A model not trained yet is timed untrained: the cost is the same."""
-    t = sample_images(files, storage, rows + WARMUP_ROWS)
+    t = sample_images(files, storage, rows + WARMUP_ROWS, layout)
     if t.num_rows <= WARMUP_ROWS:
         return None, 0
     images = np.empty(t.num_rows, dtype=object)

@@ -19,47 +19,58 @@ import ray.data
 
 from pipeline.config import StorageConfig
 from pipeline.data.shards import DataError
+from pipeline.data.sources import ImageLayout
 from pipeline.io import uri as uri_io
 from pipeline.io.uri import StorageError
 
 
 def image_rows_dataset(
-    files: dict[str, str], storage: StorageConfig | None, rows: int, num_cpus: float
+    files: dict[str, str],
+    storage: StorageConfig | None,
+    rows: int,
+    num_cpus: float,
+    layout: ImageLayout | None = None,
 ) -> Any:
-    """Ray Dataset of `key`, `image`, `path` rows from image shard files (URI → path tag)."""
+    """Ray Dataset of `key`, `image`, `reject`, `path` rows from image shard files (URI →
+    path tag), read through the shards' layout."""
     items = [{"file": f, "path": p} for f, p in files.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         read_image_rows,
-        fn_kwargs={"storage": storage, "rows": rows},
+        fn_kwargs={"storage": storage, "rows": rows, "layout": layout},
         batch_size=1,
         num_cpus=num_cpus,
     )
 
 
 def read_image_rows(
-    batch: dict[str, np.ndarray], storage: StorageConfig | None, rows: int
+    batch: dict[str, np.ndarray],
+    storage: StorageConfig | None,
+    rows: int,
+    layout: ImageLayout | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data stage: each input row names a shard file; yields its rows, `rows` at a time."""
+    """Ray Data stage: each input row names a shard file; yields its rows, `rows` at a time
+    (`reject`: why a row is refused before decoding, "" when it is not)."""
     for file_uri, path in zip(batch["file"].tolist(), batch["path"].tolist(), strict=True):
-        for b in iter_image_rows(file_uri, storage, rows):
+        for b in iter_image_rows(file_uri, storage, rows, layout):
             images = np.empty(b.num_rows, dtype=object)  # bytes stay objects, never 'S' width
             images[:] = b.column("image").to_pylist()
             yield {
                 "key": b.column("key").to_numpy(zero_copy_only=False),
                 "image": images,
+                "reject": b.column("reject").to_numpy(zero_copy_only=False),
                 "path": np.full(b.num_rows, path, dtype=object),
             }
 
 
 def iter_image_rows(
-    file_uri: str, storage: StorageConfig | None, rows: int
+    file_uri: str, storage: StorageConfig | None, rows: int, layout: ImageLayout | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """`key`, `image` batches of one shard (transient errors retried by `uri_io`); a page that
-    stays unreadable is a DataError naming the file and its row group."""
+    """`key`, `image`, `reject` batches of one shard (transient errors retried by `uri_io`); a
+    page that stays unreadable is a DataError naming the file and its row group."""
     seen = 0
     try:
-        for b in uri_io.iter_parquet_batches(file_uri, storage, ["key", "image"], rows):
+        for b in (layout or ImageLayout()).read(file_uri, storage, ["key", "image"], rows):
             yield b
             seen += b.num_rows
     except (StorageError, OSError, pa.ArrowException) as e:

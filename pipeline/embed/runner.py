@@ -12,7 +12,8 @@ import ray.data
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.config import EmbedConfig, PreprocessConfig, StorageConfig
-from pipeline.data.shards import read_footer, validate_image_table
+from pipeline.data.shards import read_footer
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.errors import quiet_own_errors, user_error
 from pipeline.embed.read import image_rows_dataset
 from pipeline.embed.stages import DecodeEmbedStage, EmbedStage, decode_stage
@@ -222,8 +223,10 @@ def embed_images_to_version(
     storage: StorageConfig | None = None,
     quiet: bool = False,
     side_blob: ModelBlob | None = None,
+    layout: ImageLayout | None = None,
 ) -> EmbedResult:
-    """Embed every image of the given shards (id → image file URI) into a gallery version.
+    """Embed every image of the given shards (id → image file URI) into a gallery version,
+    read through their layout (rows its status column refuses are recorded as rejected).
 
     With `side_blob`, each row also stores FCT's side-information. Shards already committed
     in this version are skipped, so a rerun after a crash resumes.
@@ -231,7 +234,8 @@ def embed_images_to_version(
     t0 = time.perf_counter()
     done = _reusable(gallery.committed_shards(version), blob)
     todo = {sid: f for sid, f in image_files.items() if sid not in done}
-    expected = {sid: _image_shard_rows(f, storage) for sid, f in todo.items()}
+    layout = layout or ImageLayout()
+    expected = {sid: _image_shard_rows(f, storage, layout) for sid, f in todo.items()}
     rows_in = sum(expected.values())
     progress = _progress(version, quiet)
     task = progress.add_task("embed", total=rows_in)
@@ -259,7 +263,7 @@ def embed_images_to_version(
         sink._commit(sid)  # an empty input shard is complete from the start
     live = {sid: f for sid, f in todo.items() if expected[sid] > 0}
     if live:
-        _stream_into(sink, progress, live, blob, embed_cfg, storage, side_blob)
+        _stream_into(sink, progress, live, blob, embed_cfg, storage, side_blob, layout)
     missing = [sid for sid in live if sink.seen[sid] != expected[sid]]
     if missing:
         raise RuntimeError(f"shards {missing} did not receive all their rows; rerun to resume")
@@ -311,6 +315,7 @@ def _stream_into(
     embed_cfg: EmbedConfig,
     storage: StorageConfig | None,
     side_blob: ModelBlob | None,
+    layout: ImageLayout,
 ) -> None:
     """Read, decode and embed the shards with rows (id → image file) into the sink."""
     paths = {uri_io.resolve(f, storage).path: sid for sid, f in live.items()}
@@ -319,6 +324,7 @@ def _stream_into(
         storage.resolved() if storage is not None else None,  # workers may lack AWS_*
         embed_cfg.batch_size,
         embed_cfg.decode_num_cpus,
+        layout,
     )
     ds = _pipeline(ds, blob, embed_cfg, paths, side_blob)
     try:
@@ -336,11 +342,11 @@ def _reusable(records: dict[int, dict[str, Any]], blob: ModelBlob) -> dict[int, 
     return {sid: r for sid, r in records.items() if r.get("model_digest") in (None, blob.digest)}
 
 
-def _image_shard_rows(file_uri: str, storage: StorageConfig | None) -> int:
+def _image_shard_rows(file_uri: str, storage: StorageConfig | None, layout: ImageLayout) -> int:
     """Rows of an image shard, from its footer, once its columns are what the pipeline reads:
     a bad file stops the run before any image is decoded, naming the file and column."""
     schema, rows = read_footer(file_uri, storage)
-    validate_image_table(schema, file_uri)
+    layout.present(schema, file_uri)
     return rows
 
 

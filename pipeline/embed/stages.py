@@ -41,6 +41,8 @@ def decode_stage(
 ) -> dict[str, np.ndarray]:
     """Decode images; tag each row with its gallery shard id (from the file it came from)."""
     out = decode_with_side(batch, pre, max_pixels, side_pre)
+    if "reject" in batch:  # refused by the source (img2dataset's status): its reason stands
+        out["error"] = np.where(batch["reject"] != "", batch["reject"], out["error"])
     paths = batch["path"]
     # Blocks come from one file each, so the lookup is usually a single dict hit.
     uniq, inv = np.unique(paths, return_inverse=True)

@@ -76,6 +76,28 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), str(Path(path).expanduser().resolve()), uri)
 
 
+def absolute(uri: str) -> str:
+    """The URI to record: s3:// and file:// unchanged, a local path made absolute, so a record
+    means the same file wherever the command that reads it runs."""
+    if is_s3(uri) or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def from_record(uri: str | None, workdir: str) -> str | None:
+    """A file URI read from a record: absolute ones as they are; a relative local path (records
+    written before paths were made absolute were relative to where the command ran, which held
+    the workdir) under the workdir's parent when it starts with the workdir's name
+    (`.carryover/images/shard-00000.parquet`), else under the workdir."""
+    if not uri or is_s3(uri) or uri.startswith("file://") or os.path.isabs(uri):
+        return uri
+    base = Path(workdir).expanduser().absolute()
+    parts = PurePosixPath(uri).parts
+    if parts and parts[0] == base.name:
+        return os.path.normpath(base.parent / uri)
+    return os.path.normpath(base / uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts under a URI, refusing anything that would escape it (.., absolute) or
     that a filesystem would cut short (NUL and other control characters)."""

@@ -14,6 +14,7 @@ import torch
 from pipeline.cluster import train_storage, train_storage_uri
 from pipeline.compat.classifier import LinearHead, fit_linear_head
 from pipeline.context import Context
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.features import StoredPairs, collect, paired_features, store_pairs
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.study import StudyInputs, compat_study
@@ -168,6 +169,7 @@ def _training_features(
         cfg.storage,
         augment_copies=tc.augment_copies,
         labelled_only=False,  # an unlabelled gallery trains h too
+        layout=ImageLayout.of(cfg.data),
     )
     if tc.max_train_rows is not None:
         feats = feats.limit(tc.max_train_rows)
@@ -240,7 +242,13 @@ def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray
     cfg = ctx.cfg
     feats = collect(
         paired_features(
-            cfg.images_uri, {"new": blob}, cfg.embed, cfg.storage, split, labelled_only=False
+            cfg.images_uri,
+            {"new": blob},
+            cfg.embed,
+            cfg.storage,
+            split,
+            labelled_only=False,
+            layout=ImageLayout.of(cfg.data),
         )
     )
     pos = {k: i for i, k in enumerate(feats.get("key", []))}

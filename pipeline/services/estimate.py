@@ -35,7 +35,7 @@ def _split_rows(ctx: Context, split: str) -> int:
     """Rows of one split in the image shards (reads the split column only)."""
     n = 0
     for f in steps.image_shards(ctx.cfg).values():
-        for b in uri_io.iter_parquet_batches(f, ctx.cfg.storage, ["split"]):
+        for b in steps.image_layout(ctx.cfg).read(f, ctx.cfg.storage, ["key", "split"]):
             n += int(pc.sum(pc.equal(b.column("split"), split)).as_py() or 0)
     return n
 
@@ -51,7 +51,15 @@ def _gallery_rows(ctx: Context) -> int:
 def _rate(ctx: Context, m: ModelConfig, files: list[str]) -> tuple[float | None, int]:
     """Images/s of decoding and embedding a sample of the gallery's images with `m`."""
     net, pre, dim = _timed_model(ctx, m)
-    rate, _ = embed_rate(net, pre, files, ctx.cfg.storage, ctx.cfg.embed, ctx.cfg.plan.measure_rows)
+    rate, _ = embed_rate(
+        net,
+        pre,
+        files,
+        ctx.cfg.storage,
+        ctx.cfg.embed,
+        ctx.cfg.plan.measure_rows,
+        steps.image_layout(ctx.cfg),
+    )
     return rate, dim
 
 

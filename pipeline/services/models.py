@@ -14,6 +14,7 @@ from pipeline.compat.classifier import LinearHead
 from pipeline.compat.losses import synthesize_old_classifier
 from pipeline.config import ModelConfig, SideInfoConfig
 from pipeline.context import Context
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.features import collect, paired_features
 from pipeline.models.store import ModelBlob, ModelLoadError, build_model, load_trained, resolve_blob
 from pipeline.runtime import ensure_ray
@@ -77,16 +78,17 @@ def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
         train_storage(ctx.cfg),
         ctx.cfg.embed.max_decoded_pixels,
     )
+    layout = ImageLayout.of(ctx.cfg.data)
     if isinstance(model, SideInfoConfig):
         # FCT: side-info learns from the data the old model saw, without its labels. A brought
         # old model was not trained here: its (demo) training classes say nothing of its data.
         old = ctx.cfg.old_model
         classes = model.train.classes or (None if old.uri else old.train.classes)
-        return (lambda: train_side_info(model, classes, *args)), classes
+        return (lambda: train_side_info(model, classes, *args, layout=layout)), classes
     bct = None
     if model.train.loss == "bct":
         bct = bct_classifier(ctx)
-    return (lambda: train_embedder(model, *args, bct)), model.train.classes
+    return (lambda: train_embedder(model, *args, bct, layout=layout)), model.train.classes
 
 
 def register(
@@ -170,7 +172,11 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
     ensure_ray(ctx.cfg.ray)
     feats = collect(
         paired_features(
-            ctx.cfg.images_uri, {"old": blob_of(ctx, old)}, ctx.cfg.embed, ctx.cfg.storage
+            ctx.cfg.images_uri,
+            {"old": blob_of(ctx, old)},
+            ctx.cfg.embed,
+            ctx.cfg.storage,
+            layout=ImageLayout.of(ctx.cfg.data),
         )
     )
     w, b = synthesize_old_classifier(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,9 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.context import Context
 from pipeline.data.decode import decode_images
 from pipeline.data.shards import DataError
-from pipeline.io import uri as uri_io
 from pipeline.models.compat import ADAPTERS, build_adapter
 from pipeline.models.store import MODEL_FILE, WEIGHTS_FILE, build_model, resolve_blob
-from pipeline.services.steps import image_shards, load_index, version_embeddings
+from pipeline.services.steps import image_layout, image_shards, load_index, version_embeddings
 
 
 class QueryError(DataError):
@@ -70,9 +70,8 @@ def embed_bytes(ctx: Context, model: ModelConfig, data: bytes, what: str) -> np.
         return build_model(blob)(torch.from_numpy(dec.pixels)).numpy()
 
 
-def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
-    """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling. It must
-    map into the space of `version`'s model."""
+def _adapter_meta(ctx: Context, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The directory and metadata of a fitted query adapter (saved by `evaluate`)."""
     if kind not in ADAPTERS:  # it names a directory: "../x" must not reach the filesystem
         raise ConfigError(f"--adapter {kind!r}: expected one of {', '.join(ADAPTERS)}")
     d = Path(ctx.cfg.workdir) / "models" / f"adapter-{kind}"
@@ -80,7 +79,31 @@ def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
         raise FileNotFoundError(
             f"no fitted {kind!r} adapter at {d}: run `carryover evaluate` (adapters.kinds)"
         )
-    meta = json.loads((d / MODEL_FILE).read_text())
+    return d, json.loads((d / MODEL_FILE).read_text())
+
+
+def adapter_version(ctx: Context, kind: str) -> str:
+    """The version an adapter's queries are searched in: one holding the embeddings of the
+    model it maps into (the old model's): the serving version when it does, else the newest
+    such version."""
+    g = ctx.gallery
+    space = _adapter_meta(ctx, kind)[1].get("to_model")
+    cur = g.current()
+    if cur is not None and g.manifest(cur).get("model") == space:
+        return cur
+    held = [v for v in g.versions() if g.manifest(v).get("model") == space]
+    if not held:
+        raise ConfigError(
+            f"the {kind} adapter maps queries into {space!r}'s space, and no version of "
+            f"{g.uri} holds {space!r} embeddings"
+        )
+    return held[-1]
+
+
+def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
+    """A fitted query adapter (new → old space), saved by `evaluate`; no unpickling. It must
+    map into the space of `version`'s model."""
+    d, meta = _adapter_meta(ctx, kind)
     space = ctx.gallery.manifest(version).get("model")
     if meta.get("to_model") != space:
         raise ConfigError(
@@ -94,13 +117,46 @@ def load_adapter(ctx: Context, kind: str, version: str) -> torch.nn.Module:
 
 def image_bytes_of_key(ctx: Context, key: str) -> bytes:
     """The encoded image of a key, found by scanning the image shards (filter on key)."""
+    layout = image_layout(ctx.cfg)
     for f in image_shards(ctx.cfg).values():
-        for b in uri_io.iter_parquet_batches(f, ctx.cfg.storage, ["key", "image"]):
+        for b in layout.read(f, ctx.cfg.storage, ["key", "image"]):
             t = pa.Table.from_batches([b])
             t = t.filter(pc.equal(t["key"], key))
             if t.num_rows:
                 return t["image"][0].as_py()
     raise QueryError(f"key {key!r} has no image in {ctx.cfg.images_uri}")
+
+
+@dataclass
+class SearchResult:
+    """Top-k neighbours of one query: keys, scores and each row's stored label (None where
+    the image shards have none or no longer hold the key)."""
+
+    version: str
+    adapter: str | None
+    keys: list[str]
+    scores: list[float]
+    labels: list[int | None] = field(default_factory=list)
+
+
+def labels_of(ctx: Context, keys: list[str]) -> list[int | None]:
+    """The stored label of each key, read from the image shards (label and key columns
+    only); None where a row has none or the images are gone."""
+    found: dict[str, int | None] = {}
+    want = pa.array(keys, pa.string())
+    layout = image_layout(ctx.cfg)
+    try:
+        files = image_shards(ctx.cfg).values()
+    except FileNotFoundError:  # an imported gallery without image shards
+        return [None] * len(keys)
+    for f in files:
+        for b in layout.read(f, ctx.cfg.storage, ["key", "label"]):
+            t = pa.Table.from_batches([b])
+            t = t.filter(pc.is_in(t["key"], value_set=want))
+            found.update(zip(t["key"].to_pylist(), t["label"].to_pylist(), strict=True))
+        if len(found) == len(set(keys)):
+            break
+    return [found.get(k) for k in keys]
 
 
 def search_gallery(
@@ -110,12 +166,15 @@ def search_gallery(
     k: int = 10,
     version: str | None = None,
     adapter: str | None = None,
-) -> dict[str, Any]:
+) -> SearchResult:
     """Top-k neighbours; a key query excludes the row itself from its own results.
 
-    With `adapter`, the query is embedded by the NEW model and mapped into the serving
-    version's space by the query adapter: new-model queries served by the old index.
+    With `adapter`, the query is embedded by the NEW model and mapped by the query adapter
+    into the old model's space, and searched in the version holding that space (the serving
+    one, else the newest; `version` overrides): new-model queries served by the old index.
     """
+    if adapter is not None and version is None:
+        version = adapter_version(ctx, adapter)
     version, idx = load_index(ctx, version)
     if adapter is not None:
         data = read_image_file(Path(image)) if image is not None else image_bytes_of_key(ctx, key)
@@ -134,9 +193,5 @@ def search_gallery(
         q = embed_image_file(ctx, version, Path(image))
         scores, keys = idx.search(q, k)
         pairs = list(zip(keys[0], scores[0], strict=True))
-    return {
-        "version": version,
-        "adapter": adapter,
-        "keys": [p[0] for p in pairs],
-        "scores": [float(p[1]) for p in pairs],
-    }
+    hits = [str(p[0]) for p in pairs]
+    return SearchResult(version, adapter, hits, [float(p[1]) for p in pairs], labels_of(ctx, hits))

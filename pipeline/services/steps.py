@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import ModelConfig, UpgradeConfig
 from pipeline.context import Context
-from pipeline.data.shards import check_image_shards, image_shard_files
+from pipeline.data.sources import ImageLayout, check_shards, image_files
 from pipeline.embed.probe import probe_model
 from pipeline.embed.quality import OutputStats
 from pipeline.embed.runner import embed_images_to_version
@@ -21,7 +21,6 @@ from pipeline.gallery.index import GalleryIndex, build_index
 from pipeline.gallery.records import version_manifest
 from pipeline.gallery.rows import read_rows
 from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
-from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.models.store import resolve_blob
 from pipeline.publish.serving import targets_moved
@@ -30,9 +29,15 @@ from pipeline.services.inputs import gallery_version_ref, images_ref, model_ids
 from pipeline.services.models import registry_version_of
 
 
+def image_layout(cfg: UpgradeConfig) -> ImageLayout:
+    """How the image shards are laid out and read (`data.source`)."""
+    return ImageLayout.of(cfg.data)
+
+
 def image_shards(cfg: UpgradeConfig) -> dict[int, str]:
-    """Gallery shard id → image shard file, the id read from the name (shard-NNNNN.parquet)."""
-    return image_shard_files(cfg.images_uri, cfg.storage)
+    """Gallery shard id → image shard file (absolute URI), the id read from the file's name
+    (shard-NNNNN.parquet; the last number in the name for other layouts)."""
+    return image_files(cfg.images_uri, cfg.storage, image_layout(cfg))
 
 
 @dataclass
@@ -98,13 +103,20 @@ def embed_version_step(
     files = image_shards(ctx.cfg)
     # Before any model, MLflow or Ray work: a key two shards share would otherwise stop the
     # index build only after every row was decoded and embedded.
-    check_image_shards(list(files.values()), ctx.cfg.storage)
+    check_shards(list(files.values()), ctx.cfg.storage, image_layout(ctx.cfg))
     timer = Timer()
     with ctx.tracker.run(f"{method}-{version}", ctx.tags(step=method, to_version=version)) as run:
         with timer("resolve_model"):
             blob = resolve_blob(model, ctx.model_dir(model), ctx.cfg.storage, ctx.cfg.tracking_uri)
         with timer("probe"):  # a broken model fails here, on real images, before any Ray work
-            probe_model(blob, list(files.values()), ctx.cfg.storage, ctx.cfg.embed, side_blob)
+            probe_model(
+                blob,
+                list(files.values()),
+                ctx.cfg.storage,
+                ctx.cfg.embed,
+                side_blob,
+                image_layout(ctx.cfg),
+            )
         ensure_ray(ctx.cfg.ray)
         with timer("embed"):
             res = _embed_files(ctx, model, method, files, blob, side_blob, run.run_id)
@@ -180,6 +192,7 @@ def _embed_files(
         ctx.cfg.storage,
         quiet=ctx.quiet,
         side_blob=side_blob,
+        layout=image_layout(ctx.cfg),
     )
 
 
@@ -219,8 +232,9 @@ def split_labels(
     rng = np.random.default_rng(cfg.data.seed)
     kept: pa.Table | None = None
     pending: list[pa.Table] = []
+    layout = image_layout(cfg)
     for f in image_shards(cfg).values():
-        for b in uri_io.iter_parquet_batches(f, cfg.storage, ["key", "label", "split"]):
+        for b in layout.read(f, cfg.storage, ["key", "label", "split"]):
             t = pa.Table.from_batches([b])
             mask = pc.equal(t["split"], split)
             if labelled_only:

@@ -155,7 +155,9 @@ def _facts(
         probe = steps.split_sample(cfg, "val", cfg.evaluate.max_queries).keys
     except (FileNotFoundError, ValueError):
         probe = None
-    scan = ScanSettings(cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards)
+    scan = ScanSettings(
+        cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards, cfg.workdir
+    )
     with prog:
         return gather_facts(ctx.gallery, source, cfg.new_model.name, chains, scan, tick, probe)
 
@@ -205,7 +207,15 @@ def measure_rates(ctx: Context, source: str, chains: dict[str, ChainSpec]) -> Me
     except FileNotFoundError:  # a gallery whose images are gone: nothing to re-embed
         files = []
     blob = models.blob_of(ctx, cfg.new_model)
-    eps, n = embed_rate(build_model(blob), blob.preprocess, files, cfg.storage, cfg.embed, rows)
+    eps, n = embed_rate(
+        build_model(blob),
+        blob.preprocess,
+        files,
+        cfg.storage,
+        cfg.embed,
+        rows,
+        steps.image_layout(cfg),
+    )
     spec = chains.get("side") or chains.get("noside")
     if spec is None:
         return MeasuredRates(eps, None, n)
@@ -297,6 +307,7 @@ def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec
         },
         num_cpus=cfg.embed.actor_num_cpus,
         parallel=cfg.plan.parallel_shards,
+        layout=steps.image_layout(cfg),
     )
 
 
@@ -309,7 +320,7 @@ def execute_plan(
     done = g.committed_shards(target)
     work = pending_work(plan, done)
     spec = executor_spec(ctx, plan.shards[0].source_version, run.run_id)
-    probe_new_model(spec.new_blob, work, ctx.cfg.storage, ctx.cfg.embed)
+    probe_new_model(spec.new_blob, work, ctx.cfg.storage, ctx.cfg.embed, spec.layout)
     ensure_ray(ctx.cfg.ray)
     run.set_tags({"carryover.shards": id_ranges(sorted(w.shard_id for w in work))})
     t0, rows, records = time.perf_counter(), 0, []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import ray.data
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from pipeline.compat.losses import bct_loss
 from pipeline.config import ModelConfig, PreprocessConfig, StorageConfig
 from pipeline.data.decode import decode_batch
-from pipeline.data.shards import image_shard_files
+from pipeline.data.sources import ImageLayout, image_files
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import embedder_meta
@@ -89,12 +91,42 @@ def image_dataset(
     images_uri: str,
     storage: StorageConfig | None,
     columns: list[str] | None = None,
+    layout: ImageLayout | None = None,
 ):
-    """A Ray Dataset over the Parquet image shards under a URI (local or s3://)."""
-    files = list(image_shard_files(images_uri, storage).values())  # stray files left out
-    loc = uri_io.resolve(files[0], storage)
-    paths = [uri_io.resolve(f, storage).path for f in files]
-    return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns)
+    """A Ray Dataset of the usable rows of the image shards under a URI (local or s3://),
+    read in place through their layout: one read task per shard file."""
+    layout = layout or ImageLayout()
+    files = list(image_files(images_uri, storage, layout).values())  # stray files left out
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return ds.map_batches(
+        read_layout_rows,
+        fn_kwargs={
+            "storage": storage.resolved() if storage is not None else None,  # workers: no AWS_*
+            "layout": layout,
+            "columns": columns or ["key", "image", "label", "split"],
+        },
+        batch_size=1,
+        num_cpus=0.25,
+    )
+
+
+def read_layout_rows(
+    batch: dict[str, np.ndarray],
+    storage: StorageConfig | None,
+    layout: ImageLayout,
+    columns: list[str],
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage: each input row names a shard file; yields its rows the source did not
+    refuse, under the pipeline's column names (a missing label is NaN)."""
+    for f in batch["file"].tolist():
+        for b in layout.read(f, storage, columns, 4096):
+            if "reject" in b.schema.names:
+                b = b.filter(pc.equal(b.column("reject"), "")).drop_columns(["reject"])
+            out = {c: b.column(c).to_numpy(zero_copy_only=False) for c in columns if c != "image"}
+            if "image" in columns:  # bytes stay objects, never a fixed 'S' width
+                out["image"] = np.empty(b.num_rows, dtype=object)
+                out["image"][:] = b.column("image").to_pylist()
+            yield out
 
 
 def image_training_dataset(
@@ -106,6 +138,7 @@ def image_training_dataset(
     split: str = "train",
     cache_max_bytes: int = 0,
     labelled_only: bool = True,
+    layout: ImageLayout | None = None,
 ):
     """The decoded rows of one split (and classes) of the image shards (labelled ones only,
     unless `labelled_only` is False), and whether they were cached.
@@ -114,7 +147,7 @@ def image_training_dataset(
     when all rows' pixels fit in `cache_max_bytes`: on small data the per-epoch decode and
     pipeline start-up cost more than the training itself.
     """
-    ds = image_dataset(images_uri, storage, columns=["key", "image", "label", "split"])
+    ds = image_dataset(images_uri, storage, ["key", "image", "label", "split"], layout)
     ds = ds.map_batches(
         training_batch,
         fn_kwargs={
@@ -127,9 +160,8 @@ def image_training_dataset(
         batch_size=1024,
         num_cpus=0.5,
     )
-    rows = sum(
-        uri_io.parquet_num_rows(f, storage) for f in image_shard_files(images_uri, storage).values()
-    )
+    files = image_files(images_uri, storage, layout or ImageLayout()).values()
+    rows = sum(uri_io.parquet_num_rows(f, storage) for f in files)
     small = rows * pre.channels * pre.input_size**2 * 4 <= cache_max_bytes
     return (ds.materialize() if small else ds), small
 
@@ -178,6 +210,7 @@ def train_embedder(
     results_dir: str | Path = ".carryover/ray_results",
     max_pixels: int = 64_000_000,
     bct: dict[str, Any] | None = None,
+    layout: ImageLayout | None = None,
 ) -> TrainResult:
     """Train `cfg` on the image shards' train split with Ray Train; cached by config hash.
 
@@ -189,7 +222,14 @@ def train_embedder(
         return done
     tc, started = cfg.train, time.perf_counter()
     ds, small = image_training_dataset(
-        images_uri, storage, cfg.preprocess, max_pixels, tc.classes, "train", tc.cache_max_bytes
+        images_uri,
+        storage,
+        cfg.preprocess,
+        max_pixels,
+        tc.classes,
+        "train",
+        tc.cache_max_bytes,
+        layout=layout,
     )
     config = {"model": cfg.model_dump(mode="json"), "bct": bct}
     name = f"train-{cfg.name}-{h}"

@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.compat.augment import simclr_augment
 from pipeline.compat.losses import nt_xent
 from pipeline.config import SideInfoConfig, StorageConfig
+from pipeline.data.sources import ImageLayout
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.compat import SimCLRHead
 from pipeline.models.store import embedder_meta
@@ -55,6 +56,7 @@ def train_side_info(
     storage: StorageConfig | None = None,
     results_dir: str | Path = ".carryover/ray_results",
     max_pixels: int = 64_000_000,
+    layout: ImageLayout | None = None,
 ) -> TrainResult:
     """Train the side-info model on the train split of `classes` (the old model's data)."""
     h = config_hash(cfg.model_dump(mode="json"), classes, images_uri, "simclr")
@@ -70,6 +72,7 @@ def train_side_info(
         "train",
         cfg.train.cache_max_bytes,
         labelled_only=False,
+        layout=layout,
     )
     config = {"model": cfg.model_dump(mode="json")}
     name = f"side-info-{cfg.name}-{h}"

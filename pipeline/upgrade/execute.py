@@ -18,6 +18,7 @@ import ray
 
 from pipeline.config import EmbedConfig, StorageConfig
 from pipeline.data.decode import decode_batch
+from pipeline.data.sources import ImageLayout
 from pipeline.embed.probe import probe_model
 from pipeline.embed.read import iter_image_rows
 from pipeline.embed.stages import EmbedStage
@@ -68,10 +69,12 @@ class ShardExecutor:
         side_dim: int,
         retries: int = 2,
         lineage: dict[str, Any] | None = None,
+        layout: ImageLayout | None = None,
     ):
         # Where each shard came from, for `carryover lineage`: the run, the new model's registry
         # version, and per chain the registered transformation versions it applies.
         self.lineage = lineage or {}
+        self.layout = layout or ImageLayout()
         self.g = Gallery(gallery_uri, storage)
         self.target, self.model_name = target, target_model
         self.chains = {k: TransformChain(v) for k, v in chains.items()}
@@ -186,9 +189,12 @@ class ShardExecutor:
         new: dict[str, np.ndarray] = {}
         errors: dict[str, str] = {}
         want = pa.array(sorted(chosen), pa.string())
-        for b in iter_image_rows(image_file, self.g.storage, 1024):
+        for b in iter_image_rows(image_file, self.g.storage, 1024, self.layout):
             t = pa.Table.from_batches([b])
             t = t.filter(pc.is_in(t["key"], value_set=want))
+            for k, why in zip(*_refused(t), strict=True):  # the source's own verdict stands
+                errors[k] = f"re-embed failed: {why}"
+            t = t.filter(pc.equal(t["reject"], ""))
             for lo in range(0, t.num_rows, self.cfg.batch_size):
                 part = t.slice(lo, self.cfg.batch_size)
                 dec = decode_batch(
@@ -341,6 +347,7 @@ class ExecutorSpec:
     lineage: dict[str, Any]
     num_cpus: float
     parallel: int
+    layout: ImageLayout | None = None
 
     def actor_kwargs(self) -> dict[str, Any]:
         keep = ("num_cpus", "parallel")
@@ -355,8 +362,18 @@ def pending_work(plan: Plan, done: Collection[int]) -> list[ShardWork]:
     return [w for w in plan.shards if w.shard_id not in done]
 
 
+def _refused(t: pa.Table) -> tuple[list[str], list[str]]:
+    """Keys and reasons of the rows the image source itself refuses (img2dataset's status)."""
+    bad = t.filter(pc.not_equal(t["reject"], ""))
+    return bad["key"].to_pylist(), bad["reject"].to_pylist()
+
+
 def probe_new_model(
-    blob: ModelBlob, work: list[ShardWork], storage: StorageConfig | None, embed_cfg: EmbedConfig
+    blob: ModelBlob,
+    work: list[ShardWork],
+    storage: StorageConfig | None,
+    embed_cfg: EmbedConfig,
+    layout: ImageLayout | None = None,
 ) -> None:
     """Before shards re-embed with the new model, try it on a sample of their images: a
     collapsed or NaN model is refused before any shard is written with it."""
@@ -366,7 +383,7 @@ def probe_new_model(
         if w.method in ("partial", "full") and w.image_file and uri_io.exists(w.image_file, storage)
     ]
     if files:
-        probe_model(blob, files, storage, embed_cfg)
+        probe_model(blob, files, storage, embed_cfg, layout=layout)
 
 
 def execute_shards(spec: ExecutorSpec, work: list[ShardWork]) -> Iterator[dict[str, Any]]:

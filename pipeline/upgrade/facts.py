@@ -50,9 +50,10 @@ def find_chain(edges: list[tuple[str, str, str]], src: str, dst: str) -> list[st
 
 
 def shard_sources(
-    g: Gallery, source_version: str, chains: dict[str, ChainSpec]
+    g: Gallery, source_version: str, chains: dict[str, ChainSpec], workdir: str = ".carryover"
 ) -> list[ShardSource]:
-    """One work item per shard of the source version: where its rows and images are."""
+    """One work item per shard of the source version: where its rows and images are (an image
+    file recorded relative, before records were absolute, resolved by `uri_io.from_record`)."""
     m = g.manifest(source_version)
     space = m.get("model") or source_version
     chain = "identity" if "identity" in chains else None
@@ -61,7 +62,7 @@ def shard_sources(
             shard_id=int(r["shard_id"]),
             source_version=source_version,
             source_uri=g.path("versions", source_version, r["path"]),
-            image_file=r.get("image_file"),
+            image_file=uri_io.from_record(r.get("image_file"), workdir),
             space=space,
             chain=chain,
         )
@@ -87,7 +88,7 @@ def gather_facts(
 
     `chains` maps "identity" | "side" | "noside" to the chain for this source space.
     """
-    work = shard_sources(g, source_version, chains)
+    work = shard_sources(g, source_version, chains, scan.workdir)
     kwargs = {
         "chains": chains,
         # credentials resolved on the driver: workers may not share its environment
@@ -135,6 +136,7 @@ class ScanSettings:
     quantiles: int
     num_cpus: float
     parallel: int
+    workdir: str = ".carryover"  # old relative image-file records are resolved against it
 
 
 def native_sources(model: str) -> set[str]:

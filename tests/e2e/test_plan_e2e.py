@@ -144,8 +144,8 @@ def test_budgeted_upgrade_mixes_methods_and_beats_transform(evaluated, tmp_path)
     key = next(iter(g.iter_embeddings("v1", columns=("key",)))).column("key")[0].as_py()
     plain = search_gallery(ctx, key=key, k=5)
     via = search_gallery(ctx, key=key, k=5, adapter="procrustes")
-    assert plain["version"] == via["version"] == "v1" and via["adapter"] == "procrustes"
-    assert len(via["keys"]) == 5 and key not in via["keys"]
+    assert plain.version == via.version == "v1" and via.adapter == "procrustes"
+    assert len(via.keys) == 5 and key not in via.keys
 
     report = run_upgrade(cfg, quiet=True)
     plan = {s["shard_id"]: s for s in report.plan["shards"]}

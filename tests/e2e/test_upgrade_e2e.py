@@ -118,7 +118,8 @@ def test_upgrade_all_on_s3_with_mlflow_server(
     ctx = Context(cfg)
     key = next(iter(g.iter_embeddings("v2", columns=("key",)))).column("key")[0].as_py()
     hits = search_gallery(ctx, key=key, k=5)
-    assert hits["version"] == "v2" and len(hits["keys"]) == 5 and key not in hits["keys"]
+    assert hits.version == "v2" and len(hits.keys) == 5 and key not in hits.keys
+    assert len(hits.labels) == 5 and all(isinstance(y, int) for y in hits.labels)
     # registry: serving alias on v2's model, lineage runs exist on the server
     info = ctx.tracker.get_alias("e2e-embedder", "serving")
     assert info is not None and info.version == g.manifest("v2")["registry_version"]

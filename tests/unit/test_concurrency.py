@@ -88,9 +88,9 @@ def _search_reader(ctx: Context, want: dict[str, Expected], stop: threading.Even
     """The serving path: CURRENT → that version's index and QUERY's row → top-K."""
     while not stop.is_set():
         res = search_gallery(ctx, key=QUERY, k=K)
-        v = res["version"]
-        if res["keys"] != want[v].neighbours:
-            out["mixed"].append(f"search said {v} but answered {res['keys']}")
+        v = res.version
+        if res.keys != want[v].neighbours:
+            out["mixed"].append(f"search said {v} but answered {res.keys}")
         out["seen"][v] += 1
 
 

@@ -478,6 +478,23 @@ class AdoptConfig(_Model):
         return self.key_column or ("image_path" if layout == "npy" else "key")
 
 
+class ProgressConfig(_Model):
+    """What a running upgrade shows: progress records for `carryover status`, the log file."""
+
+    write_interval_seconds: float = Field(
+        1.0, gt=0, description="a progress record is rewritten at most this often"
+    )
+    train_poll_seconds: float = Field(
+        0.5, gt=0, description="how often the driver reads the training workers' progress"
+    )
+    recent_upgrades: int = Field(5, ge=0, description="finished upgrades `carryover status` lists")
+    log_file: str | None = Field(
+        None,
+        description="Ray's and MLflow's log lines go here, never to the terminal "
+        "(default: <workdir>/logs/carryover.log)",
+    )
+
+
 class DataConfig(_Model):
     """Image shards prepared for the demo and benchmarks."""
 
@@ -511,6 +528,7 @@ class UpgradeConfig(_Model):
     plan: PlanConfig = PlanConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     adopt: AdoptConfig = AdoptConfig()
+    progress: ProgressConfig = ProgressConfig()
 
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:
@@ -545,6 +563,10 @@ class UpgradeConfig(_Model):
     @property
     def gallery_uri(self) -> str:
         return self.gallery or str(Path(self.workdir) / "gallery")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.progress.log_file or Path(self.workdir) / "logs" / "carryover.log")
 
     @property
     def images_uri(self) -> str:

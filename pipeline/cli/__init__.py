@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.cli import commands  # noqa: F401  (registers its commands)
+from pipeline.cli import status as _status  # noqa: F401  (registers `carryover status`)
 from pipeline.cli.common import EXIT_LOCKED, app, err
 
 __all__ = ["EXIT_LOCKED", "app", "main"]

@@ -185,6 +185,7 @@ class _StageEvents:
         if event == "start":
             console.print(f"[bold cyan]▶ {name}[/]")
             self.progress.stage(name)
+            route_logs()  # Ray Train and Ray Data set up their loggers again as they start
             return
         self.progress.stage_done(name)
         self.stages[name] = {"status": event, "seconds": secs}

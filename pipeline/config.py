@@ -545,6 +545,23 @@ class ImageSourceConfig(_Model):
     )
 
 
+class ProgressConfig(_Model):
+    """What a running upgrade shows: progress records for `carryover status`, the log file."""
+
+    write_interval_seconds: float = Field(
+        1.0, gt=0, description="a progress record is rewritten at most this often"
+    )
+    train_poll_seconds: float = Field(
+        0.5, gt=0, description="how often the driver reads the training workers' progress"
+    )
+    recent_upgrades: int = Field(5, ge=0, description="finished upgrades `carryover status` lists")
+    log_file: str | None = Field(
+        None,
+        description="Ray's and MLflow's log lines go here, never to the terminal "
+        "(default: <workdir>/logs/carryover.log)",
+    )
+
+
 class DataConfig(_Model):
     """Image shards: how they are laid out and read, and the train/val split of rows."""
 
@@ -634,6 +651,7 @@ class UpgradeConfig(_Model):
     adopt: AdoptConfig = AdoptConfig()
     serve: ServeConfig = ServeConfig()
     publish: PublishConfig = PublishConfig()
+    progress: ProgressConfig = ProgressConfig()
 
     @model_validator(mode="after")
     def _possible(self) -> UpgradeConfig:
@@ -668,6 +686,10 @@ class UpgradeConfig(_Model):
     @property
     def gallery_uri(self) -> str:
         return self.gallery or str(Path(self.workdir) / "gallery")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.progress.log_file or Path(self.workdir) / "logs" / "carryover.log")
 
     @property
     def images_uri(self) -> str:

@@ -97,6 +97,21 @@ def shard_progress(label: str, total: int, quiet: bool) -> Progress:
     return p
 
 
+def training_progress(label: str, epochs: int, quiet: bool) -> Progress:
+    """One training stage: epoch, step, loss and ETA (from what rank 0 reports)."""
+    p = Progress(
+        TextColumn(f"{label}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.total:.0f}"),
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        disable=quiet,
+    )
+    p.add_task(label, total=epochs, epoch=1, step="0", loss="-")
+    return p
+
+
 def versions_table(title: str, versions: dict[str, dict[str, Any]], serving: str | None) -> Table:
     """One row per gallery version; the serving one starred."""
     t = Table(title=title)

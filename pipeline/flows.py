@@ -27,6 +27,9 @@ from pipeline.graph.dag import GraphError, OpenRun, Stage, StageLog, StageRun, r
 from pipeline.io import uri as uri_io
 from pipeline.io.redact import redact_text
 from pipeline.ops.journal import JOB_ID_ENV
+from pipeline.ops.progress import ProgressWriter
+from pipeline.ops.runs import journalled_upgrade
+from pipeline.runtime import native_stderr_to, route_logs
 from pipeline.services.estimate import estimate_step
 from pipeline.tracking import ui_hint
 from pipeline.upgrade.plan import Plan
@@ -98,14 +101,22 @@ def run_upgrade(
     # schedule, a retried job) must not open a run or rewrite a record.
     if not restart and finished_upgrade(ctx):
         return _nothing_to_do(ctx)
+    log_file = route_logs(cfg.log_path)  # Ray's and MLflow's lines: never through the bars
+    if not quiet:
+        console.print(f"[dim]logs of Ray and MLflow: {log_file}[/]")
     # Connect to MLflow first: an unreachable server fails the upgrade here, in seconds,
     # before it takes the gallery's lock, prepares images or writes any record.
     tracker = ctx.tracker
+    route_logs()  # mlflow set up its own console handler on import
     target = cfg.target_version
     job_id = os.environ.get(JOB_ID_ENV)
     owner = f"carryover upgrade ({job_id or 'cli'})"
     token = os.environ.get(TOKEN_ENV) or None
-    with gallery_lock(cfg, owner, f"upgrade to {target}", token) as lock:
+    with (
+        native_stderr_to(log_file),
+        gallery_lock(cfg, owner, f"upgrade to {target}", token) as lock,
+        journalled_upgrade(cfg, owner, quiet) as progress,
+    ):
         log = StageLog(ctx.gallery, target)
         ug.check_identity(ctx, log, restart)
         check_cluster(cfg)  # on several nodes, refuse local paths before any work
@@ -118,7 +129,7 @@ def run_upgrade(
         with tracker.run("upgrade", ctx.tags(step="upgrade", **lineage)) as parent:
             parent.log_dict(dump_config(cfg), "config.yaml")  # secrets masked
             estimate = _estimate(ctx, log, console, parent)
-            events = _StageEvents(console, parent, log)
+            events = _StageEvents(console, parent, log, progress)
             results = run_stages(
                 ug.upgrade_stages(ctx, console, estimate),
                 log,
@@ -162,17 +173,21 @@ def _child_runs(ctx: Context, lock: Any, parent: Any, lineage: dict[str, str]) -
 
 
 class _StageEvents:
-    """Prints each stage's start and end and tags the parent run with it."""
+    """Prints each stage's start and end, tags the parent run with it and puts it in the
+    run's progress record."""
 
-    def __init__(self, console: Console, parent: Any, log: StageLog) -> None:
-        self.console, self.parent, self.log = console, parent, log
+    def __init__(self, console: Console, parent: Any, log: StageLog, progress: ProgressWriter):
+        self.console, self.parent, self.log, self.progress = console, parent, log, progress
         self.stages: dict[str, dict[str, Any]] = {}
 
     def __call__(self, name: str, event: str, secs: float) -> None:
         console, parent = self.console, self.parent
         if event == "start":
             console.print(f"[bold cyan]▶ {name}[/]")
+            self.progress.stage(name)
+            route_logs()  # Ray Train and Ray Data set up their loggers again as they start
             return
+        self.progress.stage_done(name)
         self.stages[name] = {"status": event, "seconds": secs}
         mark = "✓" if event == "done" else "↻"
         note = "" if event == "done" else " (done in an earlier run)"

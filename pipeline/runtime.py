@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import RayConfig
 
 log = logging.getLogger(__name__)
+# Libraries whose log lines belong in the log file, never between our progress bars.
+ROUTED_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock", "fsspec")
+_log_handler: logging.Handler | None = None
 
 
 class RayStartError(RuntimeError):
@@ -53,6 +58,94 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    route_logs()  # ray.init configures its loggers' console handlers again
+    _route_driver_messages()
+
+
+def _route_driver_messages() -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) WARNING: ... worker
+    processes have been started") straight to sys.stdout from a thread of its own, whatever
+    log_to_driver says; with a log file set up they go to the file, through a logger."""
+    # start-up: see ensure_ray
+    import ray._private.worker as ray_worker
+
+    if _log_handler is None or not hasattr(ray_worker, "print_to_stdstream"):
+        return
+    to_log = logging.getLogger("ray.driver_messages")
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines") or []:
+            to_log.warning("(%s) %s", data.get("pid"), line)
+
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+@contextmanager
+def native_stderr_to(path: Path | None) -> Iterator[None]:
+    """Ray's C++ core (in this process and in the raylet it starts) writes its log lines to
+    file descriptor 2, past Python's logging (one is an error-level `core_worker.cc` line on a
+    healthy Ray Data run): point fd 2 at the log file meanwhile, and keep Python's own
+    `sys.stderr` (our error lines, tracebacks) on the terminal."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    before = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr.close()
+        sys.stderr = before
+
+
+def route_logs(path: str | Path | None = None) -> Path | None:
+    """Send the loggers of Ray, MLflow and their helpers (and Python warnings) to one file,
+    taking their console handlers away; `path` the first time, later calls (after a library
+    was imported and set up its own handlers) sweep again. Returns the file, if any."""
+    global _log_handler
+    if path is not None and _log_handler is None:
+        p = Path(path).expanduser()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _log_handler = logging.FileHandler(p, encoding="utf-8")
+        _log_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.captureWarnings(True)
+    if _log_handler is None:
+        return None
+    names = [n for n in list(logging.root.manager.loggerDict) if _routed(n)]
+    for name in {*ROUTED_LOGGERS, *names}:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if _is_console(h):
+                lg.removeHandler(h)
+        if "." not in name or not lg.propagate:  # a child that propagates reaches the file
+            if _log_handler not in lg.handlers:
+                lg.addHandler(_log_handler)
+            lg.propagate = False
+    return Path(_log_handler.baseFilename)
+
+
+def _routed(name: str) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in ROUTED_LOGGERS)
+
+
+def _is_console(h: logging.Handler) -> bool:
+    stream = getattr(h, "stream", None)
+    return not isinstance(h, logging.FileHandler) and stream in (
+        sys.stderr,
+        sys.stdout,
+        sys.__stderr__,
+        sys.__stdout__,
+    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -30,6 +30,7 @@ from pipeline.cli.common import (
     app,
     console,
     data_app,
+    err,
     jobs_app,
     lock_app,
 )
@@ -95,20 +96,25 @@ def train(
     from their embeddings of the training split."""
     # start-up: torch and Ray (seconds); --help and parsing need neither
     from pipeline.cluster import check_cluster
+    from pipeline.runtime import native_stderr_to, route_logs
     from pipeline.services import compat_steps, models
 
     cfg = _cfg(config, set_)
     check_cluster(cfg)  # on several nodes: shared storage for Ray Train, or refused
     ctx = _ctx(cfg)
     aliases = tuple(alias or ())
+    log_file = route_logs(cfg.log_path)  # Ray's and MLflow's lines; stdout stays JSON
+    err.print(f"[dim]logs of Ray and MLflow: {log_file}[/]")
     if which == "transformation":
-        out = compat_steps.train_transformation_step(ctx, aliases or ("candidate",))
+        with native_stderr_to(log_file):
+            out = compat_steps.train_transformation_step(ctx, aliases or ("candidate",))
         console.print_json(json.dumps(out or {"enabled": False}, default=str))
         return
     model = {"old": cfg.old_model, "new": cfg.new_model, "side-info": cfg.side_info_model}
     if which not in model:
         raise ConfigError(f"--which must be old, new, side-info or transformation, got {which!r}")
-    r = models.train_step(ctx, model[which], aliases)
+    with native_stderr_to(log_file):
+        r = models.train_step(ctx, model[which], aliases)
     console.print_json(json.dumps(r.__dict__))
 
 

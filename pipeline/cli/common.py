@@ -83,41 +83,50 @@ def _say_error(label: str, style: str, e: BaseException) -> None:
     err.print(f"[{style}]{label}:[/] {escape(str(e))}", soft_wrap=True)
 
 
+# The project's error types by module: an error of one was raised by code that imported it,
+# so the mapping looks them up in sys.modules and never imports torch or Ray itself (a
+# command that reads records, `carryover status`, starts in well under a second).
+_BAD_INPUT = (
+    ("pipeline.data.shards", "DataError"),
+    ("pipeline.models.store", "ModelLoadError"),
+    ("pipeline.upgrade.plan", "PlanError"),
+    ("pipeline.graph.dag", "GraphError"),
+)
+_LOCKED = (("pipeline.gallery.lock", "LockHeld"),)
+_FAILED = (
+    ("pipeline.gallery.store", "GalleryError"),
+    ("pipeline.io.uri", "StorageError"),
+    ("pipeline.ops.jobs", "JobsError"),
+    ("pipeline.runtime", "RayStartError"),
+)
+
+
+def _is(e: BaseException, names: tuple[tuple[str, str], ...]) -> bool:
+    for module, cls in names:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(e, getattr(mod, cls)):
+            return True
+    return False
+
+
 def _errors(fn):
     """Map known failures to one clear line and a meaningful exit code (2 = bad input)."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        # start-up: torch and Ray (seconds); --help and parsing need neither
-        from pipeline.data.shards import DataError
-        from pipeline.gallery.lock import LockHeld
-        from pipeline.gallery.store import GalleryError
-        from pipeline.graph.dag import GraphError
-        from pipeline.io.uri import StorageError
-        from pipeline.models.store import ModelLoadError
-        from pipeline.ops.jobs import JobsError
-        from pipeline.runtime import RayStartError
-        from pipeline.upgrade.plan import PlanError
-
         try:
             return fn(*a, **kw)
-        except (
-            ConfigError,
-            DataError,
-            FileNotFoundError,
-            ModelLoadError,
-            PlanError,
-            GraphError,
-        ) as e:
-            _say_error("error", "bold red", e)
-            raise typer.Exit(2) from None
-        except LockHeld as e:
-            _say_error("locked", "bold yellow", e)
-            raise typer.Exit(EXIT_LOCKED) from None
-        except (GalleryError, StorageError, JobsError, RayStartError) as e:
-            _say_error("error", "bold red", e)
-            raise typer.Exit(1) from None
         except Exception as e:
+            # LockHeld is a GalleryError: it is looked at first
+            if _is(e, _LOCKED):
+                _say_error("locked", "bold yellow", e)
+                raise typer.Exit(EXIT_LOCKED) from None
+            if isinstance(e, ConfigError | FileNotFoundError) or _is(e, _BAD_INPUT):
+                _say_error("error", "bold red", e)
+                raise typer.Exit(2) from None
+            if _is(e, _FAILED):
+                _say_error("error", "bold red", e)
+                raise typer.Exit(1) from None
             if type(e).__name__ == "TrackingError":
                 _say_error("tracking error", "bold red", e)
                 raise typer.Exit(1) from None

@@ -20,6 +20,7 @@ from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
 from pipeline.gallery.store import GalleryError, arrow_to_embeddings
 from pipeline.models.store import build_model
+from pipeline.ops import progress as run_progress
 from pipeline.runtime import ensure_ray
 from pipeline.services import compat_steps as cs
 from pipeline.services import models, steps
@@ -149,6 +150,8 @@ def _facts(
         rows[0] += rec["rows"]
         rps = rows[0] / max(time.perf_counter() - t0, 1e-9)
         prog.update(prog.task_ids[0], advance=1, rows=rows[0], rps=rps)
+        task = prog.tasks[0]
+        run_progress.active().shards(int(task.completed), int(task.total or 0), rows[0], rps)
 
     cfg = ctx.cfg
     try:  # the simulation's validation rows; without images there is nothing to simulate
@@ -332,6 +335,7 @@ def execute_plan(
             records.append(rec)
             rps = rows / max(time.perf_counter() - t0, 1e-9)
             prog.update(prog.task_ids[0], advance=1, rows=rows, rps=rps)
+            run_progress.active().shards(len(done) + len(records), len(plan.shards), rows, rps)
             run.log_metrics(
                 {"shard_rows": rec["rows"], "shard_seconds": rec["seconds"]},
                 step=int(rec["shard_id"]),

@@ -27,6 +27,7 @@ from pipeline.models.store import (
     restore_training_state,
     save_model_dir,
 )
+from pipeline.train.progress import WorkerReporter, watch_training
 
 # step(model, batch) -> (loss, rows, sums): sums are per-epoch totals (e.g. correct predictions).
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
@@ -128,23 +129,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     batches = _EpochBatches(shard, tc.batch_size, device, bool(config.get("in_memory")), tc.seed)
+    board = WorkerReporter(config.get("progress_board"), ctx.get_world_rank(), tc.epochs)
     for epoch in range(start, tc.epochs):
         # What an epoch draws and its learning rate depend on (seed, rank, epoch) only, so a run
         # resumed from a checkpoint draws what an undisturbed one would have at that epoch.
         torch.manual_seed((tc.seed * 1_000_003 + epoch) * 1009 + ctx.get_world_rank())
         for group in opt.param_groups:
             group["lr"] = cosine_lr(tc.lr, epoch, tc.epochs)
-        model.train()
-        tot, seen, sums = 0.0, 0, {}
-        for batch in batches.epoch(epoch):
-            loss, n, s = task.step(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += loss.item() * n
-            seen += n
-            for k, v in s.items():
-                sums[k] = sums.get(k, 0.0) + v
+        tot, seen, sums = _train_epoch(task, model, opt, batches.epoch(epoch), epoch, board)
         metrics = {"epoch": epoch, "loss": tot / max(seen, 1), "rows": seen}
         metrics["resumed_from_epoch"] = start  # 0: a fresh run
         metrics.update({k: v / max(seen, 1) for k, v in sums.items()})
@@ -158,6 +150,27 @@ def worker_loop(config: dict[str, Any]) -> None:
             if ctx.get_world_rank() == 0:
                 _save_ckpt(task, opt, metrics, d, save_model_dir)
             _report(metrics, d, ctx.get_world_rank() == 0)
+
+
+def _train_epoch(
+    task: Task, model: nn.Module, opt: Any, batches: Any, epoch: int, board: WorkerReporter
+) -> tuple[float, int, dict[str, float]]:
+    """One epoch's steps: (loss summed over rows, rows, the task's per-epoch sums); rank 0
+    tells the driver its step and running loss as it goes."""
+    model.train()
+    tot, seen, sums, steps = 0.0, 0, {}, 0
+    for steps, batch in enumerate(batches, start=1):
+        loss, n, s = task.step(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tot += loss.item() * n
+        seen += n
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+        board.step(epoch, steps, tot / max(seen, 1))
+    board.epoch_done(epoch, steps, tot / max(seen, 1))
+    return tot, seen, sums
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
@@ -230,12 +243,28 @@ def fit(
     reshuffled every epoch. Returns the final checkpoint and the last reported metrics.
     Re-running with the same name and results_dir resumes from the last checkpoint.
     `results_dir` may be a resolved s3:// Location: the storage every node of a cluster shares.
+    The run's rank 0 reports epoch, step and loss to the driver, which draws them (see
+    `watch_training`).
     """
+    storage_path, storage_fs = _run_storage(results_dir)
+    with watch_training(name, tc.epochs) as board:
+        return _fit(builder, config, dataset, tc, name, storage_path, storage_fs, in_memory, board)
+
+
+def _fit(
+    builder: str,
+    config: dict[str, Any],
+    dataset: Any,
+    tc: TrainConfig,
+    name: str,
+    storage_path: str,
+    storage_fs: Any,
+    in_memory: bool,
+    board: str | None,
+) -> tuple[Any, dict[str, Any]]:
     # start-up: see worker_loop
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    storage_path, storage_fs = _run_storage(results_dir)
 
     trainer = TorchTrainer(
         worker_loop,
@@ -244,6 +273,7 @@ def fit(
             "builder": builder,
             "train": tc.model_dump(mode="json"),
             "in_memory": in_memory,
+            "progress_board": board,
         },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import commands  # noqa: F401  (registers its commands)
+from pipeline.cli import (
+    commands,  # noqa: F401  (registers its commands)
+    jobs,  # noqa: F401  (registers its commands)
+)
 from pipeline.cli.common import EXIT_LOCKED, app, err
 
 __all__ = ["EXIT_LOCKED", "app", "main"]

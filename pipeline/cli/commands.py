@@ -444,12 +444,16 @@ def upgrade(
         # start-up: torch and Ray (seconds); --help and parsing need neither
         from pipeline.upgrade_graph import dry_run as show
 
-        show(_ctx(cfg, quiet), out)
+        p = show(_ctx(cfg, quiet or as_json), out)
+        if as_json:
+            plan = json.loads(p.to_json()) if p is not None else None
+            emit_json({"dry_run": True, "target": cfg.target_version, "plan": plan})
         return
     if restart:
         confirm(f"discard the unfinished version {cfg.target_version} and start it again", yes)
     stop_at = until.value if until else None
-    rep = run_upgrade(cfg, quiet=quiet, console=out, until=stop_at, restart=restart)
+    # progress bars write to stdout: off in JSON mode
+    rep = run_upgrade(cfg, quiet=quiet or as_json, console=out, until=stop_at, restart=restart)
     print_summary(rep, out)
     if report:
         write_report(rep, report)

@@ -119,7 +119,10 @@ def confirm(action: str, yes: bool) -> None:
     if yes:
         return
     if not sys.stdin.isatty():
-        err.print(f"[bold red]error:[/] {escape(action)}: pass --yes (stdin is not a terminal)")
+        err.print(
+            f"[bold red]error:[/] {escape(action)}: pass --yes (stdin is not a terminal)",
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
     if not typer.confirm(f"{action}?", default=False, err=True):
         err.print("nothing done")

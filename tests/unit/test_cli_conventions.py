@@ -182,6 +182,7 @@ def test_destructive_commands_refuse_off_a_terminal_without_yes(tiny: dict[str, 
             ["rollback", g],
             ["lock", "break", g],
             ["upgrade", "--restart", "--set", f"gallery={g}"],
+            ["data", "prepare", "--source", "synthetic", "--out", str(Path(g) / "versions/v1")],
         ):
             res = _invoke(*args)
             assert res.exit_code == 2, (args, res.output)
@@ -189,6 +190,9 @@ def test_destructive_commands_refuse_off_a_terminal_without_yes(tiny: dict[str, 
             assert len(lines) == 1 and "pass --yes" in lines[0], res.stderr
         assert holder_of(g).owner == "tester"  # nothing was done
         assert (Path(g) / "CURRENT").read_bytes() == current
+        assert sorted(p.name for p in (Path(g) / "versions/v1").glob("shard-*")) == [
+            "shard-00000.parquet"
+        ]
         broken = _one_json_line(_invoke("lock", "break", g, "--yes", "--json"))
     finally:
         lock.release()

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.choices import ADAPTER_KINDS, AdapterKind
+
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key and the reason."""
@@ -233,11 +235,7 @@ class TransformationConfig(_Model):
 class AdapterConfig(_Model):
     """Query adapters: map new-model queries into the old space (serve the old index at once)."""
 
-    kinds: list[Literal["procrustes", "low_rank", "residual_mlp"]] = [
-        "procrustes",
-        "low_rank",
-        "residual_mlp",
-    ]
+    kinds: list[AdapterKind] = list(ADAPTER_KINDS)
     sample_rows: int = Field(5000, ge=10, description="paired (old, new) rows to fit on")
     rank: int | None = Field(None, ge=1, description="low_rank: default min(32, dims)")
     hidden: int = Field(256, ge=1, description="residual_mlp hidden width")

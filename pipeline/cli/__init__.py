@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import commands, publish, serve, status  # noqa: F401  (each registers commands)
+from pipeline.cli import commands, jobs, publish, serve, status  # noqa: F401  (each registers commands)
 from pipeline.cli.common import EXIT_LOCKED, app, err
 
 __all__ = ["EXIT_LOCKED", "app", "main"]

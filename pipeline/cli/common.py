@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import functools
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +19,7 @@ from pipeline.config import ConfigError, UpgradeConfig, load_config
 app = typer.Typer(
     help="carryover: upgrade the embedding model behind an image gallery on Ray.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
@@ -71,10 +74,68 @@ EnvOpt = Annotated[
     ),
 ]
 GalleryArg = Annotated[
-    str | None, typer.Argument(help="gallery URI (default: the config's `gallery`)")
+    str | None,
+    typer.Argument(metavar="GALLERY", help="gallery URI (default: the config's `gallery`)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="one JSON object on stdout, for scripts")]
+GalleryAliasOpt = Annotated[
+    str | None, typer.Option("--gallery", hidden=True, help="deprecated: give GALLERY instead")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="one JSON object on one line on stdout, for scripts")
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do it without asking")]
 EXIT_LOCKED = 3
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str Enum of `values` (a closed set from pipeline/choices.py): --help lists them and a
+    wrong value exits 2 naming them. `.value` is the plain string."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+def _plain(obj: Any) -> Any:
+    """Strict JSON values: NaN and infinities become null (a parser in another language would
+    refuse them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """A --json answer: exactly one JSON object on one line on stdout (nothing else goes to
+    stdout in JSON mode; notices go to stderr)."""
+    text = json.dumps(obj, default=str)  # dates, paths
+    sys.stdout.write(json.dumps(_plain(json.loads(text)), allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def confirm(action: str, yes: bool) -> None:
+    """A destructive command goes on with --yes, or once a person at a terminal says yes; off
+    a terminal without --yes it refuses (exit 2) rather than wait for an answer never coming."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        err.print(
+            f"[bold red]error:[/] {escape(action)}: pass --yes (stdin is not a terminal)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    if not typer.confirm(f"{action}?", default=False, err=True):
+        err.print("nothing done")
+        raise typer.Exit(1)
+
+
+def pick_gallery(arg: str | None, alias: str | None) -> str | None:
+    """GALLERY, or the deprecated --gallery option (both: they must agree)."""
+    if arg and alias and arg != alias:
+        raise ConfigError(f"GALLERY {arg!r} and --gallery {alias!r} disagree: give GALLERY only")
+    if alias and not arg:
+        err.print("note: --gallery is deprecated; give GALLERY as the last argument")
+    return arg or alias
 
 
 def _say_error(label: str, style: str, e: BaseException) -> None:
@@ -158,6 +219,16 @@ def _gallery_cfg(
     cfg = _cfg(config, sets, gallery)
     given = given_keys(config is not None, sets)
     return cfg, adopt_identity(cfg, given, require, uses_tracking)
+
+
+def _target_cfg(
+    config: Path | None, sets: list[str] | None, gallery: str | None, require: bool = False
+) -> UpgradeConfig:
+    """The config of a command that may create or extend a gallery: with GALLERY, the
+    gallery's own identity is adopted (as `_gallery_cfg`); without it, the config's."""
+    if gallery is None:
+        return _cfg(config, sets)
+    return _gallery_cfg(config, sets, gallery, require=require)[0]
 
 
 def _ctx(cfg: UpgradeConfig, quiet: bool = False):

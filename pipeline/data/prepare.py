@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.choices import SHARD_ORDERS
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.shards import (
     DataError,
@@ -239,8 +240,8 @@ def _remove_stale_shards(out_uri: str, keep: int, storage: StorageConfig | None)
 def _row_order(src: _Source, source: str, seed: int, limit: int | None, order: str) -> np.ndarray:
     """The source's row indices in shard order: shuffled (seeded), or grouped by label."""
     # Shuffle before sharding: array sources are often sorted by label.
-    if order not in ("shuffle", "label"):
-        raise DataError(f"order must be 'shuffle' or 'label', got {order!r}")
+    if order not in SHARD_ORDERS:
+        raise DataError(f"order must be one of {', '.join(SHARD_ORDERS)}, got {order!r}")
     perm = np.random.default_rng(seed).permutation(src.n)[:limit]
     if order == "label":
         if src.labels is None:

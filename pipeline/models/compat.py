@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.choices import ADAPTER_KINDS
 from pipeline.config import ConfigError
 
-ADAPTERS = ("procrustes", "low_rank", "residual_mlp")
+ADAPTERS = ADAPTER_KINDS
 FCT_WIDTH = 16  # FCT's mixer width, in multiples of the new dimension (designed for 128-d)
 WIDTH_STEP = 64  # a sized mixer is a multiple of this (GEMM-friendly)
 

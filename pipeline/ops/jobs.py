@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,10 @@ TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 AGENT_WAIT_S = 120.0  # how long a submission waits for a fresh head's job agent
 LOCAL = "local"
+LOG_FLUSH_S = 2.0  # a local job's log reaches the journal this often (`jobs logs -f` reads it)
+# The runtime env keys carryover sets itself: the job's code is its bundle (working_dir), and
+# these variables tie the job to its journal entry and its gallery lease.
+OWN_RUNTIME_ENV = ("working_dir",)
 
 
 class JobsError(RuntimeError):
@@ -49,6 +55,103 @@ class Submission:
     entrypoint: str
     env_names: list[str] = field(default_factory=list)
     status: str = "PENDING"
+
+
+@dataclass
+class JobOptions:
+    """What `ray job submit` lets a submission ask for, passed through to Ray as given: a
+    runtime env (merged with carryover's; see `submit_kwargs`) and the entrypoint's resources."""
+
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = None
+    resources: dict[str, float] | None = None
+
+    def given(self) -> bool:
+        return bool(self.runtime_env or self.resources) or any(
+            v is not None for v in (self.num_cpus, self.num_gpus, self.memory)
+        )
+
+
+def load_runtime_env(path: str | Path | None, text: str | None) -> dict[str, Any]:
+    """--runtime-env FILE (YAML or JSON) updated by --runtime-env-json TEXT, as a dict."""
+    env: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        try:
+            env = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"--runtime-env {p}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--runtime-env {p}: not YAML or JSON ({e})") from None
+        if not isinstance(env, dict):
+            raise ConfigError(f"--runtime-env {p}: expected a mapping, got {type(env).__name__}")
+    if text is not None:
+        env = {**env, **_json_object("--runtime-env-json", text)}
+    return env
+
+
+def parse_resources(text: str | None) -> dict[str, float] | None:
+    """--entrypoint-resources: a JSON object of resource name to quantity."""
+    if text is None:
+        return None
+    res = _json_object("--entrypoint-resources", text)
+    bad = [k for k, v in res.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad:
+        raise ConfigError(f"--entrypoint-resources: {bad[0]!r} needs a number")
+    return {k: float(v) for k, v in res.items()}
+
+
+def _json_object(option: str, text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{option}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def submit_kwargs(
+    ep: str,
+    sid: str,
+    bundle: Path,
+    env_vars: dict[str, str],
+    metadata: dict[str, str],
+    opts: JobOptions | None = None,
+) -> dict[str, Any]:
+    """JobSubmissionClient.submit_job's arguments. The user's runtime env passes through
+    (pip, conda, py_modules, container, ...); its env_vars are merged under carryover's own
+    (--env, the job id and the lease token win: the journal and the lock depend on them);
+    a working_dir of its own is refused (the job's code is carryover's bundle)."""
+    opts = opts or JobOptions()
+    theirs = dict(opts.runtime_env)
+    for key in OWN_RUNTIME_ENV:
+        if key in theirs:
+            raise ConfigError(
+                f"runtime env {key!r}: carryover ships the job's code and config as its "
+                "working_dir; add your own code with py_modules instead"
+            )
+    extra_env = theirs.pop("env_vars", None) or {}
+    if not isinstance(extra_env, dict):
+        raise ConfigError("runtime env 'env_vars': expected a mapping of names to strings")
+    runtime_env = {
+        **theirs,
+        "working_dir": str(bundle),
+        "env_vars": {**{k: str(v) for k, v in extra_env.items()}, **env_vars},
+    }
+    kw: dict[str, Any] = {
+        "entrypoint": ep,
+        "submission_id": sid,
+        "runtime_env": runtime_env,
+        "metadata": metadata,
+        "entrypoint_num_cpus": opts.num_cpus,
+        "entrypoint_num_gpus": opts.num_gpus,
+        "entrypoint_memory": opts.memory,
+        "entrypoint_resources": opts.resources,
+    }
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def find_token(token_file: str | Path | None = None) -> str | None:
@@ -238,29 +341,27 @@ def submit(
     token_file: str | Path | None = None,
     trigger: str = "manual",
     lock_token: str | None = None,
+    options: JobOptions | None = None,
 ) -> Submission:
     """Submit `jobs/<job>.py` with the config to the cluster at `address`; journal it."""
     client = connect(address, token_file)
     sid = new_id("carryover", cfg.gallery_name)
     env_vars = _env(env, lock_token, sid)
     ep = entrypoint(job, args or [])
+    metadata = {
+        "carryover.job": job,
+        "carryover.gallery": cfg.gallery_name,
+        "carryover.gallery_uri": redact_text(cfg.gallery_uri),
+        "carryover.target": cfg.target_version,
+        "carryover.trigger": trigger,
+    }
     with tempfile.TemporaryDirectory(prefix="carryover-job-") as tmp:
         bundle = make_bundle(cfg, job, Path(tmp))
+        kwargs = submit_kwargs(ep, sid, bundle, env_vars, metadata, options)
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
-                client.submit_job(
-                    entrypoint=ep,
-                    submission_id=sid,
-                    runtime_env={"working_dir": str(bundle), "env_vars": env_vars},
-                    metadata={
-                        "carryover.job": job,
-                        "carryover.gallery": cfg.gallery_name,
-                        "carryover.gallery_uri": redact_text(cfg.gallery_uri),
-                        "carryover.target": cfg.target_version,
-                        "carryover.trigger": trigger,
-                    },
-                )
+                client.submit_job(**kwargs)
                 break
             except Exception as e:
                 # A head that just started (or is busy) answers 500 "No available agent"
@@ -310,8 +411,8 @@ def run_here(
         ep = entrypoint(job, args or [], sys.executable)
         env_vars = _env(env, lock_token, sid)
         sub = Submission(sid, LOCAL, job, ep, sorted(env_vars), "RUNNING")
-        journal.put(_entry(cfg, sub, trigger))
-        lines: list[str] = []
+        entry = _entry(cfg, sub, trigger)
+        journal.put({**entry, "host": socket.gethostname(), "pid": os.getpid()})
         proc = subprocess.Popen(
             ep,
             shell=True,
@@ -322,14 +423,25 @@ def run_here(
             text=True,
         )
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            echo(line)
+        lines = _relay(proc.stdout, echo, lambda text: journal.write_log(sid, text))
         rc = proc.wait()
     sub.status = "SUCCEEDED" if rc == 0 else "FAILED"
     journal.write_log(sid, "".join(lines))
     journal.update(sid, status=sub.status, exit_code=rc, ended_at=time.time())
     return sub
+
+
+def _relay(stream: Any, echo: Callable[[str], None], save: Callable[[str], Any]) -> list[str]:
+    """Echo each line and save the whole output every LOG_FLUSH_S (for `jobs logs -f`)."""
+    lines: list[str] = []
+    saved_at = time.monotonic()
+    for line in stream:
+        lines.append(line)
+        echo(line)
+        if time.monotonic() - saved_at > LOG_FLUSH_S:
+            save("".join(lines))
+            saved_at = time.monotonic()
+    return lines
 
 
 # -- inspecting jobs -------------------------------------------------------------------------
@@ -433,6 +545,46 @@ def follow(job_id: str, address: str, token_file=None, echo=print) -> dict[str, 
 
     asyncio.run(tail())
     return wait(job_id, address, token_file)
+
+
+def follow_local(
+    job_id: str, journal: Journal, echo: Callable[[str], None] = print, poll: float = 1.0
+) -> dict[str, Any]:
+    """Stream a local job's log from the journal as it grows until the job ends; returns its
+    final record. A job whose process is gone from this host without a final status ends as
+    FAILED (it was killed)."""
+    shown = 0
+    while True:
+        entry = journal.get(job_id)
+        if entry is None:
+            raise JobsError(f"job {job_id!r} not found in the journal")
+        text = journal.read_log(job_id) or ""
+        if len(text) > shown:
+            echo(text[shown:])
+            shown = len(text)
+        if entry.get("status") in TERMINAL:
+            return entry
+        if _gone(entry):
+            final = journal.get(job_id) or entry  # it may have ended between the two reads
+            if final.get("status") in TERMINAL:
+                echo((journal.read_log(job_id) or "")[shown:])
+                return final
+            return {**entry, "status": "FAILED", "message": "its process is gone"}
+        time.sleep(poll)
+
+
+def _gone(entry: dict[str, Any]) -> bool:
+    """The local job's process is known to be gone (same host, no such pid)."""
+    pid, host = entry.get("pid"), entry.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def stop(job_id: str, address: str, token_file=None) -> bool:

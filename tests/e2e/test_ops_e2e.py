@@ -70,7 +70,7 @@ def test_submitted_upgrade_succeeds_with_logs_and_lineage(submitted) -> None:
     assert logs.returncode == 0
     for text in ("▶ promote", "validation of v2", "MLflow parent run"):
         assert text in logs.stdout
-    listed = json.loads(_carryover("jobs", "list", "--json", *head, *_flags(wd)).stdout)
+    listed = json.loads(_carryover("jobs", "list", "--json", *head, *_flags(wd)).stdout)["jobs"]
     row = next(r for r in listed if r["id"] == job_id)
     assert row["status"] == "SUCCEEDED" and row["trigger"] == "manual" and row["job"] == "upgrade"
 
@@ -142,7 +142,7 @@ def test_nightly_ticks_noop_then_upgrade_and_lock_refuses(submitted, ray_head) -
     assert ctx.gallery.current() == "v3" and holder_of(cfg.gallery_uri) is None
     serving = ctx.tracker.get_alias("ops-embedder", "serving")
     assert serving.version == 3 and ctx.gallery.manifest("v3")["source_version"] == "v2"
-    ticks = json.loads(_carryover("jobs", "list", "--json", *head, *_flags(wd)).stdout)
+    ticks = json.loads(_carryover("jobs", "list", "--json", *head, *_flags(wd)).stdout)["jobs"]
     statuses = [r["status"] for r in ticks if r["kind"] == "tick"]
     assert statuses[:3] == ["LOCKED", "SUCCEEDED", "NOOP"]
     job = next(r for r in ticks if r["kind"] == "job" and r.get("trigger") == "schedule")

@@ -298,7 +298,7 @@ def test_cli_promote_and_rollback_are_refused_while_locked(
     with _held_elsewhere(uri):
         results = [
             CliRunner().invoke(app, ["promote", "v1", *flags]),
-            CliRunner().invoke(app, ["rollback", *flags]),
+            CliRunner().invoke(app, ["rollback", "--yes", *flags]),
         ]
     for res in results:
         text = " ".join(res.output.split())

@@ -113,7 +113,7 @@ def test_rollback_without_config_moves_current_and_serving_together(
     tmp_path: Path, registry: Tracker
 ) -> None:
     shop = _shop(tmp_path, registry, "shop-rb")
-    res = _cli(tmp_path, "rollback", shop.gallery.uri)  # README's line: no -c
+    res = _cli(tmp_path, "rollback", shop.gallery.uri, "--yes")  # README's line: no -c
     assert res.returncode == 0, res.stderr
     assert "rolled back v2 → serving v1" in res.stdout
     assert shop.gallery.current() == "v1"
@@ -149,7 +149,7 @@ def test_a_config_that_disagrees_is_refused_naming_both(
     ]
     before = shop.current_bytes()
     for flags, ours, theirs in cases:
-        for cmd in (["rollback", shop.gallery.uri], ["versions", shop.gallery.uri]):
+        for cmd in (["rollback", shop.gallery.uri, "--yes"], ["versions", shop.gallery.uri]):
             res = runner.invoke(app, [*cmd, *flags])
             assert res.exit_code == 2, (cmd, flags, res.output)
             assert ours in _out(res) and theirs in _out(res), _out(res)
@@ -172,12 +172,12 @@ def test_a_legacy_gallery_takes_its_name_from_the_manifest(
     assert res.exit_code == 0, res.output
     assert f"{shop.model}/{shop.registered['v1']} (missing!)" in _out(res)
     assert "this gallery's manifests do not record theirs" in _out(res)
-    res = runner.invoke(app, ["rollback", shop.gallery.uri])
+    res = runner.invoke(app, ["rollback", shop.gallery.uri, "--yes"])
     assert res.exit_code == 1, res.output
     assert "does not record its tracking URI" in _out(res) and "nothing moved" in _out(res)
     assert shop.gallery.current() == "v2"
     res = runner.invoke(
-        app, ["rollback", shop.gallery.uri, "--set", f"tracking.uri={registry.tracking_uri}"]
+        app, ["rollback", shop.gallery.uri, "-y", "--set", f"tracking.uri={registry.tracking_uri}"]
     )
     assert res.exit_code == 0, res.output
     assert shop.gallery.current() == "v1"
@@ -205,7 +205,7 @@ def test_promote_checks_the_registry_before_moving_anything(
     registry._client.delete_model_version(shop.model, str(shop.registered["v1"]))
     before = shop.current_bytes()
     flags = ["--set", f"gallery={shop.gallery.uri}"]
-    for cmd in (["promote", "v1", *flags], ["rollback", shop.gallery.uri]):
+    for cmd in (["promote", "v1", *flags], ["rollback", shop.gallery.uri, "--yes"]):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 1, res.output
         assert len(res.output.strip().splitlines()) == 1, res.output
@@ -228,7 +228,7 @@ def test_rollback_restores_current_when_the_alias_cannot_move(
                 " BEGIN SELECT RAISE(ABORT, 'alias writes refused'); END"
             )
     try:
-        res = _cli(tmp_path, "rollback", shop.gallery.uri)
+        res = _cli(tmp_path, "rollback", shop.gallery.uri, "--yes")
     finally:
         with sqlite3.connect(db) as con:
             for op in ("insert", "update"):

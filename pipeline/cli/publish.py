@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from pipeline.cli.common import (
     _gallery_cfg,
     app,
     console,
+    emit_json,
     err,
 )
 
@@ -60,7 +60,7 @@ def publish(
             with err.status(f"publishing {version} to {target} (rows, then the ANN index)"):
                 r = publish_version(cfg, g, version, to)
     if as_json:
-        print(json.dumps(_result_dict(r)))
+        emit_json(_result_dict(r))
         return
     p = r.published
     index = f"{p.index_type}, {p.partitions} partitions" if p.partitions else "no ANN index"
@@ -105,7 +105,7 @@ def targets(
     infos = [t.describe() for t in recorded_targets(g, cfg)]
     if as_json:
         out = [{**asdict(i), "published": records[i.target]["published"]} for i in infos]
-        print(json.dumps({"gallery": g.uri, "current": g.current(), "targets": out}))
+        emit_json({"gallery": g.uri, "current": g.current(), "targets": out})
         return
     if not infos:
         console.print(f"{g.uri}: no publish targets (carryover publish VERSION --to URI)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -19,6 +18,7 @@ from pipeline.cli.common import (
     _gallery_cfg,
     app,
     console,
+    emit_json,
 )
 
 
@@ -43,7 +43,7 @@ def status(
     cfg, _ = _gallery_cfg(config, set_, gallery, uses_tracking=False)  # no gallery: exit 2
     st = gallery_status(cfg, recent)
     if as_json:
-        print(json.dumps(st.to_dict(), default=str))
+        emit_json(st.to_dict())
         return
     console.print(f"gallery {escape(st.gallery)}: serving [bold]{st.serving or '-'}[/]")
     if st.lock is not None:

@@ -112,6 +112,10 @@ def test_read_commands_answer_one_json_line(tiny: dict[str, str]) -> None:
     assert status["status"] == "SUCCEEDED"
     cfg = _one_json_line(_invoke("config", "--json", "--set", "gallery_name=shop"))
     assert cfg["gallery_name"] == "shop" and "storage" in cfg
+    now = _one_json_line(_invoke("status", g, "--json", *wd))
+    assert now["serving"] == "v2" and now["running"] is None
+    targets = _one_json_line(_invoke("targets", g, "--json", *wd))
+    assert targets == {"gallery": g, "current": "v2", "targets": []}
 
 
 def test_hidden_gallery_alias_still_works(tiny: dict[str, str]) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 

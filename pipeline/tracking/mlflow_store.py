@@ -28,6 +28,9 @@ from pipeline.io.redact import redact, redact_text, uri_has_credentials
 from pipeline.tracking.mlmodel import DatasetRef, dataset_input, log_logged_model
 from pipeline.tracking.params import MAX_TAG_VALUE_LENGTH, to_params, to_tags, to_text
 
+# MLflow's own tqdm bar for artifact downloads would land between carryover's progress lines
+# (and on the terminal of a --json command): carryover reports its stages itself.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests runs by it
 ERROR_TAG = "carryover.error"
 MODEL_ARTIFACT_PATH = "model"

@@ -300,7 +300,8 @@ def test_npy_layout_on_s3_imports_by_ranged_reads(tmp_path: Path, s3_server) -> 
         app, ["import", s3_server.uri("adopt", "c"), "--model-uri", model, "--json", *flags]
     )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    (line,) = r.stdout.strip().splitlines()  # --json: one line on stdout, nothing else
+    out = json.loads(line)
     assert (out["rows"], out["shards"], out["layout"]) == (12, 2, "npy")
     r = runner.invoke(app, ["search", "--key", "k0", "-k", "2", "--json", *flags])
     assert r.exit_code == 0, r.output

@@ -388,6 +388,12 @@ class PlanConfig(_Model):
         "transform",
         description="shards without side-info: a side-info-free transformation, or full backfill",
     )
+    max_chain_length: int | None = Field(
+        3,
+        ge=1,
+        description="most maps a row may go through since it was embedded from its image; rows "
+        "an upgrade would map further are re-embedded first, whatever the budget (null: no limit)",
+    )
     quantiles: int = Field(101, ge=3, le=10_001, description="uncertainty summary per shard")
     embed_rows_per_second: float | None = Field(
         None, gt=0, description="cost model: decode+embed rows/s (default: measured at ingest)"

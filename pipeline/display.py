@@ -45,6 +45,12 @@ def _plan_caption(plan: Plan) -> str:
             f"priced: new model {eps:,.0f} images/s, h {tps:,.0f} rows/s "
             f"(a transform costs 1/{tps / eps:,.0f} of a re-embedding)"
         )
+    if any(int(k) > 1 for k in plan.hops):
+        mix = ", ".join(f"{n:,} × {k}" for k, n in plan.hops.items())
+        lines.append(
+            f"rows to upgrade by maps since embedded, if mapped: {mix}; "
+            f"{plan.forced_rows:,} past plan.max_chain_length re-embedded first"
+        )
     lines += [f"warning: {escape(w)}" for w in plan.warnings]
     return "\n".join(lines)
 

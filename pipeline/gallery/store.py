@@ -23,11 +23,14 @@ class GalleryError(RuntimeError):
     """The gallery is missing, incomplete or inconsistent; the message says where."""
 
 
-def embedding_schema(dim: int, with_side_info: int = 0, uncertainty: bool = False) -> pa.Schema:
+def embedding_schema(
+    dim: int, with_side_info: int = 0, uncertainty: bool = False, chains: bool = False
+) -> pa.Schema:
     """Schema of a gallery shard: key, fixed-size float32 embedding, how it was produced.
 
-    Optional: FCT's side-information (carried through upgrades, the next one needs it) and
-    FastFill's log-variance of transformed rows (null where the row was embedded).
+    Optional: FCT's side-information (carried through upgrades, the next one needs it) and,
+    in an upgrade's output, each row's accumulated log-variance (null where none is known),
+    its chain of models since it was embedded ("v1>v2>v3") and its number of maps (hops).
     """
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -38,6 +41,9 @@ def embedding_schema(dim: int, with_side_info: int = 0, uncertainty: bool = Fals
         fields.append(pa.field("side_info", pa.list_(pa.float32(), with_side_info)))
     if uncertainty:
         fields.append(pa.field("uncertainty", pa.float32()))
+    if chains:
+        fields.append(pa.field("chain", pa.string()))
+        fields.append(pa.field("hops", pa.int16()))
     return pa.schema(fields)
 
 

@@ -159,7 +159,11 @@ def _facts(
     except (FileNotFoundError, ValueError):
         probe = None
     scan = ScanSettings(
-        cfg.plan.quantiles, cfg.embed.actor_num_cpus, cfg.plan.parallel_shards, cfg.workdir
+        cfg.plan.quantiles,
+        cfg.embed.actor_num_cpus,
+        cfg.plan.parallel_shards,
+        cfg.workdir,
+        cfg.plan.max_chain_length,
     )
     with prog:
         return gather_facts(ctx.gallery, source, cfg.new_model.name, chains, scan, tick, probe)
@@ -311,6 +315,7 @@ def executor_spec(ctx: Context, source: str, run_id: str | None) -> ExecutorSpec
         num_cpus=cfg.embed.actor_num_cpus,
         parallel=cfg.plan.parallel_shards,
         layout=steps.image_layout(cfg),
+        max_hops=cfg.plan.max_chain_length,
     )
 
 

@@ -43,6 +43,7 @@ from pipeline.upgrade.facts import (
     scan_shard,
     side_of,
 )
+from pipeline.upgrade.hops import accumulated, extended, stored_chains, stored_log_var
 from pipeline.upgrade.plan import Plan
 from pipeline.upgrade.pool import run_shards
 from pipeline.upgrade.work import ShardWork
@@ -70,17 +71,20 @@ class ShardExecutor:
         retries: int = 2,
         lineage: dict[str, Any] | None = None,
         layout: ImageLayout | None = None,
+        max_hops: int | None = None,
     ):
         # Where each shard came from, for `carryover lineage`: the run, the new model's registry
         # version, and per chain the registered transformation versions it applies.
         self.lineage = lineage or {}
         self.layout = layout or ImageLayout()
         self.g = Gallery(gallery_uri, storage)
-        self.target, self.model_name = target, target_model
+        self.target, self.model_name, self.max_hops = target, target_model, max_hops
         self.chains = {k: TransformChain(v) for k, v in chains.items()}
         self.embedder = EmbedStage(new_blob, embed_cfg.torch_threads)
         self.pre, self.cfg, self.retries = new_blob.preprocess, embed_cfg, retries
-        self.schema = embedding_schema(new_blob.embedding_dim, side_dim, uncertainty=True)
+        self.schema = embedding_schema(
+            new_blob.embedding_dim, side_dim, uncertainty=True, chains=True
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -115,6 +119,8 @@ class ShardExecutor:
                 self.g.storage,
                 chain if w.method == "partial" else None,
                 self.model_name,
+                self.max_hops,
+                w.space,
             )
             chosen = self._choose(scan, w)
             timings["select"] = time.perf_counter() - t
@@ -275,59 +281,102 @@ class _Merge:
         self.transform_seconds = 0.0  # inside h: the compute share of the write pass
 
     def batch(self, b: pa.RecordBatch, chain: TransformChain | None, schema: pa.Schema):
-        n, names = b.num_rows, b.schema.names
+        n = b.num_rows
         self.rows_in += n
         keys = b.column("key").to_numpy(zero_copy_only=False)
-        side = side_of(b)
         has_new = pc.is_in(b.column("key"), value_set=self.new_keys).to_numpy(zero_copy_only=False)
         was_chosen = pc.is_in(b.column("key"), value_set=self.chosen).to_numpy(zero_copy_only=False)
-        emb = np.zeros((n, schema.field("embedding").type.list_size), np.float32)
-        unc = np.full(n, np.nan, np.float32)
-        source = np.full(n, f"backfill:{self.model}", object)
-        keep = np.ones(n, bool)
+        out = _Rows.start(b, schema, self.model)
         rest = ~has_new
         if has_new.any():
-            emb[has_new] = np.stack([self.new[k] for k in keys[has_new]])
+            out.emb[has_new] = np.stack([self.new[k] for k in keys[has_new]])
         if chain is None:
-            keep &= has_new
+            out.keep &= has_new
             self.rejects += [
                 (k, self.errors.get(k, "no transformation applies and not re-embedded"))
                 for k in keys[rest]
             ]
         elif rest.any():
             t = time.perf_counter()
-            pred, lv = chain(arrow_to_embeddings(b.column("embedding")), side)
+            pred, lv = chain(arrow_to_embeddings(b.column("embedding")), side_of(b))
             self.transform_seconds += time.perf_counter() - t
-            emb[rest] = pred[rest]
-            if not chain.spec.names:  # identity: rows already in the target space
-                source[rest] = (
-                    b.column("source").to_numpy(zero_copy_only=False)[rest]
-                    if "source" in names
-                    else f"embed:{self.space}"
-                )
-                if "uncertainty" in names:
-                    u = pc.fill_null(b.column("uncertainty"), np.nan).to_numpy(zero_copy_only=False)
-                    unc[rest] = u[rest]
-            else:
-                source[rest] = f"transform:{self.space}->{self.model}"
-                if lv is not None:
-                    unc[rest] = lv[rest]
+            out.mapped(b, rest, (pred, lv), chain.spec, self.space)
             fb = rest & was_chosen
             self.fallbacks += [(k, self.errors.get(k, "not re-embedded")) for k in keys[fb]]
         self.reembedded += int(has_new.sum())
-        for s_, c in zip(*np.unique(source[keep].astype(str), return_counts=True), strict=True):
+        keep = out.keep
+        for s_, c in zip(*np.unique(out.source[keep].astype(str), return_counts=True), strict=True):
             self.counts[str(s_)] = self.counts.get(str(s_), 0) + int(c)
+        return out.record_batch(b, schema)
+
+
+@dataclass
+class _Rows:
+    """One output batch being built: embeddings, where each came from, its chain and hops,
+    and its accumulated log-variance. Rows start as re-embedded by the target model."""
+
+    keys: np.ndarray
+    emb: np.ndarray
+    source: np.ndarray
+    chain: np.ndarray
+    hops: np.ndarray
+    unc: np.ndarray
+    keep: np.ndarray
+    model: str
+
+    @classmethod
+    def start(cls, b: pa.RecordBatch, schema: pa.Schema, model: str) -> _Rows:
+        n = b.num_rows
+        return cls(
+            keys=b.column("key").to_numpy(zero_copy_only=False),
+            emb=np.zeros((n, schema.field("embedding").type.list_size), np.float32),
+            source=np.full(n, f"backfill:{model}", object),
+            chain=np.full(n, model, object),
+            hops=np.zeros(n, np.int64),
+            unc=np.full(n, np.nan, np.float32),
+            keep=np.ones(n, bool),
+            model=model,
+        )
+
+    def mapped(
+        self, b: pa.RecordBatch, rest: np.ndarray, out: tuple, spec: ChainSpec, space: str
+    ) -> None:
+        """Rows `rest` take the chain's prediction `out` (embeddings, log-variance); their
+        chain grows by its steps and their uncertainty accumulates. The identity keeps each
+        stored row's source, chain and uncertainty."""
+        pred, lv = out
+        chain, hops = stored_chains(b, space)
+        prior = stored_log_var(b)
+        self.emb[rest] = pred[rest]
+        if not spec.names:
+            names = b.schema.names
+            src = b.column("source").to_numpy(zero_copy_only=False) if "source" in names else None
+            self.source[rest] = src[rest] if src is not None else f"embed:{space}"
+        else:
+            self.source[rest] = f"transform:{space}->{self.model}"
+            steps = [m.get("to_model") or "?" for m in spec.metas]
+            chain = extended(chain, [*steps[:-1], self.model])  # the last lands in the target
+            hops, prior = hops + len(spec.names), accumulated(prior, lv)
+        self.chain[rest], self.hops[rest] = chain[rest], hops[rest]
+        if prior is not None:
+            self.unc[rest] = prior[rest]
+
+    def record_batch(self, b: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+        keep, names = self.keep, b.schema.names
         cols = [
-            pa.array(keys[keep], pa.string()),
-            embeddings_to_arrow(emb[keep]),
-            pa.array(source[keep], pa.string()),
+            pa.array(self.keys[keep], pa.string()),
+            embeddings_to_arrow(self.emb[keep]),
+            pa.array(self.source[keep], pa.string()),
         ]
         if "side_info" in schema.names:
             if "side_info" in names:
                 cols.append(b.column("side_info").filter(pa.array(keep)))
             else:
                 cols.append(pa.nulls(int(keep.sum()), schema.field("side_info").type))
-        cols.append(pa.array(unc[keep], pa.float32(), mask=np.isnan(unc[keep])))
+        u = self.unc[keep]
+        cols.append(pa.array(u, pa.float32(), mask=np.isnan(u)))
+        cols.append(pa.array(self.chain[keep], pa.string()))
+        cols.append(pa.array(self.hops[keep], pa.int16()))
         return pa.record_batch(cols, schema=schema)
 
 
@@ -348,6 +397,7 @@ class ExecutorSpec:
     num_cpus: float
     parallel: int
     layout: ImageLayout | None = None
+    max_hops: int | None = None
 
     def actor_kwargs(self) -> dict[str, Any]:
         keep = ("num_cpus", "parallel")

@@ -16,6 +16,7 @@ from pipeline.config import StorageConfig
 from pipeline.embed.transform import ChainSpec, TransformChain
 from pipeline.gallery.store import Gallery, arrow_to_embeddings
 from pipeline.io import uri as uri_io
+from pipeline.upgrade.hops import accumulated, stored_chains, stored_log_var
 from pipeline.upgrade.plan import ShardFacts
 from pipeline.upgrade.pool import run_shards
 from pipeline.upgrade.work import ShardSource, ShardWork
@@ -96,6 +97,7 @@ def gather_facts(
         "target_model": target_model,
         "quantiles": scan.quantiles,
         "probe_keys": probe_keys,
+        "max_hops": scan.max_hops,
     }
     by_id = {w.shard_id: w for w in work}
     facts: dict[int, ShardFacts] = {}
@@ -124,6 +126,8 @@ def _facts_of(
         transform=list(spec.names) if spec is not None else None,
         uncertainty=rec["uncertainty"],
         chain=rec["chain"],
+        forced_rows=rec.get("forced_rows", 0),
+        hops={int(k): v for k, v in (rec.get("hops") or {}).items()},
         source_uri=w.source_uri,
         image_file=w.image_file,
     )
@@ -137,6 +141,7 @@ class ScanSettings:
     num_cpus: float
     parallel: int
     workdir: str = ".carryover"  # old relative image-file records are resolved against it
+    max_hops: int | None = None  # plan.max_chain_length: rows mapped more often are re-embedded
 
 
 def native_sources(model: str) -> set[str]:
@@ -147,7 +152,8 @@ def native_sources(model: str) -> set[str]:
 def columns(uri: str, storage: StorageConfig | None) -> list[str]:
     """The gallery columns a stored shard has, in the order a scan reads them."""
     names = uri_io.parquet_columns(uri, storage)
-    return [c for c in ("key", "embedding", "side_info", "source", "uncertainty") if c in names]
+    wanted = ("key", "embedding", "side_info", "source", "uncertainty", "chain", "hops")
+    return [c for c in wanted if c in names]
 
 
 def side_of(b: pa.RecordBatch) -> np.ndarray | None:
@@ -162,64 +168,83 @@ class ShardScan:
     """One streaming pass over a source shard: keys, native mask and log-variances.
 
     `chain_applied`: the chain mapped every row (an h without an uncertainty head, loss fct,
-    applies with `log_var` None; a side-info h does not apply to a shard without side-info)."""
+    applies with `log_var` None; a side-info h does not apply to a shard without side-info).
+    `log_var` accumulates each row's stored uncertainty with the chain's (errors add up over
+    generations); `hops`: the maps each row will have been through once this chain maps it;
+    `forced`: rows whose hops would pass the chain-length limit (re-embedded first, always)."""
 
     keys: np.ndarray
     native: np.ndarray
     log_var: np.ndarray | None
     has_side_info: bool
     chain_applied: bool = False
+    hops: np.ndarray | None = None
+    forced: np.ndarray | None = None
 
 
 def scan_shard(
-    uri: str, storage: StorageConfig | None, chain: TransformChain | None, target_model: str
+    uri: str,
+    storage: StorageConfig | None,
+    chain: TransformChain | None,
+    target_model: str,
+    max_hops: int | None = None,
+    space: str = "",
 ) -> ShardScan:
-    """Keys, which rows are already native, and h's log-variance of each row (streamed).
+    """Keys, which rows are already native, each row's hops and accumulated log-variance
+    (its stored uncertainty and h's), streamed.
 
     With the identity chain (rows already in the target space) the stored uncertainty is used.
     """
     cols = columns(uri, storage)
-    keys, native, lvs, has_side = [], [], [], "side_info" in cols
+    keys, native, lvs, hops, has_side = [], [], [], [], "side_info" in cols
     own = list(native_sources(target_model))
+    steps = len(chain.spec.names) if chain is not None else 0
     for b in uri_io.iter_parquet_batches(uri, storage, cols, READ_BATCH):
         keys.append(b.column("key").to_numpy(zero_copy_only=False))
         nat = np.zeros(b.num_rows, bool)
         if "source" in cols:
             nat = pc.is_in(b.column("source"), pa.array(own)).to_numpy(zero_copy_only=False)
         native.append(nat)
+        hops.append(stored_chains(b, space)[1] + steps)
         side = side_of(b)
         has_side = has_side and side is not None
         if chain is None:
             continue
+        prior = stored_log_var(b)
         if not chain.spec.names:
-            u = b.column("uncertainty") if "uncertainty" in cols else None
-            lvs.append(
-                np.full(b.num_rows, -np.inf, np.float32)
-                if u is None
-                else pc.fill_null(u, -np.inf).to_numpy(zero_copy_only=False)
-            )
+            lvs.append(np.full(b.num_rows, -np.inf, np.float32) if prior is None else prior)
             continue
         if chain.spec.needs_side and side is None:
             chain = None  # this shard cannot use a side-info chain; the caller picks another
             lvs = []
             continue
         _, lv = chain(arrow_to_embeddings(b.column("embedding")), side)
+        lv = accumulated(prior, lv)
         if lv is not None:
             lvs.append(lv)
     k = np.concatenate(keys) if keys else np.zeros(0, object)
     n = np.concatenate(native) if native else np.zeros(0, bool)
     lv = np.concatenate(lvs).astype(np.float32) if lvs and chain is not None else None
-    return ShardScan(k, n, lv, has_side, chain is not None)
+    h = np.concatenate(hops) if hops else np.zeros(0, np.int64)
+    forced = (h > max_hops) & ~n if max_hops is not None and chain is not None else None
+    return ShardScan(k, n, lv, has_side, chain is not None, h, forced)
 
 
 def reembed_order(scan: ShardScan) -> np.ndarray:
-    """Row indices still to upgrade, the most deserving of re-embedding first: highest h
-    log-variance (FastFill's order), or a seeded random order when the shard has none. The
-    executor re-embeds a prefix of it; the plan's simulation ranks validation rows by it."""
+    """Row indices still to upgrade, the most deserving of re-embedding first: rows past the
+    chain-length limit, then the highest accumulated log-variance (FastFill's order), or,
+    where no row has one, the most hops first in a seeded random order. The executor
+    re-embeds a prefix of it; the plan's simulation ranks validation rows by it."""
     todo = np.flatnonzero(~scan.native)
     if scan.log_var is None or not np.isfinite(scan.log_var[todo]).any():
-        return np.random.default_rng(0).permutation(todo)
-    return todo[np.argsort(-scan.log_var[todo], kind="stable")]
+        todo = np.random.default_rng(0).permutation(todo)
+        score = np.zeros(len(todo)) if scan.hops is None else scan.hops[todo].astype(float)
+    else:
+        lv = scan.log_var[todo].astype(float)
+        score = np.where(np.isnan(lv), -np.inf, lv)  # a row with no uncertainty ranks last
+    if scan.forced is not None:
+        score = np.where(scan.forced[todo], np.inf, score)
+    return todo[np.argsort(-score, kind="stable")]
 
 
 class FactsStage:
@@ -233,9 +258,11 @@ class FactsStage:
         target_model: str,
         quantiles: int,
         probe_keys: list[str] | None = None,
+        max_hops: int | None = None,
     ):
         self.chains = {k: TransformChain(v) for k, v in chains.items()}
         self.storage, self.target, self.q = storage, target_model, quantiles
+        self.max_hops = max_hops
         # Validation keys: their rank in the executor's order lets the plan's simulation pick
         # exactly the rows a partial backfill will re-embed.
         self.probe = pa.array(sorted(set(probe_keys or [])), pa.string())
@@ -252,14 +279,16 @@ class FactsStage:
         order = [c for c in order if c in self.chains]
         scan, used = None, None
         for name in order:
-            scan = scan_shard(w.source_uri, self.storage, self.chains[name], self.target)
+            scan = scan_shard(
+                w.source_uri, self.storage, self.chains[name], self.target, self.max_hops, w.space
+            )
             # Found whether or not h has an uncertainty head: without one (loss fct) the
             # planner gives the shard no quantiles and partial backfills a seeded random order.
             if scan.chain_applied:
                 used = name
                 break
         if scan is None:  # no chain at all: still count rows and side-info
-            scan = scan_shard(w.source_uri, self.storage, None, self.target)
+            scan = scan_shard(w.source_uri, self.storage, None, self.target, space=w.space)
         todo = ~scan.native
         qs: list[float] = []
         if used is not None and scan.log_var is not None and todo.any():
@@ -281,4 +310,12 @@ class FactsStage:
             "chain": used,
             "uncertainty": qs,
             "probe_ranks": ranks,
+            "forced_rows": int(scan.forced.sum()) if scan.forced is not None else 0,
+            "hops": _histogram(scan.hops[todo]) if used is not None else {},
         }
+
+
+def _histogram(hops: np.ndarray) -> dict[str, int]:
+    """Rows per number of maps (as JSON keys): how far the rows still to upgrade are."""
+    vals, counts = np.unique(hops, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(vals, counts, strict=True)}

@@ -45,6 +45,7 @@ class PlanSettings:
     min_partial_fraction: float
     min_gain: float
     no_side_info: str
+    max_chain_length: int | None = None
 
     @classmethod
     def of(cls, plan_config: Any) -> PlanSettings:
@@ -54,7 +55,12 @@ class PlanSettings:
     def rules(self, labelled: bool = True) -> PlanRules:
         """The rules; the quality target is top-1's on a labelled gallery, else recall's."""
         target = self.target_top1 if labelled else self.target_recall
-        return PlanRules(self.full_threshold, self.min_partial_fraction, target)
+        return PlanRules(
+            self.full_threshold,
+            self.min_partial_fraction,
+            target,
+            max_chain_length=self.max_chain_length,
+        )
 
 
 @dataclass
@@ -74,6 +80,10 @@ class ShardFacts:
     chain: str | None = None
     source_uri: str = ""
     image_file: str | None = None
+    # Rows past plan.max_chain_length once mapped (re-embedded whatever the budget), and the
+    # rows still to upgrade by the number of maps they will have been through.
+    forced_rows: int = 0
+    hops: dict[int, int] = field(default_factory=dict)
 
     @property
     def nonnative(self) -> int:
@@ -191,6 +201,8 @@ class PlanRules:
     target_top1: float | None = None
     # False: re-embed only what no transformation can produce (re-embedding would not pay).
     spend_optional: bool = True
+    # Most maps a row may have been through (the facts count the rows past it: forced_rows).
+    max_chain_length: int | None = None
 
 
 def pct(x: float) -> str:
@@ -222,6 +234,10 @@ class Plan:
     # What the *_top1 figures measure: "top-1" (labelled), or "R@k" (recall@k of the new
     # model's own neighbours, on an unlabelled gallery).
     measure: str = "top-1"
+    # Rows still to upgrade by the maps each would have been through if mapped (JSON keys),
+    # and how many of them pass plan.max_chain_length and are re-embedded whatever the budget.
+    hops: dict[str, int] = field(default_factory=dict)
+    forced_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -716,6 +732,62 @@ def _check_mandatory(
     )
 
 
+def _forced_cost(f: ShardFacts, budget: Budget) -> np.ndarray:
+    n = f.forced_rows
+    return np.array([n, n / budget.embed_rows_per_second + f.rows / budget.scan_rows_per_second])
+
+
+def _check_forced(
+    eligible: list[ShardFacts], need: np.ndarray, budget: Budget, rules: PlanRules
+) -> np.ndarray:
+    """What re-embedding the rows past the chain-length limit costs; it must fit the budget
+    beside the mandatory full backfills (the limit is a rule, not a wish)."""
+    forced = [f for f in eligible if f.forced_rows > 0]
+    cost = np.sum([_forced_cost(f, budget) for f in forced] or [np.zeros(2)], axis=0)
+    limit = _limit(budget)
+    if np.all(need + cost <= limit + _EPS):
+        return cost
+    rows = sum(f.forced_rows for f in forced)
+    origin = f" ({budget.origin})" if budget.origin else ""
+    raise PlanError(
+        f"{rows:,} rows in {_ids([f.shard_id for f in forced])} would go through more than "
+        f"plan.max_chain_length={rules.max_chain_length} maps and must be re-embedded, over "
+        f"the budget{origin}: raise the budget or plan.max_chain_length"
+    )
+
+
+def _force_long_chains(
+    eligible: list[ShardFacts], picks: dict[int, _Pick], rules: PlanRules
+) -> None:
+    """Rows past the chain-length limit come first in the executor's order: each shard
+    re-embeds them on top of what the budget gave it."""
+    for f in eligible:
+        if f.forced_rows <= 0:
+            continue
+        p = picks[f.shard_id]
+        rows = min(f.nonnative, p.rows + f.forced_rows)
+        why = (
+            f"{f.forced_rows:,} rows past plan.max_chain_length={rules.max_chain_length} "
+            "maps re-embedded first"
+        )
+        method = "full" if rows >= f.nonnative else "partial"
+        picks[f.shard_id] = _Pick(method, rows, f"{why}; {p.reason}")
+
+
+def _stale_chains(facts: list[ShardFacts], picks: dict[int, _Pick], rules: PlanRules) -> list[str]:
+    """A warning for rows past the limit that stay mapped: their images are gone."""
+    ids = [
+        f.shard_id for f in facts if f.forced_rows > 0 and picks[f.shard_id].method == "transform"
+    ]
+    if not ids:
+        return []
+    rows = sum(f.forced_rows for f in facts if f.shard_id in ids)
+    return [
+        f"{rows:,} rows in {_ids(ids)} go through more than plan.max_chain_length="
+        f"{rules.max_chain_length} maps: their images are gone, so they are mapped again"
+    ]
+
+
 def _shard_plan(f: ShardFacts, p: _Pick, st: _State) -> ShardWork:
     return ShardWork(
         shard_id=f.shard_id,
@@ -764,6 +836,7 @@ def make_plan(
     mandatory = [f for f in facts if f.shard_id in picks and picks[f.shard_id].method == "full"]
     need = np.sum([_full_cost(f, budget) for f in mandatory] or [np.zeros(2)], axis=0)
     _check_mandatory(mandatory, picks, need, budget)
+    need = need + _check_forced(eligible, need, budget, rules)
     pool_limit = _limit(budget) - need if rules.spend_optional else np.zeros(2)
     fixed = sum(_shard_gain(f, f.nonnative, st) for f in mandatory)
     spent, pool_limit, warnings = _spend(eligible, pool_limit, fixed, st)
@@ -771,6 +844,8 @@ def make_plan(
         for p in spent.values():
             p.reason = "re-embedding would not pay: transform only"
     picks.update(spent)
+    _force_long_chains(eligible, picks, rules)
+    warnings += _stale_chains(facts, picks, rules)
     for f in eligible:
         note = _chain_note(f)
         picks[f.shard_id].reason += f"; {note}" if note else ""
@@ -795,4 +870,14 @@ def make_plan(
         curve_ordering=curve.ordering,
         warnings=warnings,
         measure=curve.measure,
+        hops=_hops_total(facts),
+        forced_rows=sum(f.forced_rows for f in eligible),
     )
+
+
+def _hops_total(facts: list[ShardFacts]) -> dict[str, int]:
+    out: dict[int, int] = {}
+    for f in facts:
+        for k, v in f.hops.items():
+            out[int(k)] = out.get(int(k), 0) + int(v)
+    return {str(k): out[k] for k in sorted(out)}

@@ -373,3 +373,30 @@ def test_an_unlabelled_curve_plans_in_recall_and_says_so() -> None:
     out.print(plan_table(plan))
     text = out.export_text()
     assert "+R@10" in text and "expected R@10" in text
+
+
+def test_rows_past_the_chain_limit_are_reembedded_whatever_the_budget():
+    """Rows a second map would take past plan.max_chain_length are re-embedded on top of
+    what the budget buys; more of them than the budget allows is refused, naming the rule."""
+    rules = PlanRules(max_chain_length=1)
+    hops = {1: 8_000, 2: 2_000}
+    facts = [_shard(0, forced_rows=2_000, hops=hops), _shard(1), _shard(2, forced_rows=10_000)]
+    plan = _plan(Budget(images=13_000), facts, rules)
+    s0, s1, s2 = plan.shards
+    assert s0.method == "partial" and s0.reembed_rows >= 2_000
+    assert "2,000 rows past plan.max_chain_length=1 maps re-embedded first" in s0.reason
+    assert s2.method == "full" and s2.reembed_rows == 10_000
+    assert plan.reembed_rows <= 13_000 and plan.forced_rows == 12_000
+    assert plan.hops == {"1": 8_000, "2": 2_000}
+    assert "past plan.max_chain_length" in plan_table_text(plan)
+    with pytest.raises(PlanError, match=r"12,000 rows in shards 0, 2 would go through more than"):
+        _plan(Budget(images=11_000), facts, rules)
+    gone = [_shard(0, forced_rows=500, images_available=False)]
+    plan = _plan(Budget(images=0), gone, rules)
+    assert plan.shards[0].method == "transform" and "their images are gone" in plan.warnings[0]
+
+
+def plan_table_text(plan: Plan) -> str:
+    console = Console(width=200, record=True)
+    console.print(plan_table(plan))
+    return console.export_text()

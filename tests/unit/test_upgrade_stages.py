@@ -38,7 +38,8 @@ from pipeline.models.store import (
     save_model_dir,
 )
 from pipeline.upgrade.execute import ShardExecutor
-from pipeline.upgrade.facts import FactsStage, find_chain
+from pipeline.upgrade.facts import FactsStage, find_chain, reembed_order, scan_shard
+from pipeline.upgrade.hops import stored_chains
 from pipeline.upgrade.work import ShardWork
 
 # --------------------------------------------------------------------------- find_chain
@@ -542,6 +543,8 @@ def test_facts_without_side_info_has_no_chain(tmp_path: Path) -> None:
         "chain": None,
         "uncertainty": [],
         "probe_ranks": {},
+        "forced_rows": 0,
+        "hops": {},
     }
 
 
@@ -680,3 +683,50 @@ def test_partial_with_an_fct_transformation_reembeds_the_probe_prefix(tmp_path: 
             assert out[k]["source"] == "transform:v1->v2" and out[k]["unc"] is None
             np.testing.assert_allclose(out[k]["emb"], pred[i], rtol=1e-5, atol=1e-6)
     assert rec["rows"] == N_ROWS and rec["rejected"] == 0 and rec["method"] == "partial"
+
+
+def _restore_as_mapped_once(w: World, rows: int) -> None:
+    """Rewrite the source shard: its first `rows` rows were mapped v0 → v1 by an earlier
+    upgrade (chain "v0>v1", one hop, a stored log-variance of 0), the rest embedded by v1."""
+    n = len(w.keys)
+    first = np.arange(n) < rows
+    cols = [
+        pa.array(w.keys),
+        embeddings_to_arrow(w.old),
+        pa.array(np.where(first, "transform:v0->v1", "embed:v1").tolist()),
+        embeddings_to_arrow(w.side),
+        pa.array(np.where(first, 0.0, np.nan).astype(np.float32), mask=~first),
+        pa.array(np.where(first, "v0>v1", "v1").tolist()),
+        pa.array(first.astype(np.int16)),
+    ]
+    schema = embedding_schema(4, 2, uncertainty=True, chains=True)
+    uri_io.write_table(pa.table(cols, schema=schema), w.g.shard_uri("v1", 0))
+
+
+def test_rows_keep_their_chain_and_accumulate_uncertainty(tmp_path: Path) -> None:
+    """A row mapped a second time records both maps, two hops, and the two maps' variances
+    summed; a row embedded by v1 starts its chain there."""
+    w = _world(tmp_path)
+    _restore_as_mapped_once(w, 3)
+    w.run(w.work("transform"))
+    t = uri_io.read_table(w.g.shard_uri("v2", 0)).to_pydict()
+    assert t["chain"] == ["v0>v1>v2"] * 3 + ["v1>v2"] * (N_ROWS - 3)
+    assert t["hops"] == [2] * 3 + [1] * (N_ROWS - 3)
+    want = np.where(np.arange(N_ROWS) < 3, np.logaddexp(0.0, w.log_var), w.log_var)
+    np.testing.assert_allclose(t["uncertainty"], want, rtol=1e-5)
+
+
+def test_rows_past_the_chain_limit_are_reembedded_first(tmp_path: Path) -> None:
+    """With at most one map per row, the rows already mapped once come first in the re-embed
+    order, ahead of rows h is less sure of; the facts count them."""
+    w = _world(tmp_path)
+    _restore_as_mapped_once(w, 3)
+    chain = TransformChain(w.spec)
+    scan = scan_shard(w.g.shard_uri("v1", 0), None, chain, "v2", max_hops=1, space="v1")
+    assert scan.forced.tolist() == [True] * 3 + [False] * (N_ROWS - 3)
+    assert sorted(reembed_order(scan)[:3].tolist()) == [0, 1, 2]
+    facts = FactsStage({"side": w.spec}, None, "v2", 11, max_hops=1).one(w.work("transform"))
+    assert facts["forced_rows"] == 3 and facts["hops"] == {"1": N_ROWS - 3, "2": 3}
+    stored = uri_io.read_table(w.g.shard_uri("v1", 0))
+    derived = stored.drop_columns(["chain", "hops"]).to_batches()[0]
+    assert stored_chains(derived, "v1")[1].tolist() == [1] * 3 + [0] * (N_ROWS - 3)

@@ -196,6 +196,12 @@ class TransformationConfig(_Model):
 
     name: str = Field("fct", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     enabled: bool = True
+    direct: bool = Field(
+        True,
+        description="when the gallery serves a model older than old_model, also train h from "
+        "that model straight to the new one; evaluate measures it against the registered "
+        "maps composed, and the upgrade maps with the better (one map is cheaper to apply)",
+    )
     side_info: bool = Field(True, description="use side-info when the old version stores it")
     loss: Literal["fct", "fastfill"] = Field(
         "fastfill", description="fct: L2 to the new embedding; fastfill: + uncertainty head"

@@ -51,6 +51,10 @@ def _plan_caption(plan: Plan) -> str:
             f"rows to upgrade by maps since embedded, if mapped: {mix}; "
             f"{plan.forced_rows:,} past plan.max_chain_length re-embedded first"
         )
+    if plan.chain_choice:
+        q, name = plan.chain_choice["quality"], plan.chain_choice["chosen"]
+        figs = ", ".join(f"{k} {v:.2f}" for k, v in q.items())
+        lines.append(f"maps with {name} ({plan.chain_choice['measure']}: {figs})")
     lines += [f"warning: {escape(w)}" for w in plan.warnings]
     return "\n".join(lines)
 

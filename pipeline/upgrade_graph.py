@@ -141,6 +141,13 @@ class UpgradeStages:
                 f"h: width {out['inner_dim']}, {out['h_params'] / 1e6:.2f} M parameters, "
                 f"{out['h_mflops_per_row']:.1f} MFLOP per row"
             )
+        direct = cs.train_direct_step(self.ctx)
+        if out is not None and direct is not None:  # the gallery is generations behind
+            self.console.print(
+                f"direct h from {direct['from_model']}: the evaluation measures it against "
+                "the registered maps composed"
+            )
+            out["direct"] = direct
         return out
 
     def evaluate(self, _: dict, r: StageRun) -> dict[str, Any]:

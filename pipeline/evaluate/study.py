@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.compat.orderings import backfill_order
 from pipeline.evaluate.metrics import backfill_curve
-from pipeline.evaluate.neighbours import mixed_recall_curve, nearest
+from pipeline.evaluate.neighbours import measure_name, mixed_recall_curve, nearest, quality
 from pipeline.evaluate.report import CompatReport, build_report
 from pipeline.train.transformation import apply_transformation
 
@@ -35,6 +35,8 @@ class StudyInputs:
     transformations: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
     adapters: dict[str, nn.Module] = field(default_factory=dict)
     bct: list[str] = field(default_factory=list)
+    # the set a transformation maps, where it is not `old` (a direct map from an older space)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -43,7 +45,8 @@ def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.nd
         side = inp.side if meta.get("side_info_model") else None
         if meta.get("side_info_model") and side is None:
             raise ValueError(f"transformation {name!r} needs side-info but the rows have none")
-        pred, log_var = apply_transformation(model, inp.sets[inp.old], side)
+        x = inp.sets[inp.inputs.get(name, inp.old)]
+        pred, log_var = apply_transformation(model, x, side)
         out[name] = pred
         if log_var is not None:
             uncertainty[name] = log_var
@@ -57,6 +60,30 @@ def _adapt(inp: StudyInputs) -> dict[str, np.ndarray]:
             x = torch.from_numpy(np.ascontiguousarray(inp.sets[inp.new], dtype=np.float32))
             out[f"adapter:{kind}"] = adapter.eval()(x).float().numpy()
     return out
+
+
+@dataclass(frozen=True)
+class ChainChoice:
+    """Which of two ways to the new space the upgrade maps with: `compose` (the registered
+    maps, then h) or `direct` (h from the serving space), by their measured quality."""
+
+    chosen: str
+    quality: dict[str, float]
+    measure: str
+
+
+def choose_chain(
+    inp: StudyInputs, compose: str, direct: str, metric: str, k: int, min_gain: float
+) -> ChainChoice:
+    """Measure both candidates' galleries for new-model queries; the direct map wins unless
+    composing is better by more than `min_gain` points (it applies one map, not several)."""
+    transformed, _ = _transform(inp)
+    q = {
+        name: quality(inp.sets[inp.new], transformed[name], inp.labels, metric, k)
+        for name in (compose, direct)
+    }
+    chosen = compose if q[compose] > q[direct] + min_gain else direct
+    return ChainChoice(chosen, q, measure_name(inp.labels is not None, k))
 
 
 def study_cases(inp: StudyInputs, transformed: list[str], adapted: list[str]) -> list[tuple]:

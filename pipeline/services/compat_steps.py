@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from pipeline.compat.classifier import LinearHead, fit_linear_head
 from pipeline.context import Context
 from pipeline.data.sources import ImageLayout
 from pipeline.embed.features import StoredPairs, collect, paired_features, store_pairs
+from pipeline.embed.transform import ChainSpec, TransformChain, chain_spec
 from pipeline.evaluate.report import write_report
-from pipeline.evaluate.study import StudyInputs, compat_study
+from pipeline.evaluate.study import ChainChoice, StudyInputs, choose_chain, compat_study
 from pipeline.gallery.rows import read_rows
 from pipeline.io import uri as uri_io
 from pipeline.models.compat import fit_adapter
@@ -39,6 +40,7 @@ from pipeline.train.transformation import (
     load_transformation,
     train_transformation,
 )
+from pipeline.upgrade.facts import find_chain
 
 CLASSIFIER_FIT_ROWS = 20_000  # a linear probe needs a sample, not the whole split
 
@@ -221,19 +223,56 @@ def fit_adapters_step(
     return out
 
 
+@dataclass(frozen=True)
+class OldSource:
+    """Where evaluation reads the old model's gallery: the serving version, mapped into the
+    old model's space by registered transformations when it is generations behind."""
+
+    version: str
+    space: str
+    prefix: ChainSpec | None = None  # None: the version is in the old model's space
+
+
+def old_source(ctx: Context) -> OldSource:
+    """The serving version when it is in old_model's space or a registered chain reaches that
+    space from it; else a stored version named after old_model."""
+    g, old = ctx.gallery, ctx.cfg.old_model.name
+    cur = g.current()
+    space = (g.manifest(cur).get("model") or cur) if cur is not None else None
+    if cur is not None and space == old:
+        return OldSource(cur, old)
+    found = registry_chain(ctx, space, old) if space is not None else None
+    if cur is not None and found:
+        return OldSource(cur, space, chain_spec([p for _, p in found], [n for n, _ in found]))
+    if g.has_version(old):
+        return OldSource(old, g.manifest(old).get("model") or old)
+    if cur is None:
+        raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
+    raise FileNotFoundError(
+        f"{g.uri} serves {cur!r} (model {space!r}) and no registered transformation maps "
+        f"{space!r} to old_model {old!r}: set old_model to {space!r}, or upgrade to {old!r} first"
+    )
+
+
 def _gallery_sets(
-    ctx: Context, versions: list[str], keys: list[str]
+    ctx: Context, versions: list[str], keys: list[str], src: OldSource
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-    """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info."""
+    """Each version's embeddings of `keys` (aligned), the rows every version has, old side-info.
+    The old model's set (under its name) is `src`'s rows, mapped by its chain prefix if any."""
     g, old = ctx.gallery, ctx.cfg.old_model.name
     sets, found, side = {}, np.ones(len(keys), dtype=bool), None
     for v in versions:
-        with_side = v == old and bool(g.manifest(old).get("side_info_dim"))
+        with_side = v == src.version and bool(g.manifest(v).get("side_info_dim"))
         rows = read_rows(g, v, keys, ("embedding", "side_info") if with_side else ("embedding",))
         sets[v], found = rows["embedding"], found & rows.found
         if with_side:
             side, found = rows["side_info"], found & rows.present["side_info"]
-    return sets, found, side
+    rows = sets.pop(src.version)
+    if src.prefix is None:
+        return {old: rows, **sets}, found, side
+    # the stored rows stay beside the mapped ones: a direct map from their space reads them
+    mapped, _ = TransformChain(src.prefix)(rows, side)
+    return {old: mapped, src.version: rows, **sets}, found, side
 
 
 def _computed_new(ctx: Context, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -263,13 +302,12 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
     from the gallery."""
     cfg, g = ctx.cfg, ctx.gallery
     old, new = cfg.old_model.name, cfg.new_model.name
-    if not g.has_version(old):
-        raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
+    src = old_source(ctx)
     sample = split_sample(cfg, split, cap)
     keys, labels = sample.keys, sample.labels
     versions = [v for v in (versions or g.versions()) if g.has_version(v)]
-    versions = [old] + [v for v in versions if v != old]
-    sets, found, side = _gallery_sets(ctx, versions, keys)
+    versions = [src.version] + [v for v in versions if v not in (src.version, old)]
+    sets, found, side = _gallery_sets(ctx, versions, keys, src)
     if new in sets and g.manifest(new).get("method") == "planned":
         # a planned version mixes transformed and re-embedded rows: it is not the new model's
         # own embedding, so it joins the matrix under its own name and "new" is computed
@@ -282,6 +320,29 @@ def study_inputs(ctx: Context, split: str, cap: int, versions: list[str] | None 
     sets = {k: v[found] for k, v in sets.items()}
     labels = labels[found] if labels is not None else None
     return labels, sets, (side[found] if side is not None else None)
+
+
+def registry_chain(ctx: Context, src: str, dst: str) -> list[tuple[str, Path]] | None:
+    """Registered transformations composing `src` → `dst` (downloaded), or None."""
+    name = ctx.registry_name("transformation")
+    edges, by = [], {}
+    for info in reversed(ctx.tracker.latest_versions(name, limit=1000)):
+        a, b = info.tags.get("carryover.from_model"), info.tags.get("carryover.to_model")
+        if a and b:
+            label = f"{info.tags.get('carryover.model', 'h')}@{info.version}"
+            edges.append((a, b, label))
+            by[label] = info
+    chain = find_chain(edges, src, dst)
+    if chain is None:
+        return None
+    out = []
+    for label in chain:
+        info = by[label]
+        d = Path(ctx.cfg.workdir) / "models" / "_registry" / f"{name}-{info.version}"
+        if not (d / "model.json").exists():
+            d = Path(ctx.tracker.download_model(f"models:/{name}/{info.version}", d))
+        out.append((label, d))
+    return out
 
 
 def evaluate_compat_step(
@@ -310,6 +371,7 @@ def evaluate_compat_step(
                 f"version {old!r} was ingested without it"
             )
         inp.transformations[cfg.transformation.name] = (model, meta)
+    choice = _chain_choice(ctx, inp)
     if cfg.adapters.kinds:
         _, tr_sets, _ = study_inputs(ctx, "train", cfg.adapters.sample_rows, [old, new])
         fitted = fit_adapters_step(ctx, tr_sets[new], tr_sets[old], register_adapters)
@@ -322,8 +384,11 @@ def evaluate_compat_step(
         cfg.evaluate.curve_steps,
         cfg.data.seed,
         recall_k=cfg.evaluate.recall_k,
+        curve_on=choice.chosen if choice is not None else None,
     )
     report.extra.update(versions=list(sets), evaluate_seconds=round(time.perf_counter() - t0, 2))
+    if choice is not None:
+        report.extra["chain_choice"] = asdict(choice)
     out = Path(report_dir or default_report_dir(ctx))
     with ctx.tracker.run(
         "evaluate-compat",
@@ -336,6 +401,46 @@ def evaluate_compat_step(
         for f in files.values():
             run.log_artifact(f, "compat")
     return report, files
+
+
+def direct_config(ctx: Context) -> Any:
+    """The direct map's config: the configured transformation under its own name."""
+    tc = ctx.cfg.transformation
+    return tc.model_copy(update={"name": f"{tc.name}-direct"})
+
+
+def _chain_choice(ctx: Context, inp: StudyInputs) -> ChainChoice | None:
+    """With the gallery generations behind and a direct map trained from its space: which
+    of the two the upgrade maps with (the direct map joins the study's transformations)."""
+    cfg, src = ctx.cfg, old_source(ctx)
+    d = transformation_dir(ctx, direct_config(ctx))
+    if src.prefix is None or cfg.transformation.name not in inp.transformations:
+        return None
+    if not (d / MODEL_FILE).exists():
+        return None
+    model, meta = load_transformation(d)
+    if meta.get("from_model") != src.space or meta.get("to_model") != cfg.new_model.name:
+        return None  # a direct map of another upgrade
+    name = direct_config(ctx).name
+    inp.transformations[name], inp.inputs[name] = (model, meta), src.version
+    k, metric = cfg.evaluate.recall_k, cfg.evaluate.metric
+    return choose_chain(inp, cfg.transformation.name, name, metric, k, cfg.plan.min_gain)
+
+
+def train_direct_step(ctx: Context) -> dict[str, Any] | None:
+    """When the gallery serves a model older than old_model (a registered chain maps it
+    there): h from that model straight to the new one, registered like any transformation.
+    None when not configured, not behind, or the serving model is not in the registry."""
+    if not ctx.cfg.transformation.direct or not ctx.cfg.transformation.enabled:
+        return None
+    src = old_source(ctx)
+    rv = ctx.gallery.manifest(src.version).get("registry_version")
+    if src.prefix is None or rv is None:
+        return None
+    uri = f"models:/{ctx.registry_name()}/{rv}"
+    old = ctx.cfg.old_model.model_copy(update={"name": src.space, "uri": uri})
+    direct = Context(ctx.cfg.model_copy(update={"old_model": old}), quiet=ctx.quiet)
+    return train_transformation_step(direct, tc=direct_config(ctx))
 
 
 def default_report_dir(ctx: Context) -> Path:

@@ -26,6 +26,8 @@ class ShardLineage:
     committed_at: float | None
     reembed_rows: int = 0
     sources: dict[str, int] = field(default_factory=dict)
+    # rows by the maps they went through since embedded from their image ("0", "1", ...)
+    hops: dict[str, int] = field(default_factory=dict)
     transformation: list[dict[str, Any]] | None = None
     checksum: str | None = None
     run_found: bool | None = None
@@ -81,8 +83,10 @@ class Lineage:
         out = [t]
         for v in self.versions:
             s = Table(title=f"shards of {v.version}")
-            for c in ("shard", "method", "rows", "re-embedded", "from", "transformation", "run"):
+            for c in ("shard", "method", "rows", "re-embedded", "maps: rows", "from"):
                 s.add_column(c)
+            s.add_column("transformation")
+            s.add_column("run")
             s.add_column("committed")
             for sh in v.shards:
                 tr = " → ".join(
@@ -94,6 +98,7 @@ class Lineage:
                     sh.method,
                     str(sh.rows),
                     str(sh.reembed_rows),
+                    " ".join(f"{k}:{n}" for k, n in sh.hops.items()) or "-",
                     str(sh.source_version or sh.source_file or "images"),
                     tr or "-",
                     str(sh.run_id or "-") + ("" if sh.run_found is not False else " (missing!)"),
@@ -119,6 +124,7 @@ def _shard(rec: dict[str, Any], manifest: dict[str, Any]) -> ShardLineage:
         committed_at=rec.get("committed_at") or manifest.get("created_at"),
         reembed_rows=int(rec.get("reembed_rows") or 0),
         sources=dict(rec.get("sources") or {}),
+        hops=dict(rec.get("hops") or {}),
         transformation=rec.get("transformation"),
         checksum=rec.get("checksum"),
         source_file=(rec.get("import_source") or {}).get("uri"),

@@ -32,7 +32,7 @@ from pipeline.upgrade.execute import (
     pending_work,
     probe_new_model,
 )
-from pipeline.upgrade.facts import ScanSettings, find_chain, gather_facts
+from pipeline.upgrade.facts import ScanSettings, gather_facts
 from pipeline.upgrade.plan import Plan, PlanSettings, QualityCurve, ShardFacts, make_plan
 from pipeline.upgrade.price import MeasuredRates, price_budget
 from pipeline.upgrade.simulate import simulate_plan
@@ -41,46 +41,24 @@ from pipeline.upgrade.work import id_ranges
 
 
 # -- chains ---------------------------------------------------------------------------------
-def _registry_chain(ctx: Context, src: str, dst: str) -> list[tuple[str, Path]] | None:
-    """Registered transformations composing `src` → `dst` (downloaded), or None."""
-    name = ctx.registry_name("transformation")
-    edges, by = [], {}
-    for info in reversed(ctx.tracker.latest_versions(name, limit=1000)):
-        a, b = info.tags.get("carryover.from_model"), info.tags.get("carryover.to_model")
-        if a and b:
-            label = f"{info.tags.get('carryover.model', 'h')}@{info.version}"
-            edges.append((a, b, label))
-            by[label] = info
-    chain = find_chain(edges, src, dst)
-    if chain is None:
-        return None
-    out = []
-    for label in chain:
-        info = by[label]
-        d = Path(ctx.cfg.workdir) / "models" / "_registry" / f"{name}-{info.version}"
-        if not (d / "model.json").exists():
-            d = Path(ctx.tracker.download_model(f"models:/{name}/{info.version}", d))
-        out.append((label, d))
-    return out
-
-
 def chains_for(ctx: Context, space: str) -> dict[str, ChainSpec]:
     """The chains that map rows of `space` to the new model: "identity" when already there;
     "side" / "noside" (this upgrade's h, its side-info-free variant), composed after
-    registered transformations when the gallery is more than one version behind."""
+    registered transformations when the gallery is more than one version behind, or the
+    direct map from `space` where the evaluation chose it over composing."""
     cfg = ctx.cfg
     if space == cfg.new_model.name:
         return {"identity": ChainSpec()}
-    prefix: list[tuple[str, Path]] = []
-    if space != cfg.old_model.name:
-        found = _registry_chain(ctx, space, cfg.old_model.name)
-        if found is None:
-            return {}
-        prefix = found
     out: dict[str, ChainSpec] = {}
+    prefix: list[tuple[str, Path]] | None = []
+    if space != cfg.old_model.name:
+        prefix = cs.registry_chain(ctx, space, cfg.old_model.name)
+        direct = _direct_chain(ctx, space)
+        if direct is not None:
+            out["side" if direct.needs_side else "noside"] = direct
     for tc in (cfg.transformation, cs.no_side_info_config(ctx)):
         d = cs.transformation_dir(ctx, tc)
-        if not (d / "model.json").exists():
+        if prefix is None or not (d / "model.json").exists():
             continue
         spec = chain_spec([p for _, p in prefix] + [d], [n for n, _ in prefix] + [tc.name])
         key = "side" if spec.needs_side else "noside"
@@ -88,6 +66,20 @@ def chains_for(ctx: Context, space: str) -> dict[str, ChainSpec]:
     if ctx.cfg.plan.no_side_info == "backfill" and "side" in out:
         out.pop("noside", None)  # shards without side-info are re-embedded, not transformed
     return out
+
+
+def _direct_chain(ctx: Context, space: str) -> ChainSpec | None:
+    """The direct map from `space` when this upgrade's evaluation chose it, else None."""
+    tc = cs.direct_config(ctx)
+    d = cs.transformation_dir(ctx, tc)
+    p = cs.default_report_dir(ctx) / "report.json"
+    if not (d / "model.json").exists() or not p.exists():
+        return None
+    choice = json.loads(p.read_text()).get("extra", {}).get("chain_choice") or {}
+    if choice.get("chosen") != tc.name:
+        return None
+    spec = chain_spec([d], [tc.name])
+    return spec if spec.metas[0].get("from_model") == space else None
 
 
 def chain_models(ctx: Context, spec: ChainSpec) -> list[dict[str, Any]]:
@@ -195,6 +187,8 @@ def compute_plan(
         chains = chains_for(ctx, space)
         facts, ranks = _facts(ctx, source, chains, quiet)
     plan = _plan(ctx, source, facts, _curve(report), measure_rates(ctx, source, chains))
+    if space != cfg.old_model.name:
+        plan.chain_choice = report.get("extra", {}).get("chain_choice") or {}
     if plan.ok:
         val = _validation_rows(ctx)
         simulate_plan(

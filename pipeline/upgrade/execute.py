@@ -167,6 +167,7 @@ class ShardExecutor:
             reembed_rows=acc.reembedded,
             fallback_rows=len(acc.fallbacks),
             sources=acc.counts,
+            hops={str(k): n for k, n in sorted(acc.hops.items())},
             chain=c.spec.label() if c else None,
             transformation=(
                 self.lineage.get("chains", {}).get(w.chain or "") if transformed else None
@@ -277,6 +278,7 @@ class _Merge:
         self.rejects: list[tuple[str, str]] = []
         self.fallbacks: list[tuple[str, str]] = []
         self.counts: dict[str, int] = {}
+        self.hops: dict[int, int] = {}  # rows written by the maps they have been through
         self.rows_in = self.reembedded = 0
         self.transform_seconds = 0.0  # inside h: the compute share of the write pass
 
@@ -307,6 +309,8 @@ class _Merge:
         keep = out.keep
         for s_, c in zip(*np.unique(out.source[keep].astype(str), return_counts=True), strict=True):
             self.counts[str(s_)] = self.counts.get(str(s_), 0) + int(c)
+        for h, c in zip(*np.unique(out.hops[keep], return_counts=True), strict=True):
+            self.hops[int(h)] = self.hops.get(int(h), 0) + int(c)
         return out.record_batch(b, schema)
 
 

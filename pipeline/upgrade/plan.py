@@ -238,6 +238,8 @@ class Plan:
     # and how many of them pass plan.max_chain_length and are re-embedded whatever the budget.
     hops: dict[str, int] = field(default_factory=dict)
     forced_rows: int = 0
+    # With the gallery generations behind: composed maps or a direct one, as measured.
+    chain_choice: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -165,17 +165,25 @@ def main(data: str, config: str, overrides: list[str], quick: bool, json_to: str
     clock.secs["total"] = round(time.perf_counter() - t0, 1)
     console.print(f"wall time per step (s): {clock.secs}")
     figures = {"settings": settings(cfg, gens, data, quick), "timings": clock.secs}
+    figures["command"] = "python jobs/benchmark_generations.py " + " ".join(sys.argv[1:])
     figures["results"] = [r.figures() for r in results]
     out = Path(cfg.workdir) / "page" if quick else HERE.parent / "docs"
-    files = page.write(
-        results, figures, out, "python jobs/benchmark_generations.py " + " ".join(sys.argv[1:])
-    )
+    files = page.write(results, figures, out, figures["command"])
     console.print(f"page: {files[0]}  plot: {files[1]}")
     if json_to == "-":
         print(json.dumps(figures, separators=(",", ":")))
     elif json_to:
         Path(json_to).write_text(json.dumps(figures, indent=1))
         console.print(f"figures: {json_to}")
+    return 0
+
+
+def replot(path: str) -> int:
+    """Rewrite docs/results-generations.md and the plot from a saved --json file."""
+    figures = json.loads(Path(path).read_text())
+    results = gb.results_from_figures(figures["results"])
+    md, png = page.write(results, figures, HERE.parent / "docs", figures["command"])
+    print(f"page: {md}  plot: {png}")
     return 0
 
 
@@ -197,7 +205,10 @@ if __name__ == "__main__":
     ap.add_argument(
         "--json", nargs="?", const="-", metavar="PATH", help="write the figures (alone: stdout)"
     )
+    ap.add_argument("--replot", metavar="JSON", help="only rewrite the page from a --json file")
     args = ap.parse_args()
+    if args.replot:
+        raise SystemExit(replot(args.replot))
     if not Path(args.data).is_file():
         print(f"error: {args.data} not found (pass --data PATH.npz)", file=sys.stderr)
         raise SystemExit(2)

@@ -75,18 +75,42 @@ class StrategyResult:
     def figures(self) -> dict:
         """Flat snake_case figures for the JSON file."""
         out = {"generation": self.generation, "strategy": self.strategy, "hops": self.hops}
+        out["rows"] = self.rows
         out.update(top1=self.quality.top1, map=self.quality.map, recall_at_10=self.quality.recall)
         out["gap_recovered"] = self.gap
         if self.cost is not None:
             c = self.cost
             out.update(
                 train_seconds=c.train_seconds,
+                mapped_fraction=c.mapped_fraction,
+                embedded_fraction=c.embedded_fraction,
                 map_rows_per_s=c.map_rate,
                 embed_rows_per_s=c.embed_rate,
                 seconds_gallery=c.seconds(self.rows),
                 seconds_1m=c.seconds(MILLION),
             )
         return out
+
+
+def results_from_figures(rows: list[dict]) -> list[StrategyResult]:
+    """StrategyResults back from the JSON figures (to rewrite the page without a rerun)."""
+    out = []
+    for f in rows:
+        q = Quality(f["top1"], f["map"], f["recall_at_10"])
+        cost = None
+        if "train_seconds" in f:
+            cost = Cost(
+                f["train_seconds"],
+                f["mapped_fraction"],
+                f["embedded_fraction"],
+                f["map_rows_per_s"],
+                f["embed_rows_per_s"],
+            )
+        gap = f["gap_recovered"]
+        out.append(
+            StrategyResult(f["generation"], f["strategy"], f["hops"], q, gap, cost, f["rows"])
+        )
+    return out
 
 
 def score(
@@ -223,7 +247,7 @@ def evaluate_generations(inp: Inputs) -> list[StrategyResult]:
         row = _Scorer(g, q, inp, floor)
         cost = Cost(train, 1.0, 0.0, transform_rate(hop, chained, None), None)
         chained = hop(chained, None)[0]
-        row("chained" if i > 1 else "chained = direct", str(i), chained, cost)
+        row("chained" if i > 1 else "chained = direct", str(i), chained, cost)  # page.SHARED
         if i > 1:
             direct = _chain(inp, [f"h1{i + 1}"])
             rate = transform_rate(direct, v1, None)

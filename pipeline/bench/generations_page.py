@@ -62,6 +62,14 @@ def markdown(rows: Iterable[StrategyResult]) -> str:
     return "\n".join(lines)
 
 
+NOTES = "## Notes"  # a hand-written section the next run keeps
+SHARED = "chained = direct"  # one hop: the first generation's row is both lines' first point
+
+
+def _in_series(r: StrategyResult, series: str) -> bool:
+    return r.strategy == series or (r.strategy == SHARED and series in ("chained", "direct"))
+
+
 def _pyplot() -> Any:
     # start-up: matplotlib with pyplot costs ~0.5 s and only the plot needs it.
     import matplotlib
@@ -78,8 +86,8 @@ def plot(results: list[StrategyResult], out: Path) -> Path:
     gens = list(dict.fromkeys(r.generation for r in results))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "top1", "top-1 (%)"), (axes[1], "recall", "recall@10 (%)")):
-        for strat in dict.fromkeys(r.strategy for r in results):
-            pts = [(gens.index(r.generation), r) for r in results if r.strategy == strat]
+        for strat in dict.fromkeys(r.strategy for r in results if r.strategy != SHARED):
+            pts = [(gens.index(r.generation), r) for r in results if _in_series(r, strat)]
             xs = [x for x, _ in pts]
             ys = [getattr(r.quality, key) for _, r in pts]
             style = "--" if strat.startswith("old/old") else "-o"
@@ -88,9 +96,10 @@ def plot(results: list[StrategyResult], out: Path) -> Path:
         ax.set_xlabel("generation (query model)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Gallery quality per generation and strategy (MNIST, held-out split)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below the panels
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -101,20 +110,24 @@ def _pick(results: list[StrategyResult], gen: str, prefix: str) -> StrategyResul
     return next((r for r in results if r.generation == gen and r.strategy.startswith(prefix)), None)
 
 
+def _hops(h: str) -> str:
+    return f"{h} hop" if h == "1" else f"{h} hops"
+
+
 def findings(results: list[StrategyResult]) -> list[str]:
     """ "What it shows", computed from the measured rows (the page is regenerated each run)."""
     gens = list(dict.fromkeys(r.generation for r in results))
     out = []
     chain = [(g, _pick(results, g, "chained")) for g in gens]
     gaps = ", ".join(
-        f"{g} ({r.hops} hops) {r.gap:.1f}%" for g, r in chain if r and r.gap is not None
+        f"{g} ({_hops(r.hops)}) {r.gap:.1f}%" for g, r in chain if r and r.gap is not None
     )
     out.append(f"Chained maps recover, of the old/old → new/new top-1 gap: {gaps}.")
     for g in gens[1:]:
         c, d = _pick(results, g, "chained"), _pick(results, g, "direct")
         if c and d:
             out.append(
-                f"{g}: the direct map (1 hop) against {c.hops} chained hops: top-1 "
+                f"{g}: the direct map (1 hop) against {_hops(c.hops)} chained: top-1 "
                 f"{d.quality.top1 - c.quality.top1:+.2f} points, mAP "
                 f"{d.quality.map - c.quality.map:+.2f}, "
                 f"R@10 {d.quality.recall - c.quality.recall:+.1f}."
@@ -170,5 +183,12 @@ def write(
     lines += ["", "![quality per generation](img/generations.png)", "", "## What it shows", ""]
     lines += [f"- {f}" for f in findings(results)]
     md = out / "results-generations.md"
-    md.write_text("\n".join(lines) + "\n")
+    md.write_text("\n".join(lines) + "\n" + _kept_notes(md))
     return md, png
+
+
+def _kept_notes(md: Path) -> str:
+    """The page's hand-written notes (from NOTES on), kept when a run rewrites the rest."""
+    old = md.read_text() if md.exists() else ""
+    at = old.find(NOTES)
+    return "" if at < 0 else "\n" + old[at:]

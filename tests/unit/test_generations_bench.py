@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.bench.generations import Cost, Planned, extrapolate, gap_recovered, nightly_step
+from pipeline.bench import generations_page as page
+from pipeline.bench.generations import (
+    Cost,
+    Planned,
+    Quality,
+    StrategyResult,
+    extrapolate,
+    gap_recovered,
+    nightly_step,
+)
 
 
 def test_extrapolate_keeps_training_fixed_and_scales_the_rest() -> None:
@@ -55,3 +64,39 @@ def test_nightly_step_random_order_is_seeded_and_needs_variance_for_uncertainty(
     assert (a.hops == b.hops).all() and (a.hops == 0).sum() == 10
     with pytest.raises(ValueError, match="log-variance"):
         nightly_step(prev, m, None, f, 0.5, "uncertainty")
+
+
+def _result(gen: str, strategy: str, hops: str, top1: float, cost: Cost | None):
+    return StrategyResult(gen, strategy, hops, Quality(top1, top1 - 5, top1 / 2), None, cost, 100)
+
+
+def test_page_states_the_measured_findings_and_keeps_hand_written_notes(tmp_path) -> None:
+    fct, embed = Cost(10.0, 1.0, 0.0, 1e4, None), Cost(0.0, 0.0, 1.0, None, 1e3)
+    results = [
+        _result("v2", "chained = direct", "1", 80.0, fct),
+        _result("v3", "chained", "2", 70.0, fct),
+        _result("v3", "direct", "1", 85.0, fct),
+        _result("v3", "backfill", "0", 90.0, embed),
+    ]
+    text = "\n".join(page.findings(results))
+    assert "v3: the direct map (1 hop) against 2 hops chained: top-1 +15.00 points" in text
+    assert "1,000 s per million rows against 110 s" in text
+    figures = {
+        "settings": {
+            "data": "d.npz",
+            "input_size": 16,
+            "val_fraction": 0.3,
+            "seed": 0,
+            "metric": "cosine",
+            "model_epochs": 1,
+            "embedding_dim": 8,
+            "map_epochs": 1,
+            "models": {"v1": {"classes": None, "widths": [4]}},
+        },
+        "timings": {"total": 1.0},
+    }
+    md, png = page.write(results, figures, tmp_path, "cmd")
+    assert png.stat().st_size > 0 and "| direct | 1 | 85.00 |" in md.read_text()
+    md.write_text(md.read_text() + "\n## Notes\n\nkept.\n")
+    page.write(results, figures, tmp_path, "cmd")
+    assert md.read_text().count("## Notes") == 1 and md.read_text().endswith("kept.\n")

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -44,6 +46,25 @@ MAPS = [(0, 1, ""), (1, 2, ""), (2, 3, ""), (0, 2, ""), (0, 3, "")]
 MAPS += [(0, 1, "-ff"), (1, 2, "-ff"), (2, 3, "-ff")]
 QUICK = ["new_model.train.epochs=1", "transformation.train.epochs=2"]
 FRACTION, ORDERS, RATE_ROWS = 0.25, ("uncertainty", "random"), 1024
+
+
+def stdout_to_stderr() -> int:
+    """Point fd 1 at stderr; returns a duplicate of the real stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    return saved
+
+
+@contextmanager
+def stdout_restored(saved: int):
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(2, 1)  # anything Ray prints on shutdown stays off stdout
 
 
 class Clock:
@@ -132,8 +153,10 @@ def settings(cfg, gens, data: str, quick: bool) -> dict:
 
 
 def main(data: str, config: str, overrides: list[str], quick: bool, json_to: str | None) -> int:
-    # --json alone: the one JSON line goes to stdout, everything else to stderr
+    # --json alone: the one JSON line goes to stdout, everything else to stderr (Ray's worker
+    # logs included: they are printed on the driver's fd 1, so fd 1 points at stderr meanwhile)
     console = Console(width=None if sys.stdout.isatty() else 150, stderr=json_to == "-")
+    quiet_fd = stdout_to_stderr() if json_to == "-" else None
     cfg = load_config(config, overrides)
     clock = Clock(console)
     t0 = time.perf_counter()
@@ -171,7 +194,8 @@ def main(data: str, config: str, overrides: list[str], quick: bool, json_to: str
     files = page.write(results, figures, out, figures["command"])
     console.print(f"page: {files[0]}  plot: {files[1]}")
     if json_to == "-":
-        print(json.dumps(figures, separators=(",", ":")))
+        with stdout_restored(quiet_fd):
+            print(json.dumps(figures, separators=(",", ":")), flush=True)
     elif json_to:
         Path(json_to).write_text(json.dumps(figures, indent=1))
         console.print(f"figures: {json_to}")

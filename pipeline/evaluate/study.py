@@ -35,6 +35,8 @@ class StudyInputs:
     transformations: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
     adapters: dict[str, nn.Module] = field(default_factory=dict)
     bct: list[str] = field(default_factory=list)
+    # Further (case, query set, gallery set) over `sets`: e.g. BT²'s compatible dims vs old.
+    extra_cases: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -70,7 +72,7 @@ def study_cases(inp: StudyInputs, transformed: list[str], adapted: list[str]) ->
             cases += [(f"{b}/old (BCT)", b, o), (f"{b}/{b}", b, b)]
     cases += [(f"new/{t}", n, t) for t in transformed]
     cases += [(f"{a} new→old", a, o) for a in adapted]
-    return cases
+    return cases + list(inp.extra_cases)
 
 
 def compat_study(

@@ -21,7 +21,12 @@ pytest_plugins = [
 # (the quick unit files) and leaves the long end-to-end ones for last. (xdist's `loadgroup`
 # marks do nothing under pytest 9: it rewrites a node id attribute pytest no longer reads.)
 SMALL_GALLERY = "small-gallery"
-SMALL_GALLERY_FILES = {"test_serve_e2e", "test_publish_e2e", "test_mlflow_models_e2e"}
+SMALL_GALLERY_FILES = {
+    "test_serve_e2e",
+    "test_publish_e2e",
+    "test_mlflow_models_e2e",
+    "test_compat_losses_e2e",
+}
 LONGEST_FIRST = (
     "test_plan_e2e",
     "test_ops_e2e",

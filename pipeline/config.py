@@ -112,6 +112,32 @@ class ArchitectureConfig(_Model):
     num_classes: int = Field(10, ge=2)
 
 
+class CompatLossConfig(_Model):
+    """Settings of the compatibility losses beyond BCT (`train.loss`: bt2, dsimplex, oca).
+
+    BT² and OCA need no setting for their extra dimensions: they are the model's
+    `architecture.embedding_dim` minus the old model's; the first (old) dims of the stored
+    embedding compare to old rows, the whole vector to new rows (docs/methods.md)."""
+
+    bt2_lambda: float = Field(
+        1.0,
+        ge=0,
+        description="BT²: weight of the influence loss through the frozen old classifier on the "
+        "compatible (first d_old) dims of the basis-transformed embedding",
+    )
+    oca_lambda: float = Field(
+        1.0,
+        ge=0,
+        description="OCA: weight of the compatibility loss of the orthogonally projected "
+        "embedding against the old model's class prototypes",
+    )
+    oca_temperature: float = Field(
+        0.1,
+        gt=0,
+        description="OCA: temperature of the cosine-softmax over the old prototypes (cosine / T)",
+    )
+
+
 class TrainConfig(_Model):
     """Ray Train settings for one model."""
 
@@ -128,12 +154,16 @@ class TrainConfig(_Model):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
     seed: int = 0
-    loss: Literal["independent", "bct"] = Field(
+    loss: Literal["independent", "bct", "bt2", "dsimplex", "oca"] = Field(
         "independent",
-        description="independent (FCT's choice) or bct: influence loss through the frozen old "
-        "classifier (new classes get synthesised weights)",
+        description="independent (FCT's choice); bct: influence loss through the frozen old "
+        "classifier (new classes get synthesised weights); bt2: BCT on the first d_old dims of "
+        "a learned orthogonal basis transformation, extra dims free; dsimplex: classifier fixed "
+        "to a regular simplex (old and new models both); oca: orthogonal projection to the old "
+        "space aligned with the old class prototypes, extra dims free (docs/methods.md)",
     )
     bct_lambda: float = Field(1.0, ge=0, description="weight of BCT's influence loss")
+    compat: CompatLossConfig = CompatLossConfig()
     reports: int = Field(
         10,
         ge=1,
@@ -166,6 +196,17 @@ class ModelConfig(_Model):
     architecture: ArchitectureConfig = ArchitectureConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _simplex_fits(self) -> ModelConfig:
+        """d-Simplex: K classes need K-1 embedding dims for the simplex's vertices."""
+        a = self.architecture
+        if self.train.loss == "dsimplex" and a.embedding_dim < a.num_classes - 1:
+            raise ValueError(
+                f"train.loss=dsimplex needs architecture.embedding_dim >= num_classes - 1 = "
+                f"{a.num_classes - 1}, got {a.embedding_dim}"
+            )
+        return self
 
 
 class SideInfoConfig(ModelConfig):
@@ -633,6 +674,30 @@ class PublishConfig(_Model):
     )
 
 
+def _compatible_losses(old: ModelConfig, new: ModelConfig) -> None:
+    """Loss pairs that cannot give compatible models are refused: an old model trained here
+    has no older model to be compatible with; d-Simplex needs both models on one simplex."""
+    if old.uri is None and old.train.loss in ("bct", "bt2", "oca"):
+        raise ValueError(
+            f"old_model.train.loss={old.train.loss} needs an older model; the old model trains "
+            "with independent or dsimplex"
+        )
+    if new.train.loss != "dsimplex" or old.uri is not None:
+        return  # a brought old model: docs/methods.md says it must be a d-Simplex one
+    if old.train.loss != "dsimplex":
+        raise ValueError(
+            "new_model.train.loss=dsimplex needs old_model.train.loss=dsimplex: only two models "
+            "trained on the same fixed simplex are compatible"
+        )
+    oa, na = old.architecture, new.architecture
+    if (oa.num_classes, oa.embedding_dim) != (na.num_classes, na.embedding_dim):
+        raise ValueError(
+            "dsimplex: old_model and new_model need the same architecture.num_classes and "
+            f"embedding_dim (one simplex); got ({oa.num_classes}, {oa.embedding_dim}) and "
+            f"({na.num_classes}, {na.embedding_dim})"
+        )
+
+
 class UpgradeConfig(_Model):
     """Everything one gallery upgrade needs; load with `load_config`."""
 
@@ -673,6 +738,7 @@ class UpgradeConfig(_Model):
             raise ValueError(
                 "plan.when_backfill_cheaper=backfill needs the estimate: plan.measure_rows > 0"
             )
+        _compatible_losses(old, self.new_model)
         if self.evaluate.recall_k >= self.evaluate.max_queries:
             raise ValueError(
                 f"evaluate.recall_k={self.evaluate.recall_k} must be below "

@@ -26,6 +26,7 @@ SMALL_GALLERY_FILES = {
     "test_publish_e2e",
     "test_mlflow_models_e2e",
     "test_generations_e2e",
+    "test_compat_losses_e2e",
 }
 LONGEST_FIRST = (
     "test_plan_e2e",

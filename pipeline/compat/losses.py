@@ -1,4 +1,5 @@
-"""Training losses for compatible embeddings: SimCLR, BCT, FCT transformation and FastFill."""
+"""Training losses for compatible embeddings: SimCLR, BCT, BT², d-Simplex, OCA, FCT's
+transformation and FastFill."""
 
 from __future__ import annotations
 
@@ -53,6 +54,100 @@ def bct_loss(
         return new_term + 0.0 * old_logits.sum()
     old_term = F.cross_entropy(old_logits[keep], labels[keep], label_smoothing=label_smoothing)
     return new_term + lam * old_term
+
+
+def compatible_part(z: Tensor, old_dim: int) -> Tensor:
+    """The first `old_dim` dims of embeddings `z` (N, d_new): BT²'s and OCA's part that
+    compares to the old model's rows; the remaining dims are the new model's extra capacity."""
+    if z.ndim != 2:
+        raise ValueError(f"embeddings must be (N, d), got shape {tuple(z.shape)}")
+    if not 0 < old_dim <= z.shape[1]:
+        raise ValueError(
+            f"the old space has {old_dim} dims; the new embedding has {z.shape[1]}: it must "
+            "have at least as many"
+        )
+    return z[:, :old_dim]
+
+
+def bt2_loss(
+    psi: Tensor,
+    new_logits: Tensor,
+    old_weight: Tensor,
+    old_bias: Tensor,
+    labels: Tensor,
+    lam: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """BT²: CE of the new classifier (on the whole basis-transformed embedding `psi`) plus
+    lam * CE of the frozen old classifier (old_weight (K_old, d_old), old_bias) on the first
+    d_old dims of psi — BCT's influence loss on the compatible part only, so the extra dims
+    are free to hold what the old space cannot."""
+    if old_weight.ndim != 2 or old_bias.shape != (old_weight.shape[0],):
+        raise ValueError(
+            f"old classifier must be (K, d) and (K,); got {tuple(old_weight.shape)} and "
+            f"{tuple(old_bias.shape)}"
+        )
+    part = compatible_part(psi, old_weight.shape[1])
+    old_logits = part @ old_weight.T + old_bias
+    return bct_loss(new_logits, old_logits, labels, lam, label_smoothing)
+
+
+def dsimplex_vertices(num_classes: int, dim: int) -> Tensor:
+    """The K vertices of a regular simplex centred on 0, unit norm, as rows (K, dim): pairwise
+    cosine -1/(K-1), the first K-1 coordinates spanning it and zeros after (d-Simplex's
+    fixed classifier). Built from the Helmert basis of the plane orthogonal to (1, ..., 1)."""
+    k = num_classes
+    if k < 2:
+        raise ValueError(f"a simplex needs at least 2 classes, got {k}")
+    if dim < k - 1:
+        raise ValueError(f"{k} classes need at least {k - 1} dims for their simplex, got {dim}")
+    helmert = torch.zeros(k - 1, k, dtype=torch.float64)
+    for j in range(1, k):  # row j-1: j ones, then -j, then zeros; orthogonal to (1, ..., 1)
+        helmert[j - 1, :j] = 1.0
+        helmert[j - 1, j] = -float(j)
+        helmert[j - 1] /= (j * (j + 1)) ** 0.5
+    vertices = F.normalize(helmert.T, dim=1)  # one-hot class vectors in that plane's basis
+    out = torch.zeros(k, dim, dtype=torch.float64)
+    out[:, : k - 1] = vertices
+    return out.float()
+
+
+def dsimplex_loss(
+    emb: Tensor, vertices: Tensor, labels: Tensor, label_smoothing: float = 0.0
+) -> Tensor:
+    """d-Simplex: CE of the fixed classifier (no bias) whose rows are the simplex vertices."""
+    if emb.ndim != 2 or vertices.ndim != 2 or emb.shape[1] != vertices.shape[1]:
+        raise ValueError(
+            f"embeddings (N, d) and vertices (K, d) must share d; got {tuple(emb.shape)} and "
+            f"{tuple(vertices.shape)}"
+        )
+    if labels.shape != (emb.shape[0],):
+        raise ValueError(f"labels must be ({emb.shape[0]},), got {tuple(labels.shape)}")
+    return F.cross_entropy(emb @ vertices.T, labels.long(), label_smoothing=label_smoothing)
+
+
+def oca_loss(
+    new_logits: Tensor,
+    projected: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    lam: float = 1.0,
+    temperature: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """OCA: CE of the new classifier plus lam * a cosine-softmax CE (cos / temperature) of the
+    orthogonally projected embedding `projected` (N, d_old) against the frozen old class
+    prototypes (K_old, d_old): it aligns directions, not norms, with the old space. Rows whose
+    class has no old prototype are left out of the second term (zero when none remain)."""
+    if projected.ndim != 2 or prototypes.ndim != 2 or projected.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"projected (N, d_old) and prototypes (K, d_old) must share d_old; got "
+            f"{tuple(projected.shape)} and {tuple(prototypes.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    cos = F.normalize(projected, dim=1) @ F.normalize(prototypes, dim=1).T
+    return bct_loss(new_logits, cos / temperature, labels, lam, label_smoothing)
 
 
 def synthesize_old_classifier(

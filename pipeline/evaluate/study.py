@@ -37,6 +37,8 @@ class StudyInputs:
     bct: list[str] = field(default_factory=list)
     # the set a transformation maps, where it is not `old` (a direct map from an older space)
     inputs: dict[str, str] = field(default_factory=dict)
+    # Further (case, query set, gallery set) over `sets`: e.g. BT²'s compatible dims vs old.
+    extra_cases: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _transform(inp: StudyInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -97,7 +99,7 @@ def study_cases(inp: StudyInputs, transformed: list[str], adapted: list[str]) ->
             cases += [(f"{b}/old (BCT)", b, o), (f"{b}/{b}", b, b)]
     cases += [(f"new/{t}", n, t) for t in transformed]
     cases += [(f"{a} new→old", a, o) for a in adapted]
-    return cases
+    return cases + list(inp.extra_cases)
 
 
 def compat_study(

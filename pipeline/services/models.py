@@ -12,7 +12,7 @@ import torch
 from pipeline.cluster import train_storage
 from pipeline.compat.classifier import LinearHead
 from pipeline.compat.losses import synthesize_old_classifier
-from pipeline.config import ModelConfig, SideInfoConfig
+from pipeline.config import ConfigError, ModelConfig, SideInfoConfig
 from pipeline.context import Context
 from pipeline.data.sources import ImageLayout
 from pipeline.embed.features import collect, paired_features
@@ -21,6 +21,9 @@ from pipeline.runtime import ensure_ray
 from pipeline.services.inputs import training_images
 from pipeline.train.embedder import train_embedder
 from pipeline.train.side_info import train_side_info
+
+# Losses that read the old model's (synthesised) classifier while the new model trains.
+OLD_CLASSIFIER_LOSSES = ("bct", "bt2", "oca")
 
 
 @dataclass
@@ -86,8 +89,8 @@ def _trainer(ctx: Context, model: ModelConfig) -> tuple[Any, list[int] | None]:
         classes = model.train.classes or (None if old.uri else old.train.classes)
         return (lambda: train_side_info(model, classes, *args, layout=layout)), classes
     bct = None
-    if model.train.loss == "bct":
-        bct = bct_classifier(ctx)
+    if model.train.loss in OLD_CLASSIFIER_LOSSES:
+        bct = bct_classifier(ctx, model)
     return (lambda: train_embedder(model, *args, bct, layout=layout)), model.train.classes
 
 
@@ -158,16 +161,19 @@ def train_side_info_step(ctx: Context) -> ModelStepResult | None:
     return train_step(ctx, sc) if sc.enabled and side_info_stored(ctx) else None
 
 
-def bct_classifier(ctx: Context) -> dict[str, Any]:
-    """BCT's frozen old classifier: the old model's rows for the classes it was trained on,
-    class means of its train-split features for every other class (synthesised weights)."""
-    old = ctx.cfg.old_model
+def bct_classifier(ctx: Context, model: ModelConfig | None = None) -> dict[str, Any]:
+    """BCT's frozen old classifier (also read by BT² and OCA): the old model's rows for the
+    classes it was trained on, class means of its train-split features for every other class
+    (synthesised weights). `model` (default new_model) is checked against the old space."""
+    old, model = ctx.cfg.old_model, model or ctx.cfg.new_model
     net, meta = _with_classifier(ctx, old)
     if net is None:
         raise ModelLoadError(
-            "new_model.train.loss=bct needs the old model's classifier: train the old model "
-            "here or bring a carryover model (models:/...); TorchScript has no classifier"
+            f"new_model.train.loss={model.train.loss} needs the old model's classifier: train "
+            "the old model here or bring a carryover model (models:/...); TorchScript has no "
+            "classifier"
         )
+    _check_old_space(model, net.classifier.in_features)
     known = meta.get("trained_classes") or list(range(net.classifier.out_features))
     ensure_ray(ctx.cfg.ray)
     feats = collect(
@@ -188,6 +194,21 @@ def bct_classifier(ctx: Context) -> dict[str, Any]:
         ctx.cfg.new_model.architecture.num_classes,
     )
     return {"weight": w.tolist(), "bias": b.tolist(), "from_model": old.name, "known": known}
+
+
+def _check_old_space(model: ModelConfig, old_dim: int) -> None:
+    """BCT compares the whole embedding to old rows; BT² and OCA its first old_dim dims."""
+    dim, loss = model.architecture.embedding_dim, model.train.loss
+    if loss == "bct" and dim != old_dim:
+        raise ConfigError(
+            f"new_model.architecture.embedding_dim={dim}: loss=bct needs the old model's "
+            f"{old_dim} dims (bt2 or oca add extra dims)"
+        )
+    if dim < old_dim:
+        raise ConfigError(
+            f"new_model.architecture.embedding_dim={dim}: loss={loss} needs at least the old "
+            f"model's {old_dim} dims (the extra dims are embedding_dim - {old_dim})"
+        )
 
 
 def model_classifier(ctx: Context) -> LinearHead | None:

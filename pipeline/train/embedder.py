@@ -21,6 +21,7 @@ from pipeline.data.sources import ImageLayout, image_files
 from pipeline.io import uri as uri_io
 from pipeline.models.backbone import EmbeddingNet
 from pipeline.models.store import embedder_meta
+from pipeline.train.compat_heads import LogitsHead, dsimplex_task, rotated_task
 from pipeline.train.loop import (
     Task,
     TrainingRun,
@@ -166,22 +167,16 @@ def image_training_dataset(
     return (ds.materialize() if small else ds), small
 
 
-class _TrainHead(nn.Module):
-    """Forward returns (embedding, logits) so DDP's hooks see the whole training graph."""
-
-    def __init__(self, net: EmbeddingNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.logits(x)
-
-
 def build_task(config: dict[str, Any]) -> Task:
-    """Classification training; with `bct`, BCT's influence loss through the old classifier."""
+    """Classification training; with `bct`, BCT's influence loss through the old classifier;
+    BT², d-Simplex and OCA through their heads (`compat_heads`)."""
     cfg = ModelConfig.model_validate(config["model"])
     pre, tc = cfg.preprocess, cfg.train
     net = EmbeddingNet(cfg.architecture, in_channels=pre.channels)
+    if tc.loss == "dsimplex":
+        return dsimplex_task(cfg, net)
+    if tc.loss in ("bt2", "oca"):
+        return rotated_task(cfg, net, config["bct"])
     shape = (-1, pre.channels, pre.input_size, pre.input_size)
     ce = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
     bct = config.get("bct")
@@ -199,7 +194,20 @@ def build_task(config: dict[str, Any]) -> Task:
             loss = bct_loss(logits, old_logits, y, tc.bct_lambda, tc.label_smoothing)
         return loss, len(y), {"accuracy": float((logits.argmax(1) == y).sum())}
 
-    return Task(save=net, train=_TrainHead(net), step=step)
+    return Task(save=net, train=LogitsHead(net), step=step)
+
+
+def compat_meta(loss: str, old: dict[str, Any] | None) -> dict[str, Any]:
+    """model.json's compatibility fields: the loss, the old model it is compatible with and, for
+    BT² / OCA, `compat_dims`: how many leading dims of the embedding compare to old rows."""
+    if loss == "independent":
+        return {}
+    out: dict[str, Any] = {"compat_loss": loss}
+    if old is not None:
+        out["bct_from"] = old["from_model"]
+    if loss in ("bt2", "oca") and old is not None:
+        out["compat_dims"] = int(np.asarray(old["weight"]).shape[1])
+    return out
 
 
 def train_embedder(
@@ -214,8 +222,8 @@ def train_embedder(
 ) -> TrainResult:
     """Train `cfg` on the image shards' train split with Ray Train; cached by config hash.
 
-    `bct` (weight, bias, from_model) turns on BCT's influence loss through that frozen,
-    synthesised old classifier.
+    `bct` (weight, bias, from_model) is the frozen, synthesised old classifier that BCT's
+    influence loss (and BT²'s, OCA's compatibility losses) reads; cfg.train.loss says which.
     """
     h = config_hash(cfg.model_dump(mode="json"), images_uri, bct)
     if (done := reuse(out_dir, h, TrainResult)) is not None:
@@ -245,7 +253,7 @@ def train_embedder(
         use_gpu=tc.use_gpu,
         **fitted.result_fields(h),
     )
-    extra = {"compat_loss": tc.loss, "bct_from": bct["from_model"]} if bct else {}
+    extra = compat_meta(tc.loss, bct)
     meta = embedder_meta(
         cfg, config_hash=h, train_result=asdict(tr), trained_classes=tc.classes, **extra
     )

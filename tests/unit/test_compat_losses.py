@@ -7,8 +7,13 @@ import torch
 
 from pipeline.compat.losses import (
     bct_loss,
+    bt2_loss,
+    compatible_part,
+    dsimplex_loss,
+    dsimplex_vertices,
     fastfill_loss,
     nt_xent,
+    oca_loss,
     synthesize_old_classifier,
     transformation_loss,
 )
@@ -172,3 +177,78 @@ def test_fastfill_loss_leaves_unlabelled_rows_out_of_the_classification_term() -
     labels = torch.tensor([0, -1])  # row 1 has no label
     got = fastfill_loss(pred, torch.zeros(2), target, logits, labels, label_smoothing=0.0)
     assert got.item() == pytest.approx((0.5 * (mse[0] + ce0) + 0.5 * mse[1]) / 2, rel=1e-6)
+
+
+# --- BT², d-Simplex, OCA -------------------------------------------------------------------
+
+
+def test_compatible_part_is_the_leading_dims_and_checks_sizes() -> None:
+    z = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert compatible_part(z, 2).tolist() == [[1.0, 2.0], [4.0, 5.0]]
+    with pytest.raises(ValueError, match="at least as many"):
+        compatible_part(z, 4)
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        compatible_part(z[0], 1)
+
+
+def test_bt2_loss_reads_only_the_compatible_dims_through_the_old_classifier() -> None:
+    # psi has 3 dims; the old space has 2: old logits = psi[:, :2] @ W.T + b.
+    psi = torch.tensor([[1.0, 0.0, 5.0]], requires_grad=True)
+    new_logits = torch.tensor([[2.0, 0.0]])
+    w_old = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b_old = torch.tensor([0.0, 0.5])
+    y = torch.tensor([0])
+    # new term: -2 + lse(2, 0); old logits (1, 0.5): -1 + lse(1, 0.5); lam = 0.5.
+    expected = (-2 + _lse(2.0, 0.0)) + 0.5 * (-1 + _lse(1.0, 0.5))
+    loss = bt2_loss(psi, new_logits, w_old, b_old, y, lam=0.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert psi.grad is not None and psi.grad[0, 2].item() == 0.0  # the extra dim is free
+    assert w_old.grad is None and b_old.grad is None  # the old classifier stays frozen
+    with pytest.raises(ValueError, match="old classifier"):
+        bt2_loss(psi, new_logits, w_old, b_old[:1], y)
+
+
+def test_dsimplex_vertices_form_a_regular_simplex_padded_with_zeros() -> None:
+    v = dsimplex_vertices(3, 4)  # a triangle in the first 2 of 4 dims
+    assert v.shape == (3, 4)
+    assert v[:, 2:].abs().max().item() == 0.0
+    gram = v @ v.T
+    expected = torch.tensor([[1.0, -0.5, -0.5], [-0.5, 1.0, -0.5], [-0.5, -0.5, 1.0]])
+    assert torch.allclose(gram, expected, atol=1e-6)
+    # By hand (Helmert basis): rows (1/sqrt2, 1/sqrt6), (-1/sqrt2, 1/sqrt6), (0, -2/sqrt6),
+    # each divided by its norm sqrt(2/3).
+    s = math.sqrt(1.5)
+    first = [s / math.sqrt(2), s / math.sqrt(6)]
+    assert v[0, :2].tolist() == pytest.approx(first, abs=1e-6)
+    assert dsimplex_vertices(2, 1).tolist() == [[1.0], [-1.0]]
+    ten = dsimplex_vertices(10, 9)
+    off = (ten @ ten.T)[~torch.eye(10, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1 / 9), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        dsimplex_vertices(3, 1)
+
+
+def test_dsimplex_loss_is_the_ce_of_the_fixed_vertices() -> None:
+    v = dsimplex_vertices(2, 2)  # (1, 0) and (-1, 0)
+    emb = torch.tensor([[2.0, 7.0]])  # logits (2, -2): the padded dim does not count
+    loss = dsimplex_loss(emb, v, torch.tensor([1]))
+    assert loss.item() == pytest.approx(2.0 + _lse(2.0, -2.0), abs=1e-6)
+    with pytest.raises(ValueError, match="share d"):
+        dsimplex_loss(emb, v[:, :1], torch.tensor([1]))
+
+
+def test_oca_loss_is_a_cosine_softmax_against_the_old_prototypes() -> None:
+    new_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    projected = torch.tensor([[3.0, 4.0], [1.0, 1.0]], requires_grad=True)  # cos: norm only
+    prototypes = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # two old classes; class 2 is new
+    y = torch.tensor([1, 2])
+    new_term = ((-0.0 + _lse(1.0, 0.0, 0.0)) + (-0.0 + _lse(0.0, 0.0, 0.0))) / 2
+    # Row 0: cosines (0.6, 0.8) / T=0.5 -> (1.2, 1.6), label 1; row 1 has no old prototype.
+    old_term = -1.6 + _lse(1.2, 1.6)
+    loss = oca_loss(new_logits, projected, prototypes, y, lam=2.0, temperature=0.5)
+    assert loss.item() == pytest.approx(new_term + 2.0 * old_term, abs=1e-6)
+    loss.backward()
+    assert projected.grad is not None and projected.grad[1].abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        oca_loss(new_logits, projected, prototypes, y, temperature=0.0)

@@ -30,10 +30,10 @@ SMALL_GALLERY_FILES = {
 }
 LONGEST_FIRST = (
     "test_plan_e2e",
+    SMALL_GALLERY,  # the shared build, then five files on it: about 11 min
     "test_ops_e2e",
     "test_multinode_e2e",
     "test_benchmark_real_smoke",
-    SMALL_GALLERY,
     "test_pretrained_e2e",
     "test_upgrade_e2e",
     "test_compat_e2e",

@@ -439,7 +439,8 @@ class PlanConfig(_Model):
         3,
         ge=1,
         description="most maps a row may go through since it was embedded from its image; rows "
-        "an upgrade would map further are re-embedded first, whatever the budget (null: no limit)",
+        "an upgrade would map further are re-embedded first, and the budget must hold them "
+        "(null: no limit)",
     )
     quantiles: int = Field(101, ge=3, le=10_001, description="uncertainty summary per shard")
     embed_rows_per_second: float | None = Field(

@@ -33,7 +33,9 @@ from pipeline.data.prepare import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_EPOCHS = {False: 4, True: 1}
-AUGMENT_COPIES = 4  # augmented views of each training image for h (FCT trains on augmented)
+# augmented views of each training image for h (FCT trains on augmented images); the smoke
+# run keeps one, which exercises the same path at a fifth of the pairs' embedding
+AUGMENT_COPIES = {False: 4, True: 1}
 SIDE_SIZE = 64  # side-info's own input size: half the old model's 128 px, a quarter the pixels
 CLI = str(Path(sys.executable).parent / "carryover")
 
@@ -103,10 +105,10 @@ def config(work: Path, images: Path, models: dict, quick: bool) -> Path:
             "preprocess": {**models["old"]["preprocess"], "input_size": SIDE_SIZE},
             "train": {"epochs": SIDE_EPOCHS[quick]},
         },
-        # four augmented views of each training image beside it (FCT trains on augmented
-        # images): 5x the pairs for h and its ridge skip, for ~1.5 min more embedding
+        # augmented views of each training image beside it (FCT trains on augmented images):
+        # four give 5x the pairs for h and its ridge skip, for ~1.5 min more embedding
         "transformation": {
-            "augment_copies": AUGMENT_COPIES,
+            "augment_copies": AUGMENT_COPIES[quick],
             "train": {"epochs": 3 if quick else 40},
         },
         "adapters": {"epochs": 20 if quick else 200},
@@ -177,7 +179,7 @@ def run_all(work: Path, quick: bool, crops: int, shards: int) -> dict:
         "quick": quick,
         "side_epochs": SIDE_EPOCHS[quick],
         "side_size": SIDE_SIZE,
-        "augment_copies": AUGMENT_COPIES,
+        "augment_copies": AUGMENT_COPIES[quick],
     }
     res["existing_seconds"] = embed_existing(images, models["old"], work / "existing")
     lab, unl = work / "labelled", work / "unlabelled"

@@ -20,6 +20,7 @@ from pipeline.cli.common import (
     JsonOpt,
     QuietOpt,
     SetOpt,
+    VersionArg,
     YesOpt,
     _cfg,
     _ctx,
@@ -163,8 +164,9 @@ def import_(
     source: Annotated[
         str,
         typer.Argument(
+            metavar="SOURCE",
             help="existing embeddings: Parquet file(s) with key and embedding columns, or a "
-            "clip-retrieval output folder (img_emb/*.npy + metadata/*.parquet); local or s3://"
+            "clip-retrieval output folder (img_emb/*.npy + metadata/*.parquet); local or s3://",
         ),
     ],
     version: Annotated[
@@ -292,7 +294,7 @@ def _print_compat(report: Any, files: dict[str, Any]) -> None:
 @app.command()
 @_errors
 def promote(
-    version: str,
+    version: VersionArg,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,

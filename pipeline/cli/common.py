@@ -73,6 +73,13 @@ EnvOpt = Annotated[
         "(values are never printed; prefer the cluster's own secrets for credentials)",
     ),
 ]
+# Positional arguments name their metavar: typer would print `{version}` in the usage line.
+VersionArg = Annotated[
+    str, typer.Argument(metavar="VERSION", help="a gallery version (`carryover versions`)")
+]
+JobIdArg = Annotated[
+    str, typer.Argument(metavar="JOB_ID", help="a submission id (`carryover jobs list`)")
+]
 GalleryArg = Annotated[
     str | None,
     typer.Argument(metavar="GALLERY", help="gallery URI (default: the config's `gallery`)"),

@@ -20,6 +20,7 @@ from pipeline.cli.common import (
     EnvOpt,
     GalleryAliasOpt,
     GalleryArg,
+    JobIdArg,
     JsonOpt,
     SetOpt,
     TokenOpt,
@@ -231,7 +232,7 @@ def jobs_list(
 @jobs_app.command("status")
 @_errors
 def jobs_status(
-    job_id: str,
+    job_id: JobIdArg,
     address: AddressOpt = None,
     wait: Annotated[bool, typer.Option(help="poll until the job ends")] = False,
     timeout: Annotated[float | None, typer.Option(help="give up waiting after seconds")] = None,
@@ -266,7 +267,7 @@ def jobs_status(
 @jobs_app.command("logs")
 @_errors
 def jobs_logs(
-    job_id: str,
+    job_id: JobIdArg,
     address: AddressOpt = None,
     follow: Annotated[
         bool,
@@ -302,7 +303,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 @_errors
 def jobs_stop(
-    job_id: str,
+    job_id: JobIdArg,
     address: AddressOpt = None,
     token_file: TokenOpt = None,
     config: ConfigOpt = None,

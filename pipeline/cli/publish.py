@@ -13,6 +13,7 @@ from pipeline.cli.common import (
     JsonOpt,
     QuietOpt,
     SetOpt,
+    VersionArg,
     _errors,
     _gallery_cfg,
     app,
@@ -34,7 +35,7 @@ ToOpt = Annotated[
 @app.command()
 @_errors
 def publish(
-    version: str,
+    version: VersionArg,
     gallery: GalleryArg = None,
     to: ToOpt = ...,  # type: ignore[assignment]
     config: ConfigOpt = None,

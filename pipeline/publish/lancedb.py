@@ -80,7 +80,7 @@ class LanceDBTarget:
         m = self.gallery.manifest(version)
         dim = int(m["embedding_dim"])
         t0 = time.perf_counter()
-        table_version, rows = self._write(version, m.get("shards", []), dim)
+        table_version, rows = self._write(version, m, dim)
         t1 = time.perf_counter()
         ds = self._open(table_version)
         index_type, parts, ds = self._index(ds, rows, dim)
@@ -144,9 +144,9 @@ class LanceDBTarget:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise GalleryError(f"{self.uri}: cannot open table {self.table!r}: {why}") from None
 
-    def _write(self, version: str, records: list[dict[str, Any]], dim: int) -> tuple[int, int]:
+    def _write(self, version: str, m: dict[str, Any], dim: int) -> tuple[int, int]:
         """One Overwrite commit of every shard's rows: (its table version, rows written)."""
-        schema = publish_schema(dim)
+        schema, records = publish_schema(dim), m.get("shards", [])
         sink = LanceFragmentSink(self.table_uri, schema, self.options, self.pcfg.max_rows_per_file)
         if not records:
             ds = lance.write_dataset(
@@ -155,7 +155,8 @@ class LanceDBTarget:
             return ds.version, 0
         ensure_ray(self.cfg.ray)
         items = shard_items(self.gallery, version, records)
-        kwargs = {"storage": self.gallery.storage, "version": version, "dim": dim}
+        space = m.get("model") or version
+        kwargs = {"storage": self.gallery.storage, "version": version, "space": space, "dim": dim}
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_publish_rows,
             fn_kwargs={**kwargs, "rows": self.pcfg.read_rows},

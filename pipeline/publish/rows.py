@@ -14,13 +14,15 @@ from pipeline.config import StorageConfig
 from pipeline.data.shards import DataError
 from pipeline.gallery.store import Gallery, check_embedding_type
 from pipeline.io import uri as uri_io
+from pipeline.upgrade.hops import stored_chains
 
-GALLERY_COLUMNS = ("key", "embedding", "source", "uncertainty")
+GALLERY_COLUMNS = ("key", "embedding", "source", "uncertainty", "chain", "hops")
 
 
 def publish_schema(dim: int) -> pa.Schema:
     """key, the embedding as a fixed-size float32 vector, label (null where unknown), how the
-    row was produced, FastFill's uncertainty (null where embedded), the gallery version."""
+    row was produced, FastFill's uncertainty (null where embedded), the models it went through
+    since its image was last embedded (chain, hops: docs/generations.md), the gallery version."""
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
@@ -28,6 +30,8 @@ def publish_schema(dim: int) -> pa.Schema:
             pa.field("label", pa.int64()),
             pa.field("source", pa.string()),
             pa.field("uncertainty", pa.float32()),
+            pa.field("chain", pa.string()),
+            pa.field("hops", pa.int32()),
             pa.field("version", pa.string()),
         ]
     )
@@ -51,9 +55,10 @@ def labels_of(image_file: str, storage: StorageConfig | None) -> pa.Table | None
 
 
 def to_publish_rows(
-    batch: pa.RecordBatch, labels: pa.Table | None, version: str, schema: pa.Schema
+    batch: pa.RecordBatch, labels: pa.Table | None, version: str, schema: pa.Schema, space: str
 ) -> pa.Table:
-    """One gallery batch as rows of the published table (columns a shard lacks become nulls)."""
+    """One gallery batch as rows of the published table (columns a shard lacks become nulls);
+    `space` is the version's model, the chain of rows a shard written before chains has."""
     n = batch.num_rows
     cols: dict[str, Any] = {"key": batch.column("key"), "embedding": batch.column("embedding")}
     if labels is not None:
@@ -62,6 +67,8 @@ def to_publish_rows(
     for name in ("source", "uncertainty"):
         if name in batch.schema.names:
             cols[name] = batch.column(name)
+    chain, hops = stored_chains(batch, space)
+    cols["chain"], cols["hops"] = pa.array(chain, pa.string()), pa.array(hops)
     cols["version"] = pa.array(np.full(n, version, dtype=object), pa.string())
     arrays = [cols[f.name].cast(f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -71,6 +78,7 @@ def read_publish_rows(
     batch: dict[str, np.ndarray],
     storage: StorageConfig | None,
     version: str,
+    space: str,
     dim: int,
     rows: int,
 ) -> Iterator[pa.Table]:
@@ -87,4 +95,4 @@ def read_publish_rows(
         for b in uri_io.iter_parquet_batches(file_uri, storage, columns, rows):
             if why := check_embedding_type(b.schema.field("embedding").type, dim):
                 raise DataError(f"{file_uri}: column 'embedding' {why}")
-            yield to_publish_rows(b, labels, version, schema)
+            yield to_publish_rows(b, labels, version, schema, space)

@@ -61,6 +61,9 @@ def test_publish_local_then_promote_and_rollback_move_the_tag(
     assert (p["rows"], p["index_type"], out["serving_moved"]) == (400, "IVF_FLAT", True)
     assert out["target"]["serving"] == "v2" and p["recall_at_10"] >= 0.95
     assert _recall_vs_faiss(g, str(db), None, p) >= 0.95
+    # each row's lineage travels with it: v2's rows were embedded by v2 or mapped from v1
+    rows = lancedb.connect(str(db)).open_table("small").to_arrow().select(["chain", "hops"])
+    assert {(r["chain"], r["hops"]) for r in rows.to_pylist()} == {("v2", 0), ("v1>v2", 1)}
 
     bad = _carryover("publish", "v2", "--to", "qdrant://host/x", *sg.cli_sets())
     assert bad.returncode == 2 and "--to 'qdrant://host/x'" in bad.stderr

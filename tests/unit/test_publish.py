@@ -86,12 +86,31 @@ def test_rows_join_labels_and_fill_missing_columns() -> None:
         {"key": ["a", "b", "c"], "embedding": embeddings_to_arrow(emb), "source": ["s"] * 3}
     )
     labels = pa.table({"key": ["c", "a"], "label": [7, 5]})
-    out = to_publish_rows(batch, labels, "v2", publish_schema(4))
+    out = to_publish_rows(batch, labels, "v2", publish_schema(4), "m2")
     assert out.schema == publish_schema(4)
     assert out["label"].to_pylist() == [5, None, 7]
     assert out["uncertainty"].null_count == 3 and out["version"].to_pylist() == ["v2"] * 3
     assert np.array_equal(np.stack(out["embedding"].to_numpy(zero_copy_only=False)), emb)
-    assert to_publish_rows(batch, None, "v2", publish_schema(4))["label"].null_count == 3
+    assert to_publish_rows(batch, None, "v2", publish_schema(4), "m2")["label"].null_count == 3
+    # a shard written before rows kept chains: embedded rows, by the version's model
+    assert out["chain"].to_pylist() == ["m2"] * 3 and out["hops"].to_pylist() == [0] * 3
+
+
+def test_rows_keep_their_chains() -> None:
+    emb = np.ones((3, 4), np.float32)
+    chains = {"chain": ["m3", "m2>m3", "m1>m2>m3"], "hops": pa.array([0, 1, 2], pa.int32())}
+    batch = pa.RecordBatch.from_pydict(
+        {"key": list("abc"), "embedding": embeddings_to_arrow(emb)} | chains
+    )
+    out = to_publish_rows(batch, None, "v3", publish_schema(4), "m3")
+    assert out["chain"].to_pylist() == chains["chain"] and out["hops"].to_pylist() == [0, 1, 2]
+    old = batch.drop_columns(["chain", "hops"]).append_column(
+        "source", pa.array(["transform:m2->m3"] * 3)
+    )
+    assert (
+        to_publish_rows(old, None, "v3", publish_schema(4), "m3")["chain"].to_pylist()
+        == ["m2>m3"] * 3
+    )
 
 
 def _table(n: int, dim: int = 8, seed: int = 0) -> pa.Table:
@@ -99,7 +118,7 @@ def _table(n: int, dim: int = 8, seed: int = 0) -> pa.Table:
     batch = pa.RecordBatch.from_pydict(
         {"key": [f"k{i}" for i in range(n)], "embedding": embeddings_to_arrow(emb)}
     )
-    return to_publish_rows(batch, None, "v", publish_schema(dim))
+    return to_publish_rows(batch, None, "v", publish_schema(dim), "m")
 
 
 def test_sink_writes_fragments_then_commits_once(tmp_path: Path) -> None:

@@ -59,6 +59,9 @@ class LanceFragmentSink(Datasink[list[bytes]]):
             reader,
             self.uri,
             schema=schema,
+            # the commit is an Overwrite: the schema is this publish's, whatever the table
+            # held before (an append would refuse a table published with fewer columns)
+            mode="overwrite",
             max_rows_per_file=self.max_rows_per_file,
             storage_options=self.storage_options,
         )

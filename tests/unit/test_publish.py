@@ -132,6 +132,18 @@ def test_sink_writes_fragments_then_commits_once(tmp_path: Path) -> None:
     assert len(ds.get_fragments()) == 4  # 40-row files: 2 per task
 
 
+def test_a_table_published_before_chains_takes_the_new_columns(tmp_path: Path) -> None:
+    uri = str(tmp_path / "t.lance")
+    before = _table(30).drop_columns(["chain", "hops"])  # what earlier releases published
+    lance.write_dataset(before, uri).tags.create("gallery-v1", 1)
+    sink = LanceFragmentSink(uri, publish_schema(8))
+    parts = [sink.write([_table(20, seed=1)], None)]
+    sink.on_write_complete(WriteResult(num_rows=20, size_bytes=0, write_returns=parts))
+    now = lance.dataset(uri)
+    assert now.schema == publish_schema(8) and now.to_table().equals(_table(20, seed=1))
+    assert lance.dataset(uri, version="gallery-v1").count_rows() == 30  # still readable
+
+
 def _lance_target(tmp_path: Path, versions: list[str]) -> LanceDBTarget:
     """A LanceDB target whose table holds `versions`, written as publish writes them."""
     cfg = UpgradeConfig(gallery_name="g")

@@ -62,8 +62,12 @@ def test_publish_local_then_promote_and_rollback_move_the_tag(
     assert out["target"]["serving"] == "v2" and p["recall_at_10"] >= 0.95
     assert _recall_vs_faiss(g, str(db), None, p) >= 0.95
     # each row's lineage travels with it: v2's rows were embedded by v2 or mapped from v1
-    rows = lancedb.connect(str(db)).open_table("small").to_arrow().select(["chain", "hops"])
+    table = lancedb.connect(str(db)).open_table("small")
+    rows = table.to_arrow().select(["chain", "hops", "embedding"])
     assert {(r["chain"], r["hops"]) for r in rows.to_pylist()} == {("v2", 0), ("v1>v2", 1)}
+    q = rows["embedding"][0].as_py()
+    embedded = table.search(q).where("hops = 0").limit(5).select(["chain"]).to_arrow()
+    assert embedded.num_rows == 5 and set(embedded["chain"].to_pylist()) == {"v2"}
 
     bad = _carryover("publish", "v2", "--to", "qdrant://host/x", *sg.cli_sets())
     assert bad.returncode == 2 and "--to 'qdrant://host/x'" in bad.stderr

@@ -93,6 +93,12 @@ def arrow_to_embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
 
 
+def space_of(manifest: dict[str, Any], version: str) -> str:
+    """The model whose embedding space a version's rows are in: its manifest's `model`, else
+    (versions written before manifests named it) the version's own name."""
+    return manifest.get("model") or version
+
+
 @dataclass
 class Gallery:
     """A gallery rooted at a URI (local or s3://)."""

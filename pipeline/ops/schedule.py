@@ -17,7 +17,7 @@ from croniter import croniter
 from pipeline.config import UpgradeConfig
 from pipeline.context import Context, gallery_lock
 from pipeline.gallery.lock import LockHeld
-from pipeline.gallery.store import VERSION_PATTERN
+from pipeline.gallery.store import VERSION_PATTERN, space_of
 from pipeline.ops import jobs
 from pipeline.ops.journal import Journal, new_id
 
@@ -81,7 +81,7 @@ def decide(cfg: UpgradeConfig) -> Decision:
         )
     else:
         m = ctx.gallery.manifest(current)
-        d.source_model = m.get("model") or current
+        d.source_model = space_of(m, current)
         d.source_registry_version = m.get("registry_version") or (serv.version if serv else None)
         if d.source_registry_version is None:
             d.reason = f"gallery version {current!r} does not say which embedder produced it"

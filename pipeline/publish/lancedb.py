@@ -14,7 +14,7 @@ import ray.data
 
 from pipeline.config import StorageConfig, UpgradeConfig
 from pipeline.embed.errors import quiet_own_errors, user_error
-from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings
+from pipeline.gallery.store import Gallery, GalleryError, arrow_to_embeddings, space_of
 from pipeline.io import uri as uri_io
 from pipeline.publish.lance_sink import LanceFragmentSink
 from pipeline.publish.rows import publish_schema, read_publish_rows, shard_items
@@ -155,8 +155,12 @@ class LanceDBTarget:
             return ds.version, 0
         ensure_ray(self.cfg.ray)
         items = shard_items(self.gallery, version, records)
-        space = m.get("model") or version
-        kwargs = {"storage": self.gallery.storage, "version": version, "space": space, "dim": dim}
+        kwargs = {
+            "storage": self.gallery.storage,
+            "version": version,
+            "space": space_of(m, version),
+            "dim": dim,
+        }
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_publish_rows,
             fn_kwargs={**kwargs, "rows": self.pcfg.read_rows},

@@ -20,6 +20,7 @@ from pipeline.embed.transform import ChainSpec, TransformChain, chain_spec
 from pipeline.evaluate.report import write_report
 from pipeline.evaluate.study import ChainChoice, StudyInputs, choose_chain, compat_study
 from pipeline.gallery.rows import read_rows
+from pipeline.gallery.store import space_of
 from pipeline.io import uri as uri_io
 from pipeline.models.compat import fit_adapter
 from pipeline.models.store import MODEL_FILE, save_model_dir
@@ -238,14 +239,14 @@ def old_source(ctx: Context) -> OldSource:
     space from it; else a stored version named after old_model."""
     g, old = ctx.gallery, ctx.cfg.old_model.name
     cur = g.current()
-    space = (g.manifest(cur).get("model") or cur) if cur is not None else None
+    space = space_of(g.manifest(cur), cur) if cur is not None else None
     if cur is not None and space == old:
         return OldSource(cur, old)
     found = registry_chain(ctx, space, old) if space is not None else None
     if cur is not None and found:
         return OldSource(cur, space, chain_spec([p for _, p in found], [n for n, _ in found]))
     if g.has_version(old):
-        return OldSource(old, g.manifest(old).get("model") or old)
+        return OldSource(old, space_of(g.manifest(old), old))
     if cur is None:
         raise FileNotFoundError(f"{g.uri}: old version {old!r} is not in the gallery; ingest first")
     raise FileNotFoundError(

@@ -18,7 +18,7 @@ from pipeline.evaluate.neighbours import measure_name
 from pipeline.evaluate.report import CompatReport
 from pipeline.gallery.identity import GalleryIdentity
 from pipeline.gallery.records import version_manifest
-from pipeline.gallery.store import GalleryError, arrow_to_embeddings
+from pipeline.gallery.store import GalleryError, arrow_to_embeddings, space_of
 from pipeline.models.store import build_model
 from pipeline.ops import progress as run_progress
 from pipeline.runtime import ensure_ray
@@ -103,7 +103,7 @@ def chain_models(ctx: Context, spec: ChainSpec) -> list[dict[str, Any]]:
 
 
 def _space(ctx: Context, source: str) -> str:
-    return ctx.gallery.manifest(source).get("model") or source
+    return space_of(ctx.gallery.manifest(source), source)
 
 
 # -- planning -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import StorageConfig
 from pipeline.embed.transform import ChainSpec, TransformChain
-from pipeline.gallery.store import Gallery, arrow_to_embeddings
+from pipeline.gallery.store import Gallery, arrow_to_embeddings, space_of
 from pipeline.io import uri as uri_io
 from pipeline.upgrade.hops import accumulated, stored_chains, stored_log_var
 from pipeline.upgrade.plan import ShardFacts
@@ -56,7 +56,7 @@ def shard_sources(
     """One work item per shard of the source version: where its rows and images are (an image
     file recorded relative, before records were absolute, resolved by `uri_io.from_record`)."""
     m = g.manifest(source_version)
-    space = m.get("model") or source_version
+    space = space_of(m, source_version)
     chain = "identity" if "identity" in chains else None
     return [
         ShardSource(
